@@ -1,0 +1,177 @@
+"""Shared fixtures: a tiny random BERT preset and tiny GLUE files in the real layouts.
+
+Nothing here touches the network, so the whole suite runs offline in a few minutes.
+"""
+
+import os
+import random
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras_hub  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+import glue  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_GLUE_DATA = os.path.join(REPO, "..", "shared", "glue_data")
+REAL_SUBMISSION = os.path.join(REPO, "..", "shared", "glue_reference_submission")
+
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad", "not", "it",
+         "was", "very", "movie", "film", "man", "woman", "said", "what", "who", "big"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', "'", ".", ",", "?"] + WORDS
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory):
+    """A randomly initialised one-layer BERT saved as a local KerasHub preset."""
+    directory = str(tmp_path_factory.mktemp("tiny_bert_preset"))
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB, lowercase=True)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=len(VOCAB), num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=64)
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer=tokenizer, sequence_length=32)
+    backbone.save_to_preset(directory)
+    preprocessor.save_to_preset(directory)
+    return directory
+
+
+def sentence(rng):
+    words = rng.choices(WORDS, k=rng.randint(3, 9))
+    if rng.random() < 0.3:  # GLUE sentences carry bare quotes; readers must not parse them
+        words.insert(1, '"')
+    return " ".join(words) + rng.choice([" .", " ?", ""])
+
+
+def write_tsv(path, header, rows, *, bom=False, trailing_newline=True):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lines = (["\t".join(header)] if header else []) + ["\t".join(map(str, r)) for r in rows]
+    text = "\n".join(lines) + ("\n" if trailing_newline else "")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(("\ufeff" if bom else "") + text)
+
+
+def shuffled_test_rows(rng, count, make_row):
+    """Test rows whose `index` column is out of file order, as a guard on submission order."""
+    rows = [[index] + make_row() for index in range(count)]
+    rng.shuffle(rows)
+    return rows
+
+
+def write_glue_data(root, sizes=(16, 8, 8), seed=0):
+    """Writes every GLUE dataset in the standard glue_data/ layout, with the real files' traps.
+
+    Returns {dataset: {split: row count}}.
+    """
+    rng = random.Random(seed)
+    train, dev, test = sizes
+    counts = {}
+
+    def pair():
+        return [sentence(rng), sentence(rng)]
+
+    # CoLA: train/dev have no header; test has `index<TAB>sentence`.
+    for split, n in (("train", train), ("dev", dev)):
+        write_tsv(f"{root}/CoLA/{split}.tsv", None,
+                  [["gj04", rng.randint(0, 1), rng.choice(["", "*"]), sentence(rng)]
+                   for _ in range(n)], trailing_newline=split == "train")
+    write_tsv(f"{root}/CoLA/test.tsv", ["index", "sentence"],
+              shuffled_test_rows(rng, test, lambda: [sentence(rng)]))
+    counts["cola"] = {"train": train, "validation": dev, "test": test}
+
+    for split, n in (("train", train), ("dev", dev)):
+        write_tsv(f"{root}/SST-2/{split}.tsv", ["sentence", "label"],
+                  [[sentence(rng), rng.randint(0, 1)] for _ in range(n)])
+    write_tsv(f"{root}/SST-2/test.tsv", ["index", "sentence"],
+              shuffled_test_rows(rng, test, lambda: [sentence(rng)]))
+    counts["sst2"] = {"train": train, "validation": dev, "test": test}
+
+    # MRPC: train/dev start with a byte-order mark.
+    for split, n in (("train", train), ("dev", dev)):
+        write_tsv(f"{root}/MRPC/{split}.tsv", ["Quality", "#1 ID", "#2 ID", "#1 String",
+                                               "#2 String"],
+                  [[rng.randint(0, 1), rng.randint(1, 10**6), rng.randint(1, 10**6)] + pair()
+                   for _ in range(n)], bom=True)
+    write_tsv(f"{root}/MRPC/test.tsv", ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+              shuffled_test_rows(rng, test, lambda: [1, 2] + pair()))
+    counts["mrpc"] = {"train": train, "validation": dev, "test": test}
+
+    stsb_header = ["index", "genre", "filename", "year", "old_index", "source1", "source2",
+                   "sentence1", "sentence2"]
+    for split, n in (("train", train), ("dev", dev)):
+        write_tsv(f"{root}/STS-B/{split}.tsv", stsb_header + ["score"],
+                  [[i, "main-news", "f", "2012", i, "none", "none"] + pair() +
+                   [f"{rng.uniform(0, 5):.3f}"] for i in range(n)])
+    write_tsv(f"{root}/STS-B/test.tsv", stsb_header,
+              shuffled_test_rows(rng, test, lambda: ["g", "f", "2016", 0, "s", "s"] + pair()))
+    counts["stsb"] = {"train": train, "validation": dev, "test": test}
+
+    for split, n in (("train", train), ("dev", dev)):
+        write_tsv(f"{root}/QQP/{split}.tsv", ["id", "qid1", "qid2", "question1", "question2",
+                                              "is_duplicate"],
+                  [[i, 2 * i, 2 * i + 1] + pair() + [rng.randint(0, 1)] for i in range(n)])
+    write_tsv(f"{root}/QQP/test.tsv", ["id", "question1", "question2"],
+              shuffled_test_rows(rng, test, pair))
+    counts["qqp"] = {"train": train, "validation": dev, "test": test}
+
+    mnli_head = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse",
+                 "sentence2_binary_parse", "sentence1_parse", "sentence2_parse", "sentence1",
+                 "sentence2"]
+    labels3 = ["entailment", "neutral", "contradiction"]
+
+    def mnli_row(i, extra):
+        return [i, i, f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)"] + pair() + \
+            extra
+
+    write_tsv(f"{root}/MNLI/train.tsv", mnli_head + ["label1", "gold_label"],
+              [mnli_row(i, [label, label]) for i in range(train)
+               for label in [rng.choice(labels3)]])
+    for kind in ("matched", "mismatched"):
+        write_tsv(f"{root}/MNLI/dev_{kind}.tsv",
+                  mnli_head + ["label1", "label2", "label3", "label4", "label5", "gold_label"],
+                  [mnli_row(i, [label] * 6) for i in range(dev)
+                   for label in [rng.choice(labels3)]])
+        write_tsv(f"{root}/MNLI/test_{kind}.tsv", mnli_head,
+                  shuffled_test_rows(rng, test, lambda: mnli_row(0, [])[1:]))
+    counts["mnli"] = {"train": train, "validation_matched": dev, "validation_mismatched": dev,
+                      "test_matched": test, "test_mismatched": test}
+
+    two_class = {"QNLI": ["question", "sentence"], "RTE": ["sentence1", "sentence2"],
+                 "WNLI": ["sentence1", "sentence2"]}
+    for folder, columns in two_class.items():
+        spelled = [0, 1] if folder == "WNLI" else ["entailment", "not_entailment"]
+        for split, n in (("train", train), ("dev", dev)):
+            write_tsv(f"{root}/{folder}/{split}.tsv", ["index"] + columns + ["label"],
+                      [[i] + pair() + [rng.choice(spelled)] for i in range(n)])
+        write_tsv(f"{root}/{folder}/test.tsv", ["index"] + columns,
+                  shuffled_test_rows(rng, test, pair))
+        counts[folder.lower()] = {"train": train, "validation": dev, "test": test}
+
+    write_tsv(f"{root}/diagnostic/diagnostic.tsv", ["index", "sentence1", "sentence2"],
+              shuffled_test_rows(rng, test, pair))
+    counts["ax"] = {"test": test}
+    return counts
+
+
+@pytest.fixture(scope="session")
+def glue_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("glue_data"))
+    return root, write_glue_data(root)
+
+
+@pytest.fixture
+def run_glue():
+    """Runs glue.main in this process with the given flags, as `python glue.py ...` would."""
+    def run(*args):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["glue.py", *args])
+        try:
+            glue.main([])
+        finally:
+            flags.FLAGS.unparse_flags()
+    return run

@@ -1,0 +1,173 @@
+"""Every task name, end to end on tiny fixture data: files, order, spellings and results."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import glue
+
+TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
+
+
+def read_submission(path):
+    with open(path, encoding="utf-8") as file:
+        header = file.readline()
+    table = pd.read_csv(path, sep="\t", dtype={"prediction": str}, keep_default_na=False)
+    return header, table
+
+
+def check_submission(path, task, expected_rows):
+    header, table = read_submission(path)
+    assert header == "index\tprediction\n"
+    assert list(table["index"]) == list(range(expected_rows))  # every row, ordered by index
+    if task.is_regression:
+        scores = table["prediction"].astype(float)
+        assert scores.between(0, 5).all()
+        assert table["prediction"].str.fullmatch(r"\d\.\d{3}").all()
+    else:
+        assert set(table["prediction"]) <= set(task.submission_labels)
+
+
+@pytest.mark.parametrize("task_name", sorted(glue.TASKS))
+def test_every_task_writes_its_files_and_metrics(task_name, tiny_preset, glue_data, tmp_path,
+                                                 run_glue):
+    data_dir, counts = glue_data
+    task = glue.TASKS[task_name]
+    run_glue(f"--task_name={task_name}", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
+             f"--submission_directory={tmp_path}", *TINY)
+
+    written = sorted(name for name in os.listdir(tmp_path) if name.endswith(".tsv"))
+    assert written == sorted(file for _, _, file in task.outputs)
+    for dataset, split, file in task.outputs:
+        check_submission(tmp_path / file, glue.TASKS[dataset], counts[dataset][split])
+
+    results = json.loads((tmp_path / "glue_results.json").read_text())
+    entry = results[task_name]
+    assert entry["flags"]["task_name"] == task_name
+    assert entry["train_examples"] == counts[task.training_data]["train"]
+    assert entry["train_seconds"] >= 0 and entry["predict_seconds"] >= 0
+    for split in task.eval_splits:
+        assert set(entry[split]) == set(task.metrics)
+        for value in entry[split].values():
+            assert value is None or -1 <= value <= 1
+    assert not any(key.startswith("validation") and key not in task.eval_splits for key in entry)
+
+
+def test_glue_task_table_matches_the_leaderboard():
+    files = {file for task in glue.TASKS.values() for _, _, file in task.outputs}
+    assert files == {"AX.tsv", "CoLA.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "MRPC.tsv", "QNLI.tsv",
+                     "QQP.tsv", "RTE.tsv", "SST-2.tsv", "STS-B.tsv", "WNLI.tsv"}
+    assert glue.TASKS["mnli"].num_outputs == 3 and glue.TASKS["ax"].num_outputs == 3
+    assert glue.TASKS["stsb"].is_regression and glue.TASKS["stsb"].num_outputs == 1
+    assert [file for _, _, file in glue.TASKS["mnli"].outputs] == [
+        "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
+
+
+def test_submission_spellings_match_the_reference_submission():
+    reference = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                             "glue_reference_submission")
+    if not os.path.isdir(reference):
+        pytest.skip("the shared reference submission is not beside this checkout")
+    for task in glue.TASKS.values():
+        if task.is_regression:
+            continue
+        for _, _, file in task.outputs:
+            table = pd.read_csv(os.path.join(reference, file), sep="\t", dtype=str)
+            assert set(table["prediction"].str.strip()) <= set(task.submission_labels), file
+
+
+class FixedLogits:
+    """Stands in for a Keras model: returns the given logits whatever the input."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def predict(self, inputs, verbose=0):
+        return self.logits
+
+
+def test_stsb_predictions_are_clipped_to_the_label_range(glue_data):
+    data_dir, _ = glue_data
+    task = glue.TASKS["stsb"]
+    examples = glue.read_local_split(data_dir, "stsb", "test")
+    scores = np.array([[-1.5], [0.25], [7.0], [5.0004], [2.0], [3.0], [4.0], [6.0]], "float32")
+    idx, _, predictions = glue.predict(FixedLogits(scores), examples, task,
+                                       lambda feature, label: (feature, label), batch_size=4)
+    assert predictions.tolist() == pytest.approx([0.0, 0.25, 5.0, 5.0, 2.0, 3.0, 4.0, 5.0])
+    table = glue.submission_table(task, idx, predictions)
+    assert table["index"].tolist() == sorted(idx.tolist())
+    assert set(table["prediction"]) <= {"0.000", "0.250", "5.000", "2.000", "3.000", "4.000"}
+
+
+def test_rows_follow_the_index_column_not_the_file_order(glue_data, tiny_preset, tmp_path,
+                                                         run_glue):
+    data_dir, _ = glue_data
+    file_order = pd.read_csv(os.path.join(data_dir, "RTE", "test.tsv"), sep="\t")["index"]
+    assert file_order.tolist() != sorted(file_order)  # the fixture is shuffled on purpose
+    run_glue("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
+             f"--submission_directory={tmp_path}", *TINY)
+    _, table = read_submission(tmp_path / "RTE.tsv")
+    assert table["index"].tolist() == sorted(file_order)
+
+
+def test_saved_model_reloads_and_predicts_the_same(glue_data, tiny_preset, tmp_path, run_glue):
+    data_dir, _ = glue_data
+    model_path = tmp_path / "mrpc.keras"
+    common = (f"--preset={tiny_preset}", f"--data_dir={data_dir}", "--task_name=mrpc", *TINY)
+    run_glue(*common, f"--submission_directory={tmp_path / 'trained'}",
+             f"--finetuning_model_save_path={model_path}")
+    run_glue(*common, f"--submission_directory={tmp_path / 'loaded'}",
+             f"--finetuning_model_load_path={model_path}")
+    trained = json.loads((tmp_path / "trained" / "glue_results.json").read_text())["mrpc"]
+    loaded = json.loads((tmp_path / "loaded" / "glue_results.json").read_text())["mrpc"]
+    assert loaded["validation"] == trained["validation"]
+    assert "train_examples" not in loaded
+    assert ((tmp_path / "trained" / "MRPC.tsv").read_text() ==
+            (tmp_path / "loaded" / "MRPC.tsv").read_text())
+
+
+def test_ax_predicts_with_a_saved_mnli_model(glue_data, tiny_preset, tmp_path, run_glue):
+    data_dir, counts = glue_data
+    model_path = tmp_path / "mnli.keras"
+    common = (f"--preset={tiny_preset}", f"--data_dir={data_dir}", *TINY)
+    run_glue("--task_name=mnli", *common, f"--submission_directory={tmp_path / 'mnli'}",
+             f"--finetuning_model_save_path={model_path}")
+    run_glue("--task_name=ax", *common, f"--submission_directory={tmp_path / 'ax'}",
+             f"--finetuning_model_load_path={model_path}")
+    assert ((tmp_path / "ax" / "AX.tsv").read_text() ==
+            (tmp_path / "mnli" / "AX.tsv").read_text())
+    assert sorted(os.listdir(tmp_path / "ax")) == ["AX.tsv", "glue_results.json"]
+
+
+def test_own_classifier_block_is_used_without_the_default_head(glue_data, tiny_preset, tmp_path,
+                                                               run_glue):
+    data_dir, counts = glue_data
+    run_glue("--task_name=stsb", "--nouse_default_classifier", f"--preset={tiny_preset}",
+             f"--data_dir={data_dir}", f"--submission_directory={tmp_path}", *TINY)
+    check_submission(tmp_path / "STS-B.tsv", glue.TASKS["stsb"], counts["stsb"]["test"])
+
+
+def test_results_merge_across_runs_and_results_path(glue_data, tiny_preset, tmp_path, run_glue):
+    data_dir, _ = glue_data
+    results_path = tmp_path / "all_results.json"
+    for task_name in ("wnli", "cola"):
+        run_glue(f"--task_name={task_name}", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
+                 f"--results_path={results_path}", *TINY)
+    results = json.loads(results_path.read_text())
+    assert sorted(results) == ["cola", "wnli"]
+    assert set(results["cola"]["validation"]) == {"matthews_corrcoef"}
+    assert not any(name.endswith(".tsv") for name in os.listdir(tmp_path))  # no submission dir
+
+
+def test_same_seed_same_predictions(glue_data, tiny_preset, tmp_path, run_glue):
+    data_dir, _ = glue_data
+    for run in ("first", "second"):
+        run_glue("--task_name=stsb", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
+                 f"--submission_directory={tmp_path / run}", *TINY)
+    first = pd.read_csv(tmp_path / "first" / "STS-B.tsv", sep="\t")["prediction"]
+    second = pd.read_csv(tmp_path / "second" / "STS-B.tsv", sep="\t")["prediction"]
+    assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(first, second))
