@@ -56,19 +56,20 @@ def write_tsv(path, header, rows, *, bom=False, trailing_newline=True):
         file.write(("\ufeff" if bom else "") + text)
 
 
-def shuffled_test_rows(rng, count, make_row):
-    """Test rows whose `index` column is out of file order, as a guard on submission order."""
-    rows = [[index] + make_row() for index in range(count)]
-    rng.shuffle(rows)
-    return rows
-
-
-def write_glue_data(root, sizes=(16, 8, 8), seed=0):
+def write_glue_data(root, sizes=(16, 8, 8), seed=0, shuffle_test=True):
     """Writes every GLUE dataset in the standard glue_data/ layout, with the real files' traps.
 
+    With `shuffle_test`, test rows are out of `index` order, a guard on submission order.
     Returns {dataset: {split: row count}}.
     """
     rng = random.Random(seed)
+
+    def shuffled_test_rows(rng, count, make_row):
+        rows = [[index] + make_row() for index in range(count)]
+        if shuffle_test:
+            rng.shuffle(rows)
+        return rows
+
     train, dev, test = sizes
     counts = {}
 
