@@ -226,6 +226,7 @@ def read_local_split(data_dir, dataset, split):
                         "point --data_dir at a folder in the standard glue_data/ layout")
     is_test = split.startswith("test")
     headerless = task.local.headerless_columns and not is_test
+    check_field_counts(path, len(task.local.headerless_columns) if headerless else None)
     try:
         # QUOTE_NONE: GLUE sentences contain bare quote characters. utf-8-sig drops MRPC's BOM.
         table = pd.read_csv(
@@ -244,11 +245,6 @@ def read_local_split(data_dir, dataset, split):
     if missing:
         raise GlueError(f"{path}: malformed TSV: no column {missing[0]!r} "
                         f"(columns: {', '.join(map(str, table.columns))})")
-    short_rows = table[wanted].isna().any(axis=1).to_numpy().nonzero()[0]
-    if len(short_rows):
-        raise GlueError(f"{path}, line {short_rows[0] + first_data_line}: malformed TSV: "
-                        f"too few tab-separated fields")
-
     def parse(column, convert, what):
         values = []
         for row, text in enumerate(table[column]):
@@ -270,6 +266,19 @@ def read_local_split(data_dir, dataset, split):
     columns["label"] = np.array(labels, np.float32 if task.is_regression else np.int64)
     columns["idx"] = np.array(idx, np.int32)
     return tf.data.Dataset.from_tensor_slices(columns)
+
+
+def check_field_counts(path, expected=None):
+    """Every line has as many fields as the first (or `expected`); pandas would pad short ones."""
+    with open(path, encoding="utf-8-sig", errors="replace") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            fields = line.count("\t") + 1
+            expected = expected or fields
+            if fields != expected:
+                raise GlueError(f"{path}, line {number}: malformed TSV: {fields} tab-separated "
+                                f"fields, expected {expected}")
 
 
 def parse_label(task, text):
@@ -537,16 +546,25 @@ def write_submission(path, table):
     write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
 
 
+def read_results(path):
+    """The results JSON written by earlier runs ({} if none)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as file:
+            results = json.load(file)
+    except (OSError, ValueError) as error:
+        raise GlueError(f"{path}: cannot read the results JSON ({error}); fix or move it, or "
+                        "pass another --results_path") from None
+    if not isinstance(results, dict):
+        raise GlueError(f"{path}: the results JSON is not an object keyed by task; fix or move "
+                        "it, or pass another --results_path")
+    return results
+
+
 def merge_results(path, task_name, entry):
     """Adds one task's entry to the results JSON, keeping every other task's."""
-    results = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as file:
-                results = json.load(file)
-        except (OSError, ValueError) as error:
-            raise GlueError(f"{path}: cannot read the results JSON ({error}); fix or move "
-                            "it, or pass another --results_path") from None
+    results = read_results(path)
     results[task_name] = entry
 
     def write(temporary):
@@ -576,7 +594,14 @@ def format_results(results):
 # ================================================================================================
 
 
+def results_path():
+    if FLAGS.results_path or not FLAGS.submission_directory:
+        return FLAGS.results_path
+    return os.path.join(FLAGS.submission_directory, "glue_results.json")
+
+
 def check_flags():
+    """Fails on bad paths before any data is read or any minute spent training."""
     for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
         path = FLAGS[name].value
         if path and not path.endswith(".keras"):
@@ -586,6 +611,8 @@ def check_flags():
         raise GlueError(f"--finetuning_model_load_path={load_path}: no such file")
     if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
         raise GlueError(f"--data_dir={FLAGS.data_dir}: no such folder")
+    if results_path():
+        read_results(results_path())
 
 
 def run_task(task):
@@ -642,13 +669,9 @@ def main(argv):
         check_flags()
         task = TASKS[FLAGS.task_name]
         entry = run_task(task)
-        results = {task.name: entry}
-        results_path = FLAGS.results_path or (
-            FLAGS.submission_directory and
-            os.path.join(FLAGS.submission_directory, "glue_results.json"))
-        if results_path:
-            merge_results(results_path, task.name, entry)
-        print(format_results(results))
+        if results_path():
+            merge_results(results_path(), task.name, entry)
+        print(format_results({task.name: entry}))
     except GlueError as error:
         sys.exit(f"glue.py: error: {error}")
 

@@ -1,0 +1,163 @@
+"""Bad input ends in one clear line and a non-zero exit, and nothing already written is lost."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+import glue
+from conftest import REPO
+
+TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
+
+
+def error_of(run_glue, *args):
+    """Runs glue.py in process and returns its one-line error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue(*args)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("glue.py: error: "), message
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def broken_data(glue_data, tmp_path):
+    """A writable copy of the fixture data, to damage one file at a time."""
+    data_dir = tmp_path / "glue_data"
+    shutil.copytree(glue_data[0], data_dir)
+    return data_dir
+
+
+def replace_line(path, number, text):
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[number - 1] = text
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--task_name=squad"], "--task_name=squad"),
+    (["--batch_size=0"], "--batch_size=0"),
+    (["--epochs=0"], "--epochs=0"),
+    (["--max_sequence_length=-5"], "--max_sequence_length=-5"),
+    (["--data_dir=/no/such/folder"], "--data_dir=/no/such/folder: no such folder"),
+])
+def test_bad_flags_exit_with_one_clear_line(args, expected):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_task_folder_names_the_expected_path(tiny_preset, tmp_path, run_glue):
+    message = error_of(run_glue, "--task_name=mrpc", f"--preset={tiny_preset}",
+                       f"--data_dir={tmp_path}")
+    assert os.path.join(str(tmp_path), "MRPC", "train.tsv") in message
+
+
+def test_missing_test_file_fails_before_training(broken_data, tiny_preset, run_glue):
+    os.remove(broken_data / "MNLI" / "test_mismatched.tsv")
+    message = error_of(run_glue, "--task_name=mnli", f"--preset={tiny_preset}",
+                       f"--data_dir={broken_data}")
+    assert os.path.join("MNLI", "test_mismatched.tsv") in message
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("1\t2\t3\tan extra field\tx\ty", "line 4: malformed TSV: 6 tab-separated fields"),
+    ("1\tonly two", "line 4: malformed TSV: 2 tab-separated fields, expected 4"),
+    ("7\ta b\tc d\tmaybe", "line 4: malformed TSV: bad label 'maybe'"),
+])
+def test_malformed_tsv_names_file_and_line(broken_data, tiny_preset, run_glue, damage,
+                                           expected):
+    replace_line(broken_data / "RTE" / "dev.tsv", 4, damage)
+    message = error_of(run_glue, "--task_name=rte", f"--preset={tiny_preset}",
+                       f"--data_dir={broken_data}")
+    assert os.path.join(str(broken_data), "RTE", "dev.tsv") in message
+    assert expected in message
+
+
+def test_bad_index_in_a_test_file_names_the_line(broken_data, tiny_preset, run_glue):
+    replace_line(broken_data / "CoLA" / "test.tsv", 3, "three\tthe cat sat")
+    message = error_of(run_glue, "--task_name=cola", f"--preset={tiny_preset}",
+                       f"--data_dir={broken_data}")
+    assert "test.tsv, line 3: malformed TSV: bad index 'three'" in message
+
+
+def test_class_id_out_of_range_is_rejected(broken_data, tiny_preset, run_glue):
+    replace_line(broken_data / "CoLA" / "train.tsv", 2, "gj04\t2\t\tthe cat sat")
+    message = error_of(run_glue, "--task_name=cola", f"--preset={tiny_preset}",
+                       f"--data_dir={broken_data}")
+    assert "train.tsv, line 2: malformed TSV: bad label '2'" in message
+
+
+def test_empty_split_is_rejected(broken_data, tiny_preset, run_glue):
+    (broken_data / "WNLI" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    message = error_of(run_glue, "--task_name=wnli", f"--preset={tiny_preset}",
+                       f"--data_dir={broken_data}")
+    assert "wnli validation split is empty" in message
+
+
+@pytest.mark.parametrize("preset", ["/no/such/preset/dir", "not_a_real_preset_name"])
+def test_unknown_preset_points_at_a_local_directory(glue_data, run_glue, preset):
+    message = error_of(run_glue, f"--preset={preset}", f"--data_dir={glue_data[0]}")
+    assert f"cannot load preset {preset!r}" in message
+    assert "--preset=<local dir>" in message
+
+
+@pytest.mark.parametrize("flag", ["finetuning_model_save_path", "finetuning_model_load_path"])
+def test_model_paths_must_be_keras_files(run_glue, flag, tmp_path):
+    message = error_of(run_glue, f"--{flag}={tmp_path / 'model.h5'}")
+    assert "must end in `.keras`" in message
+
+
+def test_missing_model_to_load(run_glue, tmp_path):
+    message = error_of(run_glue, f"--finetuning_model_load_path={tmp_path / 'nope.keras'}")
+    assert "no such file" in message
+
+
+def test_unreadable_results_json_fails_before_training_and_is_kept(glue_data, tiny_preset,
+                                                                     tmp_path, run_glue):
+    results = tmp_path / "glue_results.json"
+    results.write_text("{not json")
+    message = error_of(run_glue, f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+                       f"--submission_directory={tmp_path}")
+    assert "cannot read the results JSON" in message
+    assert results.read_text() == "{not json"
+    assert not (tmp_path / "MRPC.tsv").exists()
+
+
+def test_failed_run_leaves_an_existing_submission_untouched(broken_data, tiny_preset, tmp_path,
+                                                            run_glue):
+    submissions = tmp_path / "submissions"
+    submissions.mkdir()
+    (submissions / "MRPC.tsv").write_text("index\tprediction\n0\t1\n")
+    replace_line(broken_data / "MRPC" / "test.tsv", 5, "x\ty")
+    error_of(run_glue, f"--preset={tiny_preset}", f"--data_dir={broken_data}",
+             f"--submission_directory={submissions}", *TINY)
+    assert (submissions / "MRPC.tsv").read_text() == "index\tprediction\n0\t1\n"
+
+
+def test_crash_while_writing_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "RTE.tsv"
+    path.write_text("index\tprediction\n0\tentailment\n")
+
+    def write_half_then_die(self, target, **kwargs):
+        with open(target, "w") as file:
+            file.write("index\tpredic")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write_half_then_die)
+    table = glue.submission_table(glue.TASKS["rte"], [1, 0], [0, 1])
+    with pytest.raises(KeyboardInterrupt):
+        glue.write_submission(str(path), table)
+    assert path.read_text() == "index\tprediction\n0\tentailment\n"
+    assert os.listdir(tmp_path) == ["RTE.tsv"]  # no temporary file left behind
+
+
+def test_duplicate_test_indices_are_refused():
+    with pytest.raises(glue.GlueError, match="repeats example indices"):
+        glue.submission_table(glue.TASKS["rte"], [0, 1, 1], [0, 1, 0])
