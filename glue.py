@@ -225,47 +225,48 @@ def read_local_split(data_dir, dataset, split):
         raise GlueError(f"--data_dir: expected the {dataset} {split} file at {path}; "
                         "point --data_dir at a folder in the standard glue_data/ layout")
     is_test = split.startswith("test")
-    headerless = task.local.headerless_columns and not is_test
-    check_field_counts(path, len(task.local.headerless_columns) if headerless else None)
-    try:
-        # QUOTE_NONE: GLUE sentences contain bare quote characters. utf-8-sig drops MRPC's BOM.
-        table = pd.read_csv(
-            path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
-            encoding="utf-8-sig", header=None if headerless else "infer",
-            names=list(task.local.headerless_columns) if headerless else None)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise GlueError(f"{path}: malformed TSV: {str(error).strip()}") from None
-    except pd.errors.EmptyDataError:
-        raise GlueError(f"{path}: the file is empty") from None
+    headerless_columns = () if is_test else task.local.headerless_columns
+    table = read_tsv(path, headerless_columns)
+    first_line = 1 if headerless_columns else 2
+    key_column = task.local.index_column if is_test else task.local.label_column
+    for column in task.local.columns + (key_column,):
+        if column not in table.columns:
+            raise GlueError(f"{path}: malformed TSV: no column {column!r} "
+                            f"(columns: {', '.join(map(str, table.columns))})")
 
-    first_data_line = 1 if headerless else 2
-    wanted = list(task.local.columns) + [task.local.index_column if is_test else
-                                         task.local.label_column]
-    missing = [column for column in wanted if column not in table.columns]
-    if missing:
-        raise GlueError(f"{path}: malformed TSV: no column {missing[0]!r} "
-                        f"(columns: {', '.join(map(str, table.columns))})")
-    def parse(column, convert, what):
+    def parse(convert, what):
         values = []
-        for row, text in enumerate(table[column]):
+        for line, text in enumerate(table[key_column], start=first_line):
             try:
                 values.append(convert(text))
             except ValueError:
-                raise GlueError(f"{path}, line {row + first_data_line}: malformed TSV: "
-                                f"{what} {text!r}") from None
+                raise GlueError(f"{path}, line {line}: malformed TSV: {what} {text!r}") from None
         return values
 
-    if is_test:
-        idx = parse(task.local.index_column, int, "bad index")
-        labels = [-1] * len(table)
-    else:
-        idx = range(len(table))
-        labels = parse(task.local.label_column, lambda text: parse_label(task, text), "bad label")
+    if is_test:  # the leaderboard keys rows by the file's index column
+        idx, labels = parse(int, "bad index"), [-1] * len(table)
+    else:  # tfds numbers train and dev rows in file order
+        idx, labels = range(len(table)), parse(lambda text: parse_label(task, text), "bad label")
     columns = {feature: table[column].to_numpy(dtype=object)
                for feature, column in zip(task.text_features, task.local.columns)}
     columns["label"] = np.array(labels, np.float32 if task.is_regression else np.int64)
     columns["idx"] = np.array(idx, np.int32)
     return tf.data.Dataset.from_tensor_slices(columns)
+
+
+def read_tsv(path, headerless_columns=()):
+    """A GLUE TSV file as a table of strings; `headerless_columns` names a header-less file's."""
+    check_field_counts(path, len(headerless_columns) or None)
+    try:
+        # QUOTE_NONE: GLUE sentences contain bare quote characters. utf-8-sig drops MRPC's BOM.
+        return pd.read_csv(
+            path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+            encoding="utf-8-sig", header=None if headerless_columns else "infer",
+            names=list(headerless_columns) or None)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise GlueError(f"{path}: malformed TSV: {str(error).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise GlueError(f"{path}: the file is empty") from None
 
 
 def check_field_counts(path, expected=None):
