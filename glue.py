@@ -16,9 +16,9 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import urllib.parse
+import uuid
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -473,11 +473,9 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
 
 
 def labels_and_indices(examples):
+    """The `label` and `idx` columns of a (non-empty) split, as numpy arrays."""
     columns = examples.map(lambda example: (example["label"], example["idx"])).batch(1 << 16)
-    batches = list(columns.as_numpy_iterator())
-    if not batches:
-        return np.zeros(0), np.zeros(0, np.int32)
-    return tuple(np.concatenate(column) for column in zip(*batches))
+    return tuple(np.concatenate(column) for column in zip(*columns.as_numpy_iterator()))
 
 
 def predict(model, examples, task, preprocess_fn, batch_size):
@@ -511,20 +509,15 @@ def compute_metrics(task, labels, predictions):
 # ================================================================================================
 
 
-UMASK = os.umask(0)
-os.umask(UMASK)
-
-
 def write_atomically(path, write):
     """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]  # Keras insists on the `.keras` suffix
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
+    suffix = os.path.splitext(name)[1]  # Keras insists on the `.keras` suffix
+    # Same folder, so the rename is atomic; a unique name, so concurrent runs never collide.
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes files private; others are not
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
