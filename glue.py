@@ -17,8 +17,10 @@ import os
 import socket
 import sys
 import time
+import types
 import urllib.parse
 import uuid
+import zipfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -38,14 +40,16 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum(
-    "task_name", "mrpc",
-    ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "mnli_matched", "mnli_mismatched", "qnli",
-     "rte", "wnli", "ax"],
-    "The GLUE task to finetune on. `mnli` also predicts the AX diagnostic.")
+flags.DEFINE_list(
+    "task_name", ["mrpc"],
+    "GLUE task(s), comma-separated: cola, sst2, mrpc, stsb, qqp, mnli (also predicts AX), "
+    "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax; `all` for every task, `none` for none "
+    "(to only zip or validate).")
 flags.DEFINE_integer("batch_size", 32, "Training and prediction batch size.", lower_bound=1)
 flags.DEFINE_integer("epochs", 2, "Number of finetuning epochs.", lower_bound=1)
-flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate of AdamW.", lower_bound=0.0)
+flags.DEFINE_list("learning_rate", ["5e-5"],
+                  "Peak learning rate of AdamW. A comma list (2e-5,3e-5,5e-5) finetunes once per "
+                  "value and keeps the best on the dev set.")
 flags.DEFINE_float("warmup_ratio", 0.1,
                    "Fraction of training steps spent warming the learning rate up from 0; "
                    "it then decays linearly to 0.", lower_bound=0.0, upper_bound=1.0)
@@ -75,6 +79,33 @@ flags.DEFINE_string("finetuning_model_load_path", None,
                     "predict. The preprocessing still comes from --preset.")
 
 
+flags.DEFINE_bool("overwrite", False,
+                  "Redo tasks whose submission files and results are already complete.")
+flags.DEFINE_bool("make_submission_zip", False,
+                  "After the tasks, validate the submission directory and write "
+                  "submission.zip with the 11 leaderboard files.")
+flags.DEFINE_string("fill_missing_from", None,
+                    "A sample submission (folder or zip) to copy the files of tasks not run from.")
+flags.DEFINE_string("validate_submission", None,
+                    "Only check this submission folder or zip as the GLUE server would, and exit.")
+
+
+def _valid_learning_rates(values):
+    try:
+        return all(float(value) > 0 for value in values) and bool(values)
+    except ValueError:
+        return False
+
+
+flags.register_validator(
+    "task_name", lambda names: bool(names) and all(
+        name in ("all", "none") or name in TASKS for name in names),
+    "each name must be all, none, or a GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, "
+    "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
+flags.register_validator("learning_rate", _valid_learning_rates,
+                         "give positive numbers, comma-separated")
+
+
 class GlueError(Exception):
     """Bad input that deserves one clear line, not a traceback."""
 
@@ -98,6 +129,16 @@ class LocalFiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class SubmissionFile:
+    """One of the 11 leaderboard files: which test split it predicts, and its official size."""
+
+    dataset: str
+    split: str
+    file: str
+    rows: int  # the server rejects a file with any other number of rows
+
+
+@dataclasses.dataclass(frozen=True)
 class GlueTask:
     name: str
     text_features: tuple[str, ...]  # tfds feature names, in model input order
@@ -105,7 +146,7 @@ class GlueTask:
     submission_labels: tuple[str, ...]  # how each class id is spelled in the .tsv
     metrics: tuple[str, ...]
     eval_splits: tuple[str, ...]  # dev splits of `train_dataset`
-    outputs: tuple[tuple[str, str, str], ...]  # (dataset, test split, submission file)
+    outputs: tuple[SubmissionFile, ...]
     local: LocalFiles
     train_dataset: str = ""  # the GLUE dataset that finetunes the model; default: `name`
 
@@ -131,12 +172,15 @@ ENTAILMENT_2 = ("entailment", "not_entailment")
 ENTAILMENT_3 = ("entailment", "neutral", "contradiction")
 SENTENCE_PAIR = ("sentence1", "sentence2")
 
+MNLI_M = SubmissionFile("mnli", "test_matched", "MNLI-m.tsv", 9796)
+MNLI_MM = SubmissionFile("mnli", "test_mismatched", "MNLI-mm.tsv", 9847)
+AX = SubmissionFile("ax", "test", "AX.tsv", 1104)
+
 _MNLI = GlueTask(
     name="mnli", text_features=("premise", "hypothesis"), label_names=ENTAILMENT_3,
     submission_labels=ENTAILMENT_3, metrics=("accuracy",),
     eval_splits=("validation_matched", "validation_mismatched"),
-    outputs=(("mnli", "test_matched", "MNLI-m.tsv"), ("mnli", "test_mismatched", "MNLI-mm.tsv"),
-             ("ax", "test", "AX.tsv")),
+    outputs=(MNLI_M, MNLI_MM, AX),
     local=LocalFiles("MNLI", SENTENCE_PAIR, label_column="gold_label", files=(
         ("train", "train.tsv"),
         ("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"),
@@ -147,57 +191,64 @@ TASKS = {task.name: task for task in (
     GlueTask(
         name="cola", text_features=("sentence",), label_names=("unacceptable", "acceptable"),
         submission_labels=BINARY, metrics=("matthews_corrcoef",), eval_splits=("validation",),
-        outputs=(("cola", "test", "CoLA.tsv"),),
+        outputs=(SubmissionFile("cola", "test", "CoLA.tsv", 1063),),
         local=LocalFiles("CoLA", ("sentence",),
                          headerless_columns=("source", "label", "original_label", "sentence"))),
     GlueTask(
         name="sst2", text_features=("sentence",), label_names=("negative", "positive"),
         submission_labels=BINARY, metrics=("accuracy",), eval_splits=("validation",),
-        outputs=(("sst2", "test", "SST-2.tsv"),), local=LocalFiles("SST-2", ("sentence",))),
+        outputs=(SubmissionFile("sst2", "test", "SST-2.tsv", 1821),),
+        local=LocalFiles("SST-2", ("sentence",))),
     GlueTask(
         name="mrpc", text_features=SENTENCE_PAIR, label_names=("not_equivalent", "equivalent"),
         submission_labels=BINARY, metrics=("f1", "accuracy"), eval_splits=("validation",),
-        outputs=(("mrpc", "test", "MRPC.tsv"),),
+        outputs=(SubmissionFile("mrpc", "test", "MRPC.tsv", 1725),),
         local=LocalFiles("MRPC", ("#1 String", "#2 String"), label_column="Quality")),
     GlueTask(
         name="stsb", text_features=SENTENCE_PAIR, label_names=(), submission_labels=(),
         metrics=("pearson", "spearmanr"), eval_splits=("validation",),
-        outputs=(("stsb", "test", "STS-B.tsv"),),
+        outputs=(SubmissionFile("stsb", "test", "STS-B.tsv", 1379),),
         local=LocalFiles("STS-B", SENTENCE_PAIR, label_column="score")),
     GlueTask(
         name="qqp", text_features=("question1", "question2"),
         label_names=("not_duplicate", "duplicate"), submission_labels=BINARY,
         metrics=("f1", "accuracy"), eval_splits=("validation",),
-        outputs=(("qqp", "test", "QQP.tsv"),),
+        outputs=(SubmissionFile("qqp", "test", "QQP.tsv", 390965),),
         local=LocalFiles("QQP", ("question1", "question2"), label_column="is_duplicate",
                          index_column="id")),
     _MNLI,
     dataclasses.replace(
         _MNLI, name="mnli_matched", train_dataset="mnli", eval_splits=("validation_matched",),
-        outputs=(("mnli", "test_matched", "MNLI-m.tsv"),)),
+        outputs=(MNLI_M,)),
     dataclasses.replace(
         _MNLI, name="mnli_mismatched", train_dataset="mnli",
         eval_splits=("validation_mismatched",),
-        outputs=(("mnli", "test_mismatched", "MNLI-mm.tsv"),)),
+        outputs=(MNLI_MM,)),
     GlueTask(
         name="qnli", text_features=("question", "sentence"), label_names=ENTAILMENT_2,
         submission_labels=ENTAILMENT_2, metrics=("accuracy",), eval_splits=("validation",),
-        outputs=(("qnli", "test", "QNLI.tsv"),),
+        outputs=(SubmissionFile("qnli", "test", "QNLI.tsv", 5463),),
         local=LocalFiles("QNLI", ("question", "sentence"))),
     GlueTask(
         name="rte", text_features=SENTENCE_PAIR, label_names=ENTAILMENT_2,
         submission_labels=ENTAILMENT_2, metrics=("accuracy",), eval_splits=("validation",),
-        outputs=(("rte", "test", "RTE.tsv"),), local=LocalFiles("RTE", SENTENCE_PAIR)),
+        outputs=(SubmissionFile("rte", "test", "RTE.tsv", 3000),),
+        local=LocalFiles("RTE", SENTENCE_PAIR)),
     GlueTask(
         name="wnli", text_features=SENTENCE_PAIR, label_names=("not_entailment", "entailment"),
         submission_labels=BINARY, metrics=("accuracy",), eval_splits=("validation",),
-        outputs=(("wnli", "test", "WNLI.tsv"),), local=LocalFiles("WNLI", SENTENCE_PAIR)),
+        outputs=(SubmissionFile("wnli", "test", "WNLI.tsv", 146),),
+        local=LocalFiles("WNLI", SENTENCE_PAIR)),
     # AX is MNLI's diagnostic: it has only a test split, predicted by a model finetuned on MNLI.
     dataclasses.replace(
         _MNLI, name="ax", train_dataset="mnli", eval_splits=(),
-        outputs=(("ax", "test", "AX.tsv"),),
+        outputs=(AX,),
         local=LocalFiles("diagnostic", SENTENCE_PAIR, files=(("test", "diagnostic.tsv"),))),
 )}
+
+# `all`: every leaderboard file, smallest tasks first so a broken setup fails within minutes.
+# MNLI also writes AX.tsv, so ax needs no run of its own.
+ALL_TASKS = ("wnli", "rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli")
 
 # The official GLUE dev metrics, computed from (labels, predictions).
 METRICS = {
@@ -503,10 +554,41 @@ def compute_metrics(task, labels, predictions):
     return {name: value if math.isfinite(value) else None for name, value in values.items()}
 
 
+def dev_metrics(entry):
+    """The `{split: {metric: value}}` part of a task's results entry."""
+    return {split: metrics for split, metrics in entry.items() if split.startswith("validation")}
+
+
+def task_score(splits):
+    """One number per task as the leaderboard ranks it: the mean of its dev metrics over its
+    dev splits (MNLI: of matched and mismatched accuracy). An undefined metric counts as 0."""
+    values = [value or 0.0 for metrics in splits.values() for value in metrics.values()]
+    return sum(values) / len(values) if values else None
+
+
+def glue_score(results):
+    """The GLUE average over the tasks in `results`: each task's score, then their mean.
+
+    MNLI counts once, however its dev splits were run (`mnli`, `mnli_matched`, ...).
+    """
+    splits_by_task = {}
+    for name, entry in results.items():
+        if name in TASKS and dev_metrics(entry):
+            splits_by_task.setdefault(TASKS[name].training_data, {}).update(dev_metrics(entry))
+    scores = {name: task_score(splits) for name, splits in sorted(splits_by_task.items())}
+    if not scores:
+        return None
+    return {"average": sum(scores.values()) / len(scores), "tasks": scores}
+
+
 # ================================================================================================
-# Submission and results writing. Every file is written to a temporary file beside it, then
-# renamed, so an interrupted run never leaves a half-written file behind.
+# Submission files: writing, validating, zipping. Every file is written to a temporary file
+# beside it, then renamed, so an interrupted run never leaves a half-written file behind.
 # ================================================================================================
+
+SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
+SUBMISSION_HEADER = "index\tprediction"
+SHOWN_PROBLEMS_PER_FILE = 10
 
 
 def write_atomically(path, write):
@@ -524,6 +606,13 @@ def write_atomically(path, write):
             os.remove(temporary)
 
 
+def write_bytes(path, data):
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            file.write(data)
+    write_atomically(path, write)
+
+
 def submission_table(task, idx, predictions):
     """The leaderboard rows: `index<TAB>prediction`, one per test example, ordered by index."""
     if len(np.unique(idx)) != len(idx):
@@ -538,6 +627,150 @@ def submission_table(task, idx, predictions):
 
 def write_submission(path, table):
     write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
+
+
+def count_rows(path):
+    """Data rows of a submission file (None if there is no file)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as file:
+        return max(sum(1 for line in file if line.strip()) - 1, 0)
+
+
+def read_submission(path):
+    """`{file name: bytes}` of a submission folder (its .tsv files) or zip (every member)."""
+    if os.path.isdir(path):
+        names = [name for name in os.listdir(path) if name.endswith(".tsv")]
+        contents = {}
+        for name in names:
+            with open(os.path.join(path, name), "rb") as file:
+                contents[name] = file.read()
+        return contents
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return {name: archive.read(name) for name in archive.namelist()
+                    if not name.endswith("/")}
+    raise GlueError(f"{path}: not a submission folder or zip file")
+
+
+def validate_submission(contents):
+    """Checks what the GLUE server checks. Returns `(errors, warnings)`, one line each."""
+    errors, warnings = [], []
+    for name in sorted(contents):
+        if name in SUBMISSION_FILES:
+            continue
+        if os.path.basename(name) in SUBMISSION_FILES:
+            errors.append(f"{name}: must sit at the top level of the zip")
+        else:
+            warnings.append(f"{name}: not a GLUE submission file; the server ignores it")
+    for name, expected in sorted(SUBMISSION_FILES.items()):
+        if name not in contents:
+            errors.append(f"{name}: missing; all 11 files are needed")
+            continue
+        file_errors, file_warnings = validate_submission_file(name, contents[name], expected)
+        if len(file_errors) > SHOWN_PROBLEMS_PER_FILE:
+            hidden = len(file_errors) - SHOWN_PROBLEMS_PER_FILE
+            file_errors = file_errors[:SHOWN_PROBLEMS_PER_FILE] + [
+                f"{name}: ... and {hidden} more problems"]
+        errors += file_errors
+        warnings += file_warnings
+    return errors, warnings
+
+
+def validate_submission_file(name, data, expected):
+    """Header, one row per test index 0..N-1, and every prediction in the task's label set."""
+    task = TASKS[expected.dataset]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return [f"{name}: not UTF-8 text"], []
+    lines = [line.removesuffix("\r") for line in text.split("\n")]  # LF or CRLF
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        return [f"{name}: empty file"], []
+    errors, out_of_range = [], []
+    if lines[0] != SUBMISSION_HEADER:
+        errors.append(f"{name}, line 1: the header must be 'index<TAB>prediction', "
+                      f"not {lines[0][:40]!r}")
+    first_line_of = {}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 2:
+            errors.append(f"{name}, line {number}: {len(fields)} tab-separated fields, expected 2")
+            continue
+        index, prediction = fields
+        if not index.strip().isdigit() or int(index) >= expected.rows:
+            errors.append(f"{name}, line {number}: index {index!r} is not in 0..{expected.rows - 1}")
+        elif int(index) in first_line_of:
+            errors.append(f"{name}, line {number}: index {int(index)} repeats line "
+                          f"{first_line_of[int(index)]}")
+        else:
+            first_line_of[int(index)] = number
+        problem = check_prediction(task, prediction.strip())
+        if problem == "out of range":
+            out_of_range.append(number)
+        elif problem:
+            errors.append(f"{name}, line {number}: {problem}")
+    if len(lines) - 1 != expected.rows:
+        errors.append(f"{name}: {len(lines) - 1} rows, the test set has {expected.rows}")
+    warnings = []
+    if out_of_range:
+        warnings.append(f"{name}: {len(out_of_range)} scores outside [0, 5] (first on line "
+                        f"{out_of_range[0]}); the server accepts them")
+    return errors, warnings
+
+
+def check_prediction(task, prediction):
+    """None if fine, "out of range" for an STS-B score outside [0, 5], else what is wrong."""
+    if not task.is_regression:
+        if prediction in task.submission_labels:
+            return None
+        return f"prediction {prediction!r} is not one of {', '.join(task.submission_labels)}"
+    try:
+        score = float(prediction)
+    except ValueError:
+        score = math.nan
+    if not math.isfinite(score):
+        return f"prediction {prediction!r} is not a finite number"
+    return None if 0 <= score <= 5 else "out of range"
+
+
+def fill_missing_files(directory, source):
+    """Copies the submission files `directory` lacks from a sample submission; returns names."""
+    available = read_submission(source)
+    copied = []
+    for name in sorted(SUBMISSION_FILES):
+        target = os.path.join(directory, name)
+        if not os.path.exists(target) and name in available:
+            write_bytes(target, available[name])
+            copied.append(name)
+    return copied
+
+
+def make_submission_zip(directory):
+    """Validates `directory`'s 11 files and zips them; never writes a zip that would fail."""
+    contents = read_submission(directory)
+    errors, warnings = validate_submission(contents)
+    for line in warnings + errors:
+        print(line)
+    if errors:
+        raise GlueError(f"{len(errors)} problems in {directory} (listed above); no zip written. "
+                        "Run the missing tasks, or pass --fill_missing_from=<sample submission>")
+    path = os.path.join(directory, "submission.zip")
+
+    def write(temporary):
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in sorted(SUBMISSION_FILES):
+                archive.writestr(name, contents[name])
+
+    write_atomically(path, write)
+    return path
+
+
+# ================================================================================================
+# Results JSON: one entry per task, merged across runs, plus the GLUE score.
+# ================================================================================================
 
 
 def read_results(path):
@@ -560,6 +793,7 @@ def merge_results(path, task_name, entry):
     """Adds one task's entry to the results JSON, keeping every other task's."""
     results = read_results(path)
     results[task_name] = entry
+    results["glue_score"] = glue_score(results)
 
     def write(temporary):
         with open(temporary, "w") as file:
@@ -571,101 +805,216 @@ def merge_results(path, task_name, entry):
 
 
 def format_results(results):
-    """A small table of dev metrics, x100 as papers print them."""
+    """A table of dev metrics, x100 as papers print them, and the GLUE average."""
     lines = [f"{'task':<16} {'split':<22} metrics"]
     for task_name, entry in sorted(results.items()):
-        for split, metrics in entry.items():
-            if split.startswith("validation"):
-                shown = "  ".join(
-                    f"{name} {'n/a' if value is None else f'{100 * value:.2f}'}"
-                    for name, value in metrics.items())
-                lines.append(f"{task_name:<16} {split:<22} {shown}")
+        if task_name not in TASKS:
+            continue
+        for split, metrics in dev_metrics(entry).items():
+            shown = "  ".join(f"{name} {'n/a' if value is None else f'{100 * value:.2f}'}"
+                              for name, value in metrics.items())
+            lines.append(f"{task_name:<16} {split:<22} {shown}")
+    score = glue_score(results)
+    if not score:
+        return ""  # no dev metrics to show (AX has none)
+    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
+                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
     return "\n".join(lines)
 
 
 # ================================================================================================
-# Main
+# Main: run the tasks, keep going past a failed one, then zip.
 # ================================================================================================
 
 
-def results_path():
-    if FLAGS.results_path or not FLAGS.submission_directory:
-        return FLAGS.results_path
-    return os.path.join(FLAGS.submission_directory, "glue_results.json")
+def expand_task_names(names):
+    """`all`, `none` and comma lists to task names, each once, in order."""
+    expanded = []
+    for name in names:
+        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
+            if task_name not in expanded:
+                expanded.append(task_name)
+    return expanded
 
 
-def check_flags():
-    """Fails on bad paths before any data is read or any minute spent training."""
+def check_options(options, task_names):
+    """Fails on bad combinations and paths before any data is read or any minute spent."""
     for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
-        path = FLAGS[name].value
+        path = getattr(options, name)
         if path and not path.endswith(".keras"):
             raise GlueError(f"--{name}={path}: the path must end in `.keras`")
-    load_path = FLAGS.finetuning_model_load_path
-    if load_path and not os.path.isfile(load_path):
-        raise GlueError(f"--finetuning_model_load_path={load_path}: no such file")
-    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
-        raise GlueError(f"--data_dir={FLAGS.data_dir}: no such folder")
-    if results_path():
-        read_results(results_path())
+    if options.finetuning_model_load_path:
+        if not os.path.isfile(options.finetuning_model_load_path):
+            raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
+                            " no such file")
+        if len(task_names) != 1 or len(options.learning_rate) != 1:
+            raise GlueError("--finetuning_model_load_path takes one task and no learning-rate "
+                            "sweep (nothing is trained)")
+    if len(options.learning_rate) > 1 and any(not TASKS[name].eval_splits for name in task_names):
+        raise GlueError("ax has no dev set to choose a learning rate by; give one "
+                        "--learning_rate or sweep on mnli, which also writes AX.tsv")
+    if options.data_dir and not os.path.isdir(options.data_dir):
+        raise GlueError(f"--data_dir={options.data_dir}: no such folder")
+    if (options.make_submission_zip or options.fill_missing_from) and \
+            not options.submission_directory:
+        raise GlueError("--make_submission_zip and --fill_missing_from need "
+                        "--submission_directory")
+    if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
+        raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
+    if results_path(options):
+        read_results(results_path(options))
 
 
-def run_task(task):
-    """Finetunes (or loads), evaluates and predicts one task; returns its results entry."""
-    keras.utils.set_random_seed(FLAGS.seed)
+def results_path(options):
+    if options.results_path or not options.submission_directory:
+        return options.results_path
+    return os.path.join(options.submission_directory, "glue_results.json")
 
+
+def model_save_path(options, task, several_tasks):
+    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
+    path = options.finetuning_model_save_path
+    if path and several_tasks:
+        return f"{path.removesuffix('.keras')}_{task.name}.keras"
+    return path
+
+
+def load_task_data(task, options):
+    """Reads every split the task needs first, so bad data fails before minutes of training."""
     def load(dataset, split):
-        return load_split(FLAGS.data_dir, dataset, split)
+        return load_split(options.data_dir, dataset, split)
 
-    # Read all data first, so bad data fails before minutes of training.
-    train_examples = None if FLAGS.finetuning_model_load_path else load(task.training_data,
-                                                                         "train")
+    train_examples = None
+    if not options.finetuning_model_load_path:
+        train_examples = load(task.training_data, "train")
     eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
-    test_examples = {file: load(dataset, split) for dataset, split, file in task.outputs}
-    preprocess_fn = make_preprocess_fn()
+    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
+    return train_examples, eval_examples, test_examples
 
-    entry = {"flags": {flag.name: flag.value for flag in
-                       FLAGS.get_key_flags_for_module(sys.modules[__name__])}}
+
+def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
+    """One finetuning run; returns its results entry, submission tables and model."""
+    keras.utils.set_random_seed(options.seed)
+    train_examples, eval_examples, test_examples = data
+    entry = {}
     start = time.perf_counter()
-    if FLAGS.finetuning_model_load_path:
-        model = keras.models.load_model(FLAGS.finetuning_model_load_path, compile=False)
+    if options.finetuning_model_load_path:
+        model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
     else:
         model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+        entry["learning_rate"] = learning_rate
         entry["train_examples"] = train(
-            model, train_examples, task, preprocess_fn, batch_size=FLAGS.batch_size,
-            epochs=FLAGS.epochs, learning_rate=FLAGS.learning_rate,
-            warmup_ratio=FLAGS.warmup_ratio, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed)
-        if FLAGS.finetuning_model_save_path:
-            write_atomically(FLAGS.finetuning_model_save_path, model.save)
+            model, train_examples, task, preprocess_fn, batch_size=options.batch_size,
+            epochs=options.epochs, learning_rate=learning_rate,
+            warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
+            seed=options.seed)
     entry["train_seconds"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
     for split, examples in eval_examples.items():
-        _, labels, predictions = predict(model, examples, task, preprocess_fn, FLAGS.batch_size)
+        _, labels, predictions = predict(model, examples, task, preprocess_fn, options.batch_size)
         entry[split] = compute_metrics(task, labels, predictions)
     # Compute every table before writing any, so a failure never leaves a partial submission.
     tables = {}
     for file, examples in test_examples.items():
-        idx, _, predictions = predict(model, examples, task, preprocess_fn, FLAGS.batch_size)
+        idx, _, predictions = predict(model, examples, task, preprocess_fn, options.batch_size)
         tables[file] = submission_table(task, idx, predictions)
     entry["predict_seconds"] = round(time.perf_counter() - start, 2)
+    return entry, tables, model
 
-    if FLAGS.submission_directory:
+
+def run_task(task, options, several_tasks=False):
+    """Finetunes once per learning rate, keeps the best on the dev set, writes its files."""
+    data = load_task_data(task, options)
+    preprocess_fn = make_preprocess_fn()
+    best, sweep = None, {}
+    for learning_rate in map(float, options.learning_rate):
+        entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
+                                                    learning_rate)
+        sweep[f"{learning_rate:g}"] = dev_metrics(entry)
+        if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
+            best = entry, tables, model
+    entry, tables, model = best
+    entry["flags"] = vars(options)
+    if len(sweep) > 1:
+        entry["learning_rate_sweep"] = sweep
+    save_path = model_save_path(options, task, several_tasks)
+    if save_path and not options.finetuning_model_load_path:
+        write_atomically(save_path, model.save)
+    if options.submission_directory:
+        entry["submission_rows"] = {}
         for file, table in tables.items():
-            path = os.path.join(FLAGS.submission_directory, file)
+            path = os.path.join(options.submission_directory, file)
             write_submission(path, table)
+            entry["submission_rows"][file] = len(table)
             logging.info("Wrote %d predictions to %s", len(table), path)
     return entry
 
 
+def is_complete(task, results, submission_directory):
+    """Whether an earlier run wrote this task's results and all its files, complete."""
+    rows = results.get(task.name, {}).get("submission_rows", {})
+    return bool(submission_directory) and all(
+        rows.get(output.file) is not None and
+        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
+        for output in task.outputs)
+
+
+def run_tasks(task_names, options):
+    """Runs each task, going on past failures. Returns (this run's results, failures)."""
+    path = results_path(options)
+    results, failures = {}, {}
+    for name in task_names:
+        task = TASKS[name]
+        if not options.overwrite and is_complete(task, read_results(path) if path else {},
+                                                 options.submission_directory):
+            print(f"{name}: already complete in {options.submission_directory}, skipped "
+                  "(--overwrite redoes it)")
+            continue
+        try:
+            results[name] = run_task(task, options, several_tasks=len(task_names) > 1)
+        except GlueError as error:
+            failures[name] = str(error)
+        except Exception as error:  # a crash in one task must not lose the others' results
+            logging.exception("%s crashed", name)
+            failures[name] = f"{type(error).__name__}: {error}"
+        if name in failures and len(task_names) > 1:
+            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+        elif name not in failures and path:
+            merge_results(path, name, results[name])
+    return results, failures
+
+
 def main(argv):
     del argv
+    options = types.SimpleNamespace(**{
+        flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])})
     try:
-        check_flags()
-        task = TASKS[FLAGS.task_name]
-        entry = run_task(task)
-        if results_path():
-            merge_results(results_path(), task.name, entry)
-        print(format_results({task.name: entry}))
+        if options.validate_submission:
+            errors, warnings = validate_submission(read_submission(options.validate_submission))
+            for line in warnings + errors:
+                print(line)
+            if errors:
+                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
+            print(f"{options.validate_submission}: all 11 files pass")
+            return
+        task_names = expand_task_names(options.task_name)
+        check_options(options, task_names)
+        results, failures = run_tasks(task_names, options)
+        path = results_path(options)
+        table = format_results(read_results(path) if path else results)
+        if table:
+            print(table)
+        if options.fill_missing_from:
+            copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
+            print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
+        if options.make_submission_zip:
+            print(f"Wrote {make_submission_zip(options.submission_directory)}")
+        if len(task_names) == 1 and failures:
+            raise GlueError(failures[task_names[0]])
+        if failures:
+            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
+                            f"{', '.join(failures)} (reasons above)")
     except GlueError as error:
         sys.exit(f"glue.py: error: {error}")
 

@@ -41,13 +41,14 @@ def test_every_task_writes_its_files_and_metrics(task_name, tiny_preset, glue_da
              f"--submission_directory={tmp_path}", *TINY)
 
     written = sorted(name for name in os.listdir(tmp_path) if name.endswith(".tsv"))
-    assert written == sorted(file for _, _, file in task.outputs)
-    for dataset, split, file in task.outputs:
-        check_submission(tmp_path / file, glue.TASKS[dataset], counts[dataset][split])
+    assert written == sorted(output.file for output in task.outputs)
+    for output in task.outputs:
+        check_submission(tmp_path / output.file, glue.TASKS[output.dataset],
+                         counts[output.dataset][output.split])
 
     results = json.loads((tmp_path / "glue_results.json").read_text())
     entry = results[task_name]
-    assert entry["flags"]["task_name"] == task_name
+    assert entry["flags"]["task_name"] == [task_name]
     assert entry["train_examples"] == counts[task.training_data]["train"]
     assert entry["train_seconds"] >= 0 and entry["predict_seconds"] >= 0
     for split in task.eval_splits:
@@ -58,12 +59,12 @@ def test_every_task_writes_its_files_and_metrics(task_name, tiny_preset, glue_da
 
 
 def test_glue_task_table_matches_the_leaderboard():
-    files = {file for task in glue.TASKS.values() for _, _, file in task.outputs}
+    files = {output.file for task in glue.TASKS.values() for output in task.outputs}
     assert files == {"AX.tsv", "CoLA.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "MRPC.tsv", "QNLI.tsv",
                      "QQP.tsv", "RTE.tsv", "SST-2.tsv", "STS-B.tsv", "WNLI.tsv"}
     assert glue.TASKS["mnli"].num_outputs == 3 and glue.TASKS["ax"].num_outputs == 3
     assert glue.TASKS["stsb"].is_regression and glue.TASKS["stsb"].num_outputs == 1
-    assert [file for _, _, file in glue.TASKS["mnli"].outputs] == [
+    assert [output.file for output in glue.TASKS["mnli"].outputs] == [
         "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv"]
 
 
@@ -75,9 +76,9 @@ def test_submission_spellings_match_the_reference_submission():
     for task in glue.TASKS.values():
         if task.is_regression:
             continue
-        for _, _, file in task.outputs:
-            table = pd.read_csv(os.path.join(reference, file), sep="\t", dtype=str)
-            assert set(table["prediction"].str.strip()) <= set(task.submission_labels), file
+        for output in task.outputs:
+            table = pd.read_csv(os.path.join(reference, output.file), sep="\t", dtype=str)
+            assert set(table["prediction"].str.strip()) <= set(task.submission_labels), output
 
 
 class FixedLogits:
@@ -158,7 +159,8 @@ def test_results_merge_across_runs_and_results_path(glue_data, tiny_preset, tmp_
         run_glue(f"--task_name={task_name}", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
                  f"--results_path={results_path}", *TINY)
     results = json.loads(results_path.read_text())
-    assert sorted(results) == ["cola", "wnli"]
+    assert sorted(results) == ["cola", "glue_score", "wnli"]
+    assert sorted(results["glue_score"]["tasks"]) == ["cola", "wnli"]
     assert set(results["cola"]["validation"]) == {"matthews_corrcoef"}
     assert not any(name.endswith(".tsv") for name in os.listdir(tmp_path))  # no submission dir
 

@@ -39,7 +39,8 @@ def replace_line(path, number, text):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--task_name=squad"], "--task_name=squad"),
+    (["--task_name=squad"], "each name must be all, none, or a GLUE task"),
+    (["--learning_rate=2e-5,fast"], "give positive numbers"),
     (["--batch_size=0"], "--batch_size=0"),
     (["--epochs=0"], "--epochs=0"),
     (["--max_sequence_length=-5"], "--max_sequence_length=-5"),
