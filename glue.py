@@ -20,6 +20,7 @@ import time
 import types
 import urllib.parse
 import uuid
+import warnings
 import zipfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -550,7 +551,9 @@ def predict(model, examples, task, preprocess_fn, batch_size):
 
 def compute_metrics(task, labels, predictions):
     """The task's official GLUE metrics, as fractions; None where undefined (constant input)."""
-    values = {name: float(METRICS[name](labels, predictions)) for name in task.metrics}
+    with warnings.catch_warnings():  # a constant input is reported as None instead
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        values = {name: float(METRICS[name](labels, predictions)) for name in task.metrics}
     return {name: value if math.isfinite(value) else None for name, value in values.items()}
 
 

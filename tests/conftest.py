@@ -176,3 +176,17 @@ def run_glue():
         finally:
             flags.FLAGS.unparse_flags()
     return run
+
+
+def grow_test_files_to_official_size(root):
+    """Rewrites each fixture test file with the official GLUE test size, so that a run over the
+    fixture gives submission files the leaderboard (and our validator) would accept."""
+    for output in glue.SUBMISSION_FILES.values():
+        local = glue.TASKS[output.dataset].local
+        path = os.path.join(root, local.folder, dict(local.files)[output.split])
+        with open(path, encoding="utf-8") as file:
+            header, *rows = file.read().splitlines()
+        grown = [f"{index}\t{rows[index % len(rows)].split(chr(9), 1)[1]}"
+                 for index in range(output.rows)]
+        with open(path, "w", encoding="utf-8") as file:
+            file.write("\n".join([header] + grown) + "\n")
