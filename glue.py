@@ -78,8 +78,6 @@ flags.DEFINE_string("finetuning_model_save_path", None,
 flags.DEFINE_string("finetuning_model_load_path", None,
                     "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
                     "predict. The preprocessing still comes from --preset.")
-
-
 flags.DEFINE_bool("overwrite", False,
                   "Redo tasks whose submission files and results are already complete.")
 flags.DEFINE_bool("make_submission_zip", False,
@@ -704,7 +702,8 @@ def validate_submission_file(name, data, expected):
             continue
         index, prediction = fields
         if not index.strip().isdigit() or int(index) >= expected.rows:
-            errors.append(f"{name}, line {number}: index {index!r} is not in 0..{expected.rows - 1}")
+            errors.append(f"{name}, line {number}: index {index!r} is not in "
+                          f"0..{expected.rows - 1}")
         elif int(index) in first_line_of:
             errors.append(f"{name}, line {number}: index {int(index)} repeats line "
                           f"{first_line_of[int(index)]}")
