@@ -70,6 +70,10 @@ flags.DEFINE_string("submission_directory", None,
 flags.DEFINE_string("results_path", None,
                     "JSON file that collects dev metrics across runs. Default: "
                     "<submission_directory>/glue_results.json when a submission directory is set.")
+flags.DEFINE_enum("pooling", None, ["pooled", "cls", "mean"],
+                  "How GlueClassifier gets one vector per example: the backbone's pooled output, "
+                  "the first token's vector, or the mean over real tokens. Default: pooled where "
+                  "the backbone has a pooler (BERT, ALBERT, ELECTRA), else cls.")
 flags.DEFINE_bool("use_default_classifier", True,
                   "Wrap the pretrained model in GlueClassifier; false uses the model built in "
                   "the third custom code block.")
@@ -390,13 +394,29 @@ def features_and_label(task):
 
 
 def from_preset(cls, preset, **kwargs):
-    """`cls.from_preset`, with one clear line when the preset cannot be had."""
+    """`cls.from_preset`, with one clear line when the preset cannot be had or is no text model."""
     try:
         return cls.from_preset(preset, **kwargs)
     except Exception as error:  # KerasHub raises many types: unknown id, no network, bad files.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GlueError(f"cannot load preset {preset!r} ({reason[:200]}); download it where "
-                        "you have network and pass --preset=<local dir>") from None
+        raise GlueError(explain_preset_failure(preset, error)) from None
+
+
+def explain_preset_failure(preset, error):
+    try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
+        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
+    except Exception:
+        backbone = None
+    if backbone is not None and not is_text_backbone(backbone):
+        return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
+                "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
+    lines = str(error).strip().splitlines()
+    reason = lines[0][:200] if lines else type(error).__name__
+    return (f"cannot load preset {preset!r} ({reason}); download it where you have network and "
+            "pass --preset=<local dir>")
+
+
+def is_text_backbone(backbone):
+    return isinstance(backbone.input, dict) and "token_ids" in backbone.input
 
 
 ### Custom code block starts ###
@@ -426,21 +446,47 @@ def load_pretrained_model():
 # (3) Make the finetuning model: inputs as produced by `preprocess_fn`, outputs `num_outputs`
 # logits per example (one score for STS-B regression).
 def make_finetuning_model(pretrained_model, num_outputs):
-    inputs = pretrained_model.input
     if FLAGS.use_default_classifier:
-        # GlueClassifier wants one vector per example: BERT's pooled output.
-        pooled = pretrained_model(inputs)["pooled_output"]
-        wrapper = keras.Model(inputs=inputs, outputs=pooled)
-        return GlueClassifier(backbone=wrapper, num_classes=num_outputs)
-    # Your own classifier; this example reads the first ([CLS]) token of the last layer.
-    first_token = pretrained_model(inputs)["sequence_output"][:, 0, :]
-    logits = keras.layers.Dense(num_outputs, dtype="float32")(first_token)
-    return keras.Model(inputs=inputs, outputs=logits)
+        # GlueClassifier wants a model giving one vector per example.
+        encoder = sentence_encoder(pretrained_model, FLAGS.pooling)
+        return GlueClassifier(backbone=encoder, num_classes=num_outputs)
+    # Your own classifier; this example puts a hidden layer over the mean of the token vectors.
+    encoder = sentence_encoder(pretrained_model, "mean")
+    hidden = keras.layers.Dense(256, activation="gelu")(encoder.output)
+    logits = keras.layers.Dense(num_outputs, dtype="float32")(hidden)
+    return keras.Model(inputs=encoder.input, outputs=logits)
 ### Custom code block ends ###
 
 # ================================================================================================
 # Model
 # ================================================================================================
+
+
+def sentence_encoder(backbone, pooling=None):
+    """Wraps a KerasHub text backbone into a model giving one vector per example.
+
+    `pooling`: "pooled" (the backbone's pooler, BERT-style), "cls" (the first token's vector,
+    as RoBERTa-style classifiers read it) or "mean" (the average over real tokens, for
+    checkpoints whose pooler was never trained). None picks pooled where there is a pooler.
+    """
+    if not is_text_backbone(backbone):
+        raise GlueError(f"{type(backbone).__name__} is not a KerasHub text backbone (no "
+                        "token_ids input); adapt the custom code blocks to your model")
+    inputs = backbone.input
+    outputs = backbone(inputs)
+    has_pooler = isinstance(outputs, dict) and "pooled_output" in outputs
+    sequence = outputs["sequence_output"] if isinstance(outputs, dict) else outputs
+    pooling = pooling or ("pooled" if has_pooler else "cls")
+    if pooling == "pooled" and not has_pooler:
+        raise GlueError(f"--pooling=pooled: {type(backbone).__name__} has no pooled output; "
+                        "use --pooling=cls or --pooling=mean")
+    if pooling == "pooled":
+        vector = outputs["pooled_output"]
+    elif pooling == "cls":
+        vector = sequence[:, 0, :]
+    else:  # padding positions must not dilute the mean
+        vector = keras.layers.GlobalAveragePooling1D()(sequence, mask=inputs["padding_mask"])
+    return keras.Model(inputs=inputs, outputs=vector, name=f"{pooling}_encoder")
 
 
 def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as a Keras model)
