@@ -11,9 +11,13 @@ places meant to be edited sit between `### Custom code block starts ###` and
 
 import csv
 import dataclasses
+import fcntl
+import glob
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -82,6 +86,14 @@ flags.DEFINE_string("finetuning_model_save_path", None,
 flags.DEFINE_string("finetuning_model_load_path", None,
                     "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
                     "predict. The preprocessing still comes from --preset.")
+flags.DEFINE_string("checkpoint_dir", None,
+                    "Keep the training state here (a folder per task and learning rate) at each "
+                    "epoch's end and every --checkpoint_every_steps; the same command resumes "
+                    "after a crash or preemption. Default: none, or <submission_directory>/"
+                    "checkpoints when several tasks run.")
+flags.DEFINE_integer("checkpoint_every_steps", 0,
+                     "Also checkpoint every this many training steps (0: only at epoch ends).",
+                     lower_bound=0)
 flags.DEFINE_bool("overwrite", False,
                   "Redo tasks whose submission files and results are already complete.")
 flags.DEFINE_bool("make_submission_zip", False,
@@ -551,20 +563,107 @@ def tokenize(examples, task, preprocess_fn):
             .unbatch())
 
 
+class Preempted(BaseException):
+    """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
+
+
+class TrainingCheckpoints(keras.callbacks.Callback):
+    """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
+    step boundary after a SIGTERM; `restore` returns the step to resume from.
+
+    The state is every model variable (dropout seeds included, which Keras' weight files leave
+    out) and every optimizer variable (its step count included), so a resumed run continues
+    exactly as an uninterrupted one would. One file per checkpoint, written atomically.
+    """
+
+    def __init__(self, directory, every_steps=0):
+        super().__init__()
+        self.directory = directory
+        self.every_steps = every_steps
+        self.sigterm_received = False
+
+    def paths(self):
+        return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
+
+    def state(self, model):
+        return model.variables + model.optimizer.variables
+
+    def restore(self, model):
+        if not self.paths():
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        with np.load(self.paths()[-1]) as saved:
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        state = self.state(model)
+        if [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
+            raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
+                            "delete it or pass another --checkpoint_dir")
+        for variable, array in zip(state, arrays):
+            variable.assign(array)
+        return int(model.optimizer.iterations)
+
+    def save(self):
+        step = int(self.model.optimizer.iterations)
+        path = os.path.join(self.directory, f"step-{step:09d}.npz")
+        arrays = [np.asarray(variable) for variable in self.state(self.model)]
+        write_atomically(path, lambda temporary: np.savez(temporary, *arrays))
+        for older in self.paths():
+            if older != path:
+                os.remove(older)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        if self.sigterm_received or (self.every_steps and step % self.every_steps == 0):
+            self.save()
+        if self.sigterm_received:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.sigterm_received:
+            self.save()
+
+
 def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_rate,
-          warmup_ratio, weight_decay, seed):
-    """Finetunes `model` in place and returns the number of training examples."""
+          warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0):
+    """Finetunes `model` in place and returns the number of training examples.
+
+    With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
+    preemption sends) stops it at the next step boundary, after a checkpoint.
+    """
     num_examples = count(examples)
-    batches = (tokenize(examples, task, preprocess_fn)
-               .apply(tf.data.experimental.assert_cardinality(num_examples))
-               .cache()
-               .shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
-               .batch(batch_size)
-               .prefetch(tf.data.AUTOTUNE))
-    total_steps = epochs * math.ceil(num_examples / batch_size)
-    compile_for(model, task,
-                make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay))
-    model.fit(batches, epochs=epochs, verbose=2, shuffle=False)  # `batches` is shuffled
+    tokenized = (tokenize(examples, task, preprocess_fn)
+                 .apply(tf.data.experimental.assert_cardinality(num_examples))
+                 .cache())
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
+                                            warmup_ratio, weight_decay))
+    callbacks, step = [], 0
+    if checkpoint_dir:
+        checkpoints = TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps)
+        callbacks.append(checkpoints)
+        step = checkpoints.restore(model)
+        if step:
+            logging.info("Resuming from step %d, checkpoint in %s", step, checkpoint_dir)
+        previous_handler = signal.signal(
+            signal.SIGTERM, lambda signum, frame: setattr(checkpoints, "sigterm_received", True))
+    try:
+        for epoch in range(step // steps_per_epoch, epochs):
+            # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
+            # batches as an uninterrupted one; it skips those it has already trained on.
+            batches = (tokenized.shuffle(num_examples, seed=seed + epoch)
+                       .batch(batch_size)
+                       .skip(max(step - epoch * steps_per_epoch, 0))
+                       .prefetch(tf.data.AUTOTUNE))
+            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=2, shuffle=False,
+                      callbacks=callbacks)
+            if checkpoint_dir and checkpoints.sigterm_received:
+                raise Preempted(
+                    f"stopped by SIGTERM at step {int(model.optimizer.iterations)} of "
+                    f"{epochs * steps_per_epoch}; the checkpoint is in {checkpoint_dir}: run the "
+                    "same command again to resume")
+    finally:
+        if checkpoint_dir:
+            signal.signal(signal.SIGTERM, previous_handler)
     return num_examples
 
 
@@ -642,9 +741,9 @@ def write_atomically(path, write):
     """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(name)[1]  # Keras insists on the `.keras` suffix
-    # Same folder, so the rename is atomic; a unique name, so concurrent runs never collide.
-    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+    # Same folder, so the rename is atomic; a unique name, so concurrent runs never collide;
+    # the same ending, since Keras and numpy insist on theirs (`.keras`, `.npz`).
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -838,17 +937,24 @@ def read_results(path):
 
 
 def merge_results(path, task_name, entry):
-    """Adds one task's entry to the results JSON, keeping every other task's."""
-    results = read_results(path)
-    results[task_name] = entry
-    results["glue_score"] = glue_score(results)
+    """Adds one task's entry to the results JSON, keeping every other task's.
 
-    def write(temporary):
-        with open(temporary, "w") as file:
-            json.dump(results, file, indent=2, sort_keys=True)
-            file.write("\n")
+    A lock file serialises the read-merge-write, so runs finishing at once lose nothing.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_results(path)
+        results[task_name] = entry
+        results["glue_score"] = glue_score(results)
 
-    write_atomically(path, write)
+        def write(temporary):
+            with open(temporary, "w") as file:
+                json.dump(results, file, indent=2, sort_keys=True)
+                file.write("\n")
+
+        write_atomically(path, write)
     return results
 
 
@@ -927,6 +1033,12 @@ def model_save_path(options, task, several_tasks):
     return path
 
 
+def checkpoint_dir(options, task, learning_rate):
+    """Where one finetuning run keeps its training state (None: nowhere)."""
+    return options.checkpoint_dir and os.path.join(options.checkpoint_dir,
+                                                   f"{task.name}_lr{learning_rate:g}")
+
+
 def load_task_data(task, options):
     """Reads every split the task needs first, so bad data fails before minutes of training."""
     def load(dataset, split):
@@ -955,7 +1067,8 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
             model, train_examples, task, preprocess_fn, batch_size=options.batch_size,
             epochs=options.epochs, learning_rate=learning_rate,
             warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
-            seed=options.seed)
+            seed=options.seed, checkpoint_dir=checkpoint_dir(options, task, learning_rate),
+            checkpoint_every_steps=options.checkpoint_every_steps)
     entry["train_seconds"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
@@ -996,6 +1109,9 @@ def run_task(task, options, several_tasks=False):
             write_submission(path, table)
             entry["submission_rows"][file] = len(table)
             logging.info("Wrote %d predictions to %s", len(table), path)
+    for learning_rate in map(float, options.learning_rate):  # the task is done: free the disk
+        if checkpoint_dir(options, task, learning_rate):
+            shutil.rmtree(checkpoint_dir(options, task, learning_rate), ignore_errors=True)
     return entry
 
 
@@ -1048,6 +1164,8 @@ def main(argv):
             return
         task_names = expand_task_names(options.task_name)
         check_options(options, task_names)
+        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
+            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
         results, failures = run_tasks(task_names, options)
         path = results_path(options)
         table = format_results(read_results(path) if path else results)
@@ -1065,6 +1183,8 @@ def main(argv):
                             f"{', '.join(failures)} (reasons above)")
     except GlueError as error:
         sys.exit(f"glue.py: error: {error}")
+    except Preempted as stop:
+        sys.exit(f"glue.py: {stop}")
 
 
 if __name__ == "__main__":
