@@ -86,6 +86,11 @@ flags.DEFINE_string("finetuning_model_save_path", None,
 flags.DEFINE_string("finetuning_model_load_path", None,
                     "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
                     "predict. The preprocessing still comes from --preset.")
+flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
+                  "Compute in 16-bit floats with float32 weights (GPUs: mixed_float16 or "
+                  "mixed_bfloat16; TPUs: mixed_bfloat16). Logits and loss stay float32.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Compile training and prediction with XLA (GPUs, TPUs).")
 flags.DEFINE_string("checkpoint_dir", None,
                     "Keep the training state here (a folder per task and learning rate) at each "
                     "epoch's end and every --checkpoint_every_steps; the same command resumes "
@@ -542,12 +547,12 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay):
     return optimizer
 
 
-def compile_for(model, task, optimizer):
+def compile_for(model, task, optimizer, jit_compile=False):
     if task.is_regression:
         loss = keras.losses.MeanSquaredError()
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
 
 
 # ================================================================================================
@@ -555,12 +560,55 @@ def compile_for(model, task, optimizer):
 # ================================================================================================
 
 
+# Batches are trimmed to one of a few lengths, so each compiled graph serves many batches.
+BUCKET_LENGTHS = (16, 32, 64, 128, 256, 512)
+
+
 def tokenize(examples, task, preprocess_fn):
-    """Tokenizes a split once, in large batches; yields unbatched `(inputs, label)` pairs."""
-    return (examples.map(features_and_label(task))
+    """Tokenizes a split once, in large batches, and keeps it in memory.
+
+    Yields unbatched `(inputs, label, idx)`.
+    """
+    def split(example):
+        features, label = features_and_label(task)(example)
+        return features, label, example["idx"]
+
+    def preprocess(features, label, idx):
+        inputs, label = preprocess_fn(features, label)
+        return inputs, label, idx
+
+    return (examples.map(split)
             .batch(1024)
-            .map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
-            .unbatch())
+            .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            .unbatch()
+            .cache())
+
+
+def batch_by_length(tokenized, batch_size):
+    """Batches examples of similar length together and trims each batch to its bucket length.
+
+    Most GLUE inputs are far shorter than the padded length, so this saves most of the arithmetic.
+    The model sees the same real tokens; only padding is dropped. Inputs without a
+    `padding_mask`, or of unknown length, are batched as they are.
+    """
+    inputs_spec = tokenized.element_spec[0]
+    if not isinstance(inputs_spec, dict) or "padding_mask" not in inputs_spec or \
+            inputs_spec["padding_mask"].shape[-1] is None:
+        return tokenized.batch(batch_size)
+    padded_length = inputs_spec["padding_mask"].shape[-1]
+    lengths = [length for length in BUCKET_LENGTHS if length < padded_length] + [padded_length]
+
+    def real_length(inputs, *rest):
+        return tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=-1)
+
+    def trim(inputs, *rest):
+        bucket = tf.gather(lengths, tf.searchsorted(lengths, [tf.reduce_max(real_length(inputs))]))
+        return ({name: value[:, :bucket[0]] if len(value.shape) == 2 else value
+                 for name, value in inputs.items()}, *rest)
+
+    return tokenized.bucket_by_sequence_length(
+        real_length, bucket_boundaries=[length + 1 for length in lengths[:-1]],
+        bucket_batch_sizes=[batch_size] * len(lengths), no_padding=True).map(trim)
 
 
 class Preempted(BaseException):
@@ -624,19 +672,18 @@ class TrainingCheckpoints(keras.callbacks.Callback):
 
 
 def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_rate,
-          warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0):
+          warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
+          jit_compile=False):
     """Finetunes `model` in place and returns the number of training examples.
 
     With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
     preemption sends) stops it at the next step boundary, after a checkpoint.
     """
     num_examples = count(examples)
-    tokenized = (tokenize(examples, task, preprocess_fn)
-                 .apply(tf.data.experimental.assert_cardinality(num_examples))
-                 .cache())
-    steps_per_epoch = math.ceil(num_examples / batch_size)
+    tokenized = tokenize(examples, task, preprocess_fn)
+    steps_per_epoch = count(batch_by_length(tokenized, batch_size))  # also fills the cache
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
-                                            warmup_ratio, weight_decay))
+                                            warmup_ratio, weight_decay), jit_compile)
     callbacks, step = [], 0
     if checkpoint_dir:
         checkpoints = TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps)
@@ -650,9 +697,12 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
         for epoch in range(step // steps_per_epoch, epochs):
             # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
             # batches as an uninterrupted one; it skips those it has already trained on.
-            batches = (tokenized.shuffle(num_examples, seed=seed + epoch)
-                       .batch(batch_size)
-                       .skip(max(step - epoch * steps_per_epoch, 0))
+            done = max(step - epoch * steps_per_epoch, 0)
+            batches = (batch_by_length(tokenized.shuffle(num_examples, seed=seed + epoch),
+                                       batch_size)
+                       .map(lambda inputs, label, idx: (inputs, label))
+                       .skip(done)
+                       .apply(tf.data.experimental.assert_cardinality(steps_per_epoch - done))
                        .prefetch(tf.data.AUTOTUNE))
             model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=2, shuffle=False,
                       callbacks=callbacks)
@@ -667,24 +717,18 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
     return num_examples
 
 
-def labels_and_indices(examples):
-    """The `label` and `idx` columns of a (non-empty) split, as numpy arrays."""
-    columns = examples.map(lambda example: (example["label"], example["idx"])).batch(1 << 16)
-    return tuple(np.concatenate(column) for column in zip(*columns.as_numpy_iterator()))
-
-
 def predict(model, examples, task, preprocess_fn, batch_size):
-    """Returns `(idx, labels, predictions)` for a split, in the split's order.
+    """Returns `(idx, labels, predictions)` for a split, in batch-by-length order.
 
     Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
     """
-    labels, idx = labels_and_indices(examples)
-    inputs = (examples.map(features_and_label(task))
-              .batch(batch_size)
-              .map(preprocess_fn, num_parallel_calls=tf.data.AUTOTUNE)
-              .map(lambda model_inputs, label: model_inputs)
-              .prefetch(tf.data.AUTOTUNE))
-    logits = model.predict(inputs, verbose=0)
+    batches = batch_by_length(tokenize(examples, task, preprocess_fn), batch_size)
+    # Two passes over the same cached, deterministic stream: the rows stay aligned.
+    labels_and_idx = list(batches.map(lambda inputs, label, idx: (label, idx)).as_numpy_iterator())
+    labels, idx = (np.concatenate(column) for column in zip(*labels_and_idx))
+    logits = model.predict(batches.map(lambda inputs, label, idx: inputs)
+                           .apply(tf.data.experimental.assert_cardinality(len(labels_and_idx)))
+                           .prefetch(tf.data.AUTOTUNE), verbose=0)
     if task.is_regression:
         predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
     else:
@@ -1060,6 +1104,7 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
     start = time.perf_counter()
     if options.finetuning_model_load_path:
         model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
+        model.jit_compile = options.jit_compile
     else:
         model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
         entry["learning_rate"] = learning_rate
@@ -1068,7 +1113,8 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
             epochs=options.epochs, learning_rate=learning_rate,
             warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
             seed=options.seed, checkpoint_dir=checkpoint_dir(options, task, learning_rate),
-            checkpoint_every_steps=options.checkpoint_every_steps)
+            checkpoint_every_steps=options.checkpoint_every_steps,
+            jit_compile=options.jit_compile)
     entry["train_seconds"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
@@ -1164,6 +1210,7 @@ def main(argv):
             return
         task_names = expand_task_names(options.task_name)
         check_options(options, task_names)
+        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
         results, failures = run_tasks(task_names, options)
