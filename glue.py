@@ -9,6 +9,7 @@ places meant to be edited sit between `### Custom code block starts ###` and
 `### Custom code block ends ###`.
 """
 
+import contextlib
 import csv
 import dataclasses
 import fcntl
@@ -670,6 +671,16 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.sigterm_received:
             self.save()
 
+    @contextlib.contextmanager
+    def stopping_on_sigterm(self):
+        """While active, SIGTERM asks training to stop at the next step boundary."""
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(
+            self, "sigterm_received", True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
 
 def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_rate,
           warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
@@ -684,16 +695,11 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
     steps_per_epoch = count(batch_by_length(tokenized, batch_size))  # also fills the cache
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
                                             warmup_ratio, weight_decay), jit_compile)
-    callbacks, step = [], 0
-    if checkpoint_dir:
-        checkpoints = TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps)
-        callbacks.append(checkpoints)
-        step = checkpoints.restore(model)
-        if step:
-            logging.info("Resuming from step %d, checkpoint in %s", step, checkpoint_dir)
-        previous_handler = signal.signal(
-            signal.SIGTERM, lambda signum, frame: setattr(checkpoints, "sigterm_received", True))
-    try:
+    checkpoints = checkpoint_dir and TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps)
+    step = checkpoints.restore(model) if checkpoints else 0
+    if step:
+        logging.info("Resuming from step %d, checkpoint in %s", step, checkpoint_dir)
+    with checkpoints.stopping_on_sigterm() if checkpoints else contextlib.nullcontext():
         for epoch in range(step // steps_per_epoch, epochs):
             # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
             # batches as an uninterrupted one; it skips those it has already trained on.
@@ -705,15 +711,12 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
                        .apply(tf.data.experimental.assert_cardinality(steps_per_epoch - done))
                        .prefetch(tf.data.AUTOTUNE))
             model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=2, shuffle=False,
-                      callbacks=callbacks)
-            if checkpoint_dir and checkpoints.sigterm_received:
+                      callbacks=[checkpoints] if checkpoints else [])
+            if checkpoints and checkpoints.sigterm_received:
                 raise Preempted(
                     f"stopped by SIGTERM at step {int(model.optimizer.iterations)} of "
                     f"{epochs * steps_per_epoch}; the checkpoint is in {checkpoint_dir}: run the "
                     "same command again to resume")
-    finally:
-        if checkpoint_dir:
-            signal.signal(signal.SIGTERM, previous_handler)
     return num_examples
 
 

@@ -14,7 +14,7 @@ import glue
 from conftest import REPO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# 16 training examples in batches of 4 for 3 epochs: 12 steps, 4 per epoch.
+# 16 training examples in batches of 4 (batched by length: 5 batches an epoch) for 3 epochs.
 TRAINING = ("--task_name=stsb", "--epochs=3", "--batch_size=4", "--max_sequence_length=32",
             "--checkpoint_every_steps=1")
 
@@ -70,7 +70,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
     assert stopped.returncode == 1
     message = stopped.stderr.strip().splitlines()[-1]
     assert message == (
-        f"glue.py: stopped by SIGTERM at step 7 of 12; the checkpoint is in "
+        f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
         f"{tmp_path / 'checkpoints' / 'stsb_lr5e-05'}: run the same command again to resume")
     assert os.listdir(tmp_path / "checkpoints" / "stsb_lr5e-05") == ["step-000000007.npz"]
     assert "Traceback" not in stopped.stderr
