@@ -968,8 +968,8 @@ def make_submission_zip(directory):
 
 
 def read_results(path):
-    """The results JSON written by earlier runs ({} if none)."""
-    if not os.path.exists(path):
+    """The results JSON written by earlier runs ({} if none, or no path)."""
+    if not path or not os.path.exists(path):
         return {}
     try:
         with open(path) as file:
@@ -1159,8 +1159,9 @@ def run_task(task, options, several_tasks=False):
             entry["submission_rows"][file] = len(table)
             logging.info("Wrote %d predictions to %s", len(table), path)
     for learning_rate in map(float, options.learning_rate):  # the task is done: free the disk
-        if checkpoint_dir(options, task, learning_rate):
-            shutil.rmtree(checkpoint_dir(options, task, learning_rate), ignore_errors=True)
+        folder = checkpoint_dir(options, task, learning_rate)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
     return entry
 
 
@@ -1179,7 +1180,7 @@ def run_tasks(task_names, options):
     results, failures = {}, {}
     for name in task_names:
         task = TASKS[name]
-        if not options.overwrite and is_complete(task, read_results(path) if path else {},
+        if not options.overwrite and is_complete(task, read_results(path),
                                                  options.submission_directory):
             print(f"{name}: already complete in {options.submission_directory}, skipped "
                   "(--overwrite redoes it)")
@@ -1218,7 +1219,7 @@ def main(argv):
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
         results, failures = run_tasks(task_names, options)
         path = results_path(options)
-        table = format_results(read_results(path) if path else results)
+        table = format_results(read_results(path) or results)
         if table:
             print(table)
         if options.fill_missing_from:
