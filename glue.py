@@ -17,9 +17,11 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import types
@@ -100,6 +102,20 @@ flags.DEFINE_string("checkpoint_dir", None,
 flags.DEFINE_integer("checkpoint_every_steps", 0,
                      "Also checkpoint every this many training steps (0: only at epoch ends).",
                      lower_bound=0)
+flags.DEFINE_enum("distribution_strategy", "auto",
+                  ["auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
+                  "How to spread training over devices: auto (mirrored when more than one GPU "
+                  "is visible, else one device), one_device, mirrored (every local GPU, or every "
+                  "CPU device when there is none), multi_worker_mirrored (several machines, "
+                  "cluster from the TF_CONFIG environment variable) or tpu (see --tpu). "
+                  "--batch_size is the global batch, split across replicas.")
+flags.DEFINE_string("tpu", None,
+                    "With --distribution_strategy=tpu: the TPU's name or grpc:// address "
+                    "(`local` on a TPU VM).")
+flags.DEFINE_integer("worker_timeout_seconds", 600,
+                     "multi_worker_mirrored and tpu: how long to wait for the other workers "
+                     "(or the TPU) to answer at start, and at most for any one exchange; a "
+                     "worker that dies is noticed within seconds.", lower_bound=1)
 flags.DEFINE_bool("overwrite", False,
                   "Redo tasks whose submission files and results are already complete.")
 flags.DEFINE_bool("make_submission_zip", False,
@@ -129,6 +145,11 @@ flags.register_validator("learning_rate", _valid_learning_rates,
 
 class GlueError(Exception):
     """Bad input that deserves one clear line, not a traceback."""
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 # ================================================================================================
@@ -427,10 +448,8 @@ def explain_preset_failure(preset, error):
     if backbone is not None and not is_text_backbone(backbone):
         return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
                 "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
-    lines = str(error).strip().splitlines()
-    reason = lines[0][:200] if lines else type(error).__name__
-    return (f"cannot load preset {preset!r} ({reason}); download it where you have network and "
-            "pass --preset=<local dir>")
+    return (f"cannot load preset {preset!r} ({first_line(error)}); download it where you have "
+            "network and pass --preset=<local dir>")
 
 
 def is_text_backbone(backbone):
@@ -474,6 +493,140 @@ def make_finetuning_model(pretrained_model, num_outputs):
     logits = keras.layers.Dense(num_outputs, dtype="float32")(hidden)
     return keras.Model(inputs=encoder.input, outputs=logits)
 ### Custom code block ends ###
+
+# ================================================================================================
+# Devices: one tf.distribute strategy for the whole run. The custom code blocks and the optimizer
+# run inside its scope; Keras splits each global batch across its replicas.
+# ================================================================================================
+
+TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}')
+
+
+def make_strategy(name, tpu=None, worker_timeout_seconds=600):
+    """The strategy `--distribution_strategy=name` asks for, on the devices this process sees."""
+    if name == "multi_worker_mirrored":  # first: it must set up TensorFlow's runtime itself
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        patch_keras_for_multi_worker()
+        return multi_worker_strategy(worker_timeout_seconds)
+    if name == "tpu":
+        return tpu_strategy(tpu, worker_timeout_seconds)
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
+            tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(local_devices[0])
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(local_devices)
+    raise GlueError(f"unknown distribution strategy {name!r}; use auto, one_device, mirrored, "
+                    "multi_worker_mirrored or tpu")
+
+
+def check_tf_config(text):
+    """Fails with one line unless `text` is a TF_CONFIG that names this worker in its cluster."""
+    fix = f"set TF_CONFIG on every worker, for example {TF_CONFIG_EXAMPLE}"
+    if not text:
+        raise GlueError(f"multi_worker_mirrored reads the cluster from TF_CONFIG, which is not "
+                        f"set; {fix}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise GlueError(f"TF_CONFIG is not valid JSON ({error}); {fix}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or any(
+            job not in ("chief", "worker") or not isinstance(addresses, list) or not addresses or
+            not all(isinstance(address, str) and ":" in address for address in addresses)
+            for job, addresses in cluster.items()):
+        raise GlueError("TF_CONFIG: `cluster` must map `worker` (and optionally `chief`) to "
+                        f"lists of host:port addresses; {fix}")
+    task = config.get("task")
+    if not isinstance(task, dict) or task.get("type") not in cluster or \
+            not isinstance(task.get("index"), int) or \
+            not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise GlueError(f"TF_CONFIG: `task` must name a job of the cluster and this worker's "
+                        f"index in it, got {task!r}; {fix}")
+
+
+def multi_worker_strategy(timeout_seconds):
+    # Later, a dead worker stops sending heartbeats and TensorFlow fails the others within
+    # seconds; a hung one trips the time limit on each exchange.
+    with watchdog(timeout_seconds, "the workers in TF_CONFIG did not all start within "
+                  f"--worker_timeout_seconds={timeout_seconds}; start glue.py on every worker"):
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=timeout_seconds))
+
+
+@contextlib.contextmanager
+def watchdog(seconds, message):
+    """Ends this process with `message` unless the block is done within `seconds`.
+
+    For TensorFlow's waits for other machines, which last forever by default, hold the GIL (so
+    no Python thread could step in) and ignore SIGTERM: a separate process kills this one."""
+    code = ("import os, select, signal, sys\n"
+            "if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:\n"
+            "    print('glue.py: error: ' + sys.argv[3], file=sys.stderr, flush=True)\n"
+            "    os.kill(int(sys.argv[1]), signal.SIGKILL)\n")
+    guard = subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(seconds),
+                              message], stdin=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        guard.stdin.close()  # the guard sees end-of-file and leaves quietly
+        guard.wait()
+
+
+def patch_keras_for_multi_worker():
+    """Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras
+    #20329, #20585): it averages the first batch with one `strategy.reduce` over the whole input
+    structure, and averages scalar logs along an axis they lack. These two replacements make the
+    same reductions one tensor at a time. Nothing changes for the other strategies."""
+    from keras.src.backend.tensorflow import trainer  # noqa: PLC0415
+    if getattr(trainer, "patched_for_multi_worker", False):
+        return
+    reduce_per_replica = trainer.reduce_per_replica
+
+    def first_replica(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return value.values[0]
+        return value
+
+    def mean_per_tensor(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or \
+                not trainer._collective_all_reduce_multi_worker(strategy):
+            return reduce_per_replica(values, strategy, reduction)
+        return tf.nest.map_structure(lambda value: strategy.reduce(
+            "MEAN", value, axis=0 if first_replica(value).shape.rank else None), values)
+
+    def build_from_first_replica(model, iterator=None, data_batch=None):
+        if model._distribute_strategy is None:
+            return
+        for _, _, batches in iterator or ():
+            data_batch = tf.nest.map_structure(first_replica, next(batches))
+            break
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    trainer.reduce_per_replica = mean_per_tensor
+    trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_first_replica
+    trainer.patched_for_multi_worker = True
+
+
+def tpu_strategy(tpu, timeout_seconds):
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
+                      f"within --worker_timeout_seconds={timeout_seconds}; check --tpu"):
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
+                        "pass --tpu=<TPU name or grpc://host:port>, or --tpu=local on a TPU "
+                        "VM") from None
+    return tf.distribute.TPUStrategy(resolver)
+
 
 # ================================================================================================
 # Model
@@ -612,6 +765,24 @@ def batch_by_length(tokenized, batch_size):
         bucket_batch_sizes=[batch_size] * len(lengths), no_padding=True).map(trim)
 
 
+def split_by_data(batches):
+    """Lets tf.distribute split every batch across replicas and workers (each worker reads the
+    whole, identically ordered stream), so all of them take the same number of steps.
+
+    Boolean tensors (KerasHub's padding masks) become int32: under a strategy, Keras averages
+    the first batch across replicas, which booleans cannot do."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.map(lambda *batch: tf.nest.map_structure(
+        lambda tensor: tf.cast(tensor, tf.int32) if tensor.dtype == tf.bool else tensor,
+        batch if len(batch) > 1 else batch[0])).with_options(options)
+
+
+def trained_steps(model):
+    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
+    return int(model.optimizer.iterations.numpy())
+
+
 class Preempted(BaseException):
     """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
 
@@ -625,10 +796,11 @@ class TrainingCheckpoints(keras.callbacks.Callback):
     exactly as an uninterrupted one would. One file per checkpoint, written atomically.
     """
 
-    def __init__(self, directory, every_steps=0):
+    def __init__(self, directory, every_steps=0, write=True):
         super().__init__()
         self.directory = directory
         self.every_steps = every_steps
+        self.write = write  # under multi-worker training only the chief writes; all read
         self.sigterm_received = False
 
     def paths(self):
@@ -649,10 +821,12 @@ class TrainingCheckpoints(keras.callbacks.Callback):
                             "delete it or pass another --checkpoint_dir")
         for variable, array in zip(state, arrays):
             variable.assign(array)
-        return int(model.optimizer.iterations)
+        return trained_steps(model)
 
     def save(self):
-        step = int(self.model.optimizer.iterations)
+        if not self.write:
+            return
+        step = trained_steps(self.model)
         path = os.path.join(self.directory, f"step-{step:09d}.npz")
         arrays = [np.asarray(variable) for variable in self.state(self.model)]
         write_atomically(path, lambda temporary: np.savez(temporary, *arrays))
@@ -661,7 +835,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
                 os.remove(older)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = trained_steps(self.model)
         if self.sigterm_received or (self.every_steps and step % self.every_steps == 0):
             self.save()
         if self.sigterm_received:
@@ -684,7 +858,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
 
 def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_rate,
           warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
-          jit_compile=False):
+          write_checkpoints=True, jit_compile=False):
     """Finetunes `model` in place and returns the number of training examples.
 
     With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
@@ -695,7 +869,8 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
     steps_per_epoch = count(batch_by_length(tokenized, batch_size))  # also fills the cache
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
                                             warmup_ratio, weight_decay), jit_compile)
-    checkpoints = checkpoint_dir and TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps)
+    checkpoints = checkpoint_dir and TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps,
+                                                         write_checkpoints)
     step = checkpoints.restore(model) if checkpoints else 0
     if step:
         logging.info("Resuming from step %d, checkpoint in %s", step, checkpoint_dir)
@@ -709,12 +884,13 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
                        .map(lambda inputs, label, idx: (inputs, label))
                        .skip(done)
                        .apply(tf.data.experimental.assert_cardinality(steps_per_epoch - done))
+                       .apply(split_by_data)
                        .prefetch(tf.data.AUTOTUNE))
             model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=2, shuffle=False,
                       callbacks=[checkpoints] if checkpoints else [])
             if checkpoints and checkpoints.sigterm_received:
                 raise Preempted(
-                    f"stopped by SIGTERM at step {int(model.optimizer.iterations)} of "
+                    f"stopped by SIGTERM at step {trained_steps(model)} of "
                     f"{epochs * steps_per_epoch}; the checkpoint is in {checkpoint_dir}: run the "
                     "same command again to resume")
     return num_examples
@@ -731,6 +907,7 @@ def predict(model, examples, task, preprocess_fn, batch_size):
     labels, idx = (np.concatenate(column) for column in zip(*labels_and_idx))
     logits = model.predict(batches.map(lambda inputs, label, idx: inputs)
                            .apply(tf.data.experimental.assert_cardinality(len(labels_and_idx)))
+                           .apply(split_by_data)
                            .prefetch(tf.data.AUTOTUNE), verbose=0)
     if task.is_regression:
         predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
@@ -1099,8 +1276,10 @@ def load_task_data(task, options):
     return train_examples, eval_examples, test_examples
 
 
-def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
-    """One finetuning run; returns its results entry, submission tables and model."""
+def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, strategy):
+    """One finetuning run; returns its results entry, submission tables and model.
+
+    Run inside `strategy.scope()`, so the model, optimizer and metrics live on its replicas."""
     keras.utils.set_random_seed(options.seed)
     train_examples, eval_examples, test_examples = data
     entry = {}
@@ -1117,6 +1296,7 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
             warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
             seed=options.seed, checkpoint_dir=checkpoint_dir(options, task, learning_rate),
             checkpoint_every_steps=options.checkpoint_every_steps,
+            write_checkpoints=strategy.extended.should_checkpoint,
             jit_compile=options.jit_compile)
     entry["train_seconds"] = round(time.perf_counter() - start, 2)
 
@@ -1133,21 +1313,27 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
     return entry, tables, model
 
 
-def run_task(task, options, several_tasks=False):
-    """Finetunes once per learning rate, keeps the best on the dev set, writes its files."""
+def run_task(task, options, strategy, several_tasks=False):
+    """Finetunes once per learning rate, keeps the best on the dev set, writes its files.
+
+    Under multi-worker training every worker runs this; only the chief writes."""
     data = load_task_data(task, options)
-    preprocess_fn = make_preprocess_fn()
     best, sweep = None, {}
     for learning_rate in map(float, options.learning_rate):
-        entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
-                                                    learning_rate)
+        with strategy.scope():  # the custom code blocks too: they may create variables
+            preprocess_fn = make_preprocess_fn()
+            entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
+                                                        learning_rate, strategy)
         sweep[f"{learning_rate:g}"] = dev_metrics(entry)
         if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
             best = entry, tables, model
     entry, tables, model = best
     entry["flags"] = vars(options)
+    entry["replicas"] = strategy.num_replicas_in_sync
     if len(sweep) > 1:
         entry["learning_rate_sweep"] = sweep
+    if not strategy.extended.should_checkpoint:
+        return entry
     save_path = model_save_path(options, task, several_tasks)
     if save_path and not options.finetuning_model_load_path:
         write_atomically(save_path, model.save)
@@ -1174,8 +1360,10 @@ def is_complete(task, results, submission_directory):
         for output in task.outputs)
 
 
-def run_tasks(task_names, options):
-    """Runs each task, going on past failures. Returns (this run's results, failures)."""
+def run_tasks(task_names, options, strategy):
+    """Runs each task, going on past failures. Returns (this run's results, failures).
+
+    A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
     path = results_path(options)
     results, failures = {}, {}
     for name in task_names:
@@ -1186,7 +1374,13 @@ def run_tasks(task_names, options):
                   "(--overwrite redoes it)")
             continue
         try:
-            results[name] = run_task(task, options, several_tasks=len(task_names) > 1)
+            results[name] = run_task(task, options, strategy, several_tasks=len(task_names) > 1)
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+            resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
+            worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
+            raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
+                            f"({type(error).__name__}); start glue.py again on every worker "
+                            f"with the same command{resume}") from None
         except GlueError as error:
             failures[name] = str(error)
         except Exception as error:  # a crash in one task must not lose the others' results
@@ -1194,9 +1388,21 @@ def run_tasks(task_names, options):
             failures[name] = f"{type(error).__name__}: {error}"
         if name in failures and len(task_names) > 1:
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-        elif name not in failures and path:
+        elif name not in failures and path and strategy.extended.should_checkpoint:
             merge_results(path, name, results[name])
     return results, failures
+
+
+def report_and_package(options, results):
+    """Prints the results table, then fills and zips the submission if asked to."""
+    table = format_results(read_results(results_path(options)) or results)
+    if table:
+        print(table)
+    if options.fill_missing_from:
+        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
+        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
+    if options.make_submission_zip:
+        print(f"Wrote {make_submission_zip(options.submission_directory)}")
 
 
 def main(argv):
@@ -1217,16 +1423,16 @@ def main(argv):
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
-        results, failures = run_tasks(task_names, options)
-        path = results_path(options)
-        table = format_results(read_results(path) or results)
-        if table:
-            print(table)
-        if options.fill_missing_from:
-            copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
-            print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
-        if options.make_submission_zip:
-            print(f"Wrote {make_submission_zip(options.submission_directory)}")
+        strategy = tf.distribute.get_strategy()
+        if task_names:
+            strategy = make_strategy(options.distribution_strategy, options.tpu,
+                                     options.worker_timeout_seconds)
+            logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
+                         options.distribution_strategy, type(strategy).__name__,
+                         strategy.num_replicas_in_sync)
+        results, failures = run_tasks(task_names, options, strategy)
+        if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
+            report_and_package(options, results)
         if len(task_names) == 1 and failures:
             raise GlueError(failures[task_names[0]])
         if failures:

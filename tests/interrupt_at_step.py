@@ -17,7 +17,7 @@ record_step = glue.TrainingCheckpoints.on_train_batch_end
 
 
 def on_train_batch_end(self, batch, logs=None):
-    if int(self.model.optimizer.iterations) == int(step):
+    if glue.trained_steps(self.model) == int(step):
         os.kill(os.getpid(), getattr(signal, signal_name))
     record_step(self, batch, logs)
 

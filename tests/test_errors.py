@@ -45,6 +45,8 @@ def replace_line(path, number, text):
     (["--epochs=0"], "--epochs=0"),
     (["--max_sequence_length=-5"], "--max_sequence_length=-5"),
     (["--data_dir=/no/such/folder"], "--data_dir=/no/such/folder: no such folder"),
+    (["--distribution_strategy=horovod"], "value should be one of <auto|one_device|mirrored|"),
+    (["--worker_timeout_seconds=0"], "--worker_timeout_seconds=0"),
 ])
 def test_bad_flags_exit_with_one_clear_line(args, expected):
     result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), *args],

@@ -274,7 +274,7 @@ def test_sweep_keeps_the_best_learning_rate(glue_data, tiny_preset, tmp_path, ru
                                             monkeypatch):
     dev_accuracy = {2e-5: 0.6, 3e-5: 0.8, 5e-5: 0.7}
 
-    def finetune_and_predict(task, options, data, preprocess_fn, learning_rate):
+    def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, strategy):
         table = pd.DataFrame({"index": [0], "prediction": [f"{learning_rate:g}"]})
         entry = {"learning_rate": learning_rate,
                  "validation": {"accuracy": dev_accuracy[learning_rate]}}
