@@ -714,8 +714,10 @@ def compile_for(model, task, optimizer, jit_compile=False):
 # ================================================================================================
 
 
-# Batches are trimmed to one of a few lengths, so each compiled graph serves many batches.
-BUCKET_LENGTHS = (16, 32, 64, 128, 256, 512)
+# Batches hold examples of similar length, trimmed to a multiple of 8 tokens: within 7 of their
+# longest example. Keras traces a shape-generic graph once it has seen two lengths, so many
+# lengths cost no more tracing than few (with --jit_compile, XLA compiles each length once).
+BUCKET_LENGTHS = tuple(range(8, 513, 8))
 
 
 def tokenize(examples, task, preprocess_fn):
@@ -812,7 +814,6 @@ class TrainingCheckpoints(keras.callbacks.Callback):
     def restore(self, model):
         if not self.paths():
             return 0
-        model.optimizer.build(model.trainable_variables)
         with np.load(self.paths()[-1]) as saved:
             arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
         state = self.state(model)
@@ -869,6 +870,8 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
     steps_per_epoch = count(batch_by_length(tokenized, batch_size))  # also fills the cache
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
                                             warmup_ratio, weight_decay), jit_compile)
+    # Made now, the optimizer's variables spare `fit` a second trace of the training step.
+    model.optimizer.build(model.trainable_variables)
     checkpoints = checkpoint_dir and TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps,
                                                          write_checkpoints)
     step = checkpoints.restore(model) if checkpoints else 0
@@ -1287,8 +1290,11 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, stra
     if options.finetuning_model_load_path:
         model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
         model.jit_compile = options.jit_compile
+        entry["load_seconds"] = seconds_since(start)
     else:
         model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+        entry["load_seconds"] = seconds_since(start)
+        start = time.perf_counter()
         entry["learning_rate"] = learning_rate
         entry["train_examples"] = train(
             model, train_examples, task, preprocess_fn, batch_size=options.batch_size,
@@ -1298,7 +1304,7 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, stra
             checkpoint_every_steps=options.checkpoint_every_steps,
             write_checkpoints=strategy.extended.should_checkpoint,
             jit_compile=options.jit_compile)
-    entry["train_seconds"] = round(time.perf_counter() - start, 2)
+        entry["train_seconds"] = seconds_since(start)
 
     start = time.perf_counter()
     for split, examples in eval_examples.items():
@@ -1309,8 +1315,12 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, stra
     for file, examples in test_examples.items():
         idx, _, predictions = predict(model, examples, task, preprocess_fn, options.batch_size)
         tables[file] = submission_table(task, idx, predictions)
-    entry["predict_seconds"] = round(time.perf_counter() - start, 2)
+    entry["predict_seconds"] = seconds_since(start)
     return entry, tables, model
+
+
+def seconds_since(start):
+    return round(time.perf_counter() - start, 2)
 
 
 def run_task(task, options, strategy, several_tasks=False):
@@ -1321,7 +1331,7 @@ def run_task(task, options, strategy, several_tasks=False):
     best, sweep = None, {}
     for learning_rate in map(float, options.learning_rate):
         with strategy.scope():  # the custom code blocks too: they may create variables
-            preprocess_fn = make_preprocess_fn()
+            preprocess_fn = tf.function(make_preprocess_fn())  # one trace serves every split
             entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
                                                         learning_rate, strategy)
         sweep[f"{learning_rate:g}"] = dev_metrics(entry)

@@ -271,6 +271,7 @@ def main():
     summary = {name: medians(results) for name, results in runs.items() if results}
     report = markdown(summary, settings)
     print(report)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as file:
         file.write(report)
     with open(os.path.join(args.out, "results.json"), "w") as file:
