@@ -1339,7 +1339,8 @@ def run_task(task, options, strategy, several_tasks=False):
             best = entry, tables, model
     entry, tables, model = best
     entry["flags"] = vars(options)
-    entry["replicas"] = strategy.num_replicas_in_sync
+    # From the model, not the strategy: a model built outside the scope would train on one device.
+    entry["replicas"] = model.distribute_strategy.num_replicas_in_sync
     if len(sweep) > 1:
         entry["learning_rate_sweep"] = sweep
     if not strategy.extended.should_checkpoint:

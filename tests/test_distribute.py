@@ -55,9 +55,13 @@ def predictions(out):
     return pd.read_csv(os.path.join(out, "SST-2.tsv"), sep="\t")
 
 
-def dev_accuracy(out):
+def results(out):
     with open(os.path.join(out, "glue_results.json"), encoding="utf-8") as file:
-        return json.load(file)["sst2"]["validation"]["accuracy"]
+        return json.load(file)["sst2"]
+
+
+def dev_accuracy(out):
+    return results(out)["validation"]["accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +75,7 @@ def one_device(tiny_preset, learnable_data, tmp_path_factory):
 
 
 def assert_same_as_one_device(out, one_device):
+    assert results(out)["replicas"] == 2  # the model itself was trained on two replicas
     distributed, single = predictions(out), predictions(one_device)
     assert list(distributed["index"]) == list(range(33))
     # Each replica draws its own dropout masks, so training differs a little, no more.
@@ -89,6 +94,20 @@ def test_mirrored_over_two_devices_matches_one_device(one_device, tiny_preset, l
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gives MirroredStrategy with 2 replica(s)" in result.stderr
     assert_same_as_one_device(out, one_device)
+
+
+def test_the_own_classifier_block_runs_unchanged_under_mirrored(tiny_preset, learnable_data,
+                                                                  tmp_path):
+    # Custom block 3 makes new layers (variables): they must land on both replicas.
+    out = str(tmp_path / "mirrored")
+    result = subprocess.run(
+        glue_command("tests/with_cpu_devices.py", tiny_preset, learnable_data, out,
+                     "--distribution_strategy=mirrored", "--use_default_classifier=false",
+                     "--epochs=1"),
+        capture_output=True, text=True, timeout=TIMEOUT, env=dict(os.environ, GLUE_TEST_CPUS="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results(out)["replicas"] == 2
+    assert list(predictions(out)["index"]) == list(range(33))
 
 
 def free_ports(count):
