@@ -4,6 +4,7 @@ import io
 import json
 import os
 import shutil
+import types
 import zipfile
 
 import pandas as pd
@@ -278,7 +279,8 @@ def test_sweep_keeps_the_best_learning_rate(glue_data, tiny_preset, tmp_path, ru
         table = pd.DataFrame({"index": [0], "prediction": [f"{learning_rate:g}"]})
         entry = {"learning_rate": learning_rate,
                  "validation": {"accuracy": dev_accuracy[learning_rate]}}
-        return entry, {"RTE.tsv": table}, None
+        model = types.SimpleNamespace(distribute_strategy=strategy)  # all run_task asks of it
+        return entry, {"RTE.tsv": table}, model
 
     monkeypatch.setattr(glue, "finetune_and_predict", finetune_and_predict)
     run_glue("--task_name=rte", "--learning_rate=2e-5,3e-5,5e-5", f"--preset={tiny_preset}",
