@@ -1329,14 +1329,14 @@ def run_task(task, options, strategy, several_tasks=False):
     Under multi-worker training every worker runs this; only the chief writes."""
     data = load_task_data(task, options)
     best, sweep = None, {}
-    for learning_rate in map(float, options.learning_rate):
-        with strategy.scope():  # the custom code blocks too: they may create variables
-            preprocess_fn = tf.function(make_preprocess_fn())  # one trace serves every split
+    with strategy.scope():  # the custom code blocks too: they may create variables
+        preprocess_fn = tf.function(make_preprocess_fn())  # one trace serves every split and run
+        for learning_rate in map(float, options.learning_rate):
             entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
                                                         learning_rate, strategy)
-        sweep[f"{learning_rate:g}"] = dev_metrics(entry)
-        if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
-            best = entry, tables, model
+            sweep[f"{learning_rate:g}"] = dev_metrics(entry)
+            if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
+                best = entry, tables, model
     entry, tables, model = best
     entry["flags"] = vars(options)
     # From the model, not the strategy: a model built outside the scope would train on one device.
