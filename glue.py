@@ -715,56 +715,78 @@ def compile_for(model, task, optimizer, jit_compile=False):
 
 
 # Batches hold examples of similar length, trimmed to a multiple of 8 tokens: within 7 of their
-# longest example. Keras traces a shape-generic graph once it has seen two lengths, so many
-# lengths cost no more tracing than few (with --jit_compile, XLA compiles each length once).
+# longest example. The training and prediction steps are traced once for inputs of any length,
+# so many lengths cost no more tracing than few (with --jit_compile, XLA compiles each length).
 BUCKET_LENGTHS = tuple(range(8, 513, 8))
 
 
 def tokenize(examples, task, preprocess_fn):
-    """Tokenizes a split once, in large batches, and keeps it in memory.
+    """Tokenizes a split once and keeps it in memory, as `(inputs, labels, idx)`: tensors (or
+    dicts of them) with one row per example.
 
-    Yields unbatched `(inputs, label, idx)`.
+    `preprocess_fn` (a `tf.function`) runs eagerly on 1024-row batches, traced once for batches
+    of any size. Inside a `tf.data` map, every new pipeline would set the tokenizer up again
+    (about 0.3 s each); this way one setup serves every split of the task.
     """
-    def split(example):
-        features, label = features_and_label(task)(example)
-        return features, label, example["idx"]
-
-    def preprocess(features, label, idx):
-        inputs, label = preprocess_fn(features, label)
-        return inputs, label, idx
-
-    return (examples.map(split)
-            .batch(1024)
-            .map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-            .unbatch()
-            .cache())
+    batches = examples.batch(1024).map(
+        lambda example: (*features_and_label(task)(example), example["idx"]))
+    preprocess_fn.get_concrete_function(*batches.element_spec[:2])
+    parts = [(*preprocess_fn(features, label), idx) for features, label, idx in batches]
+    return tf.nest.map_structure(lambda *pieces: tf.concat(pieces, axis=0), *parts)
 
 
-def batch_by_length(tokenized, batch_size):
-    """Batches examples of similar length together and trims each batch to its bucket length.
-
-    Most GLUE inputs are far shorter than the padded length, so this saves most of the arithmetic.
-    The model sees the same real tokens; only padding is dropped. Inputs without a
-    `padding_mask`, or of unknown length, are batched as they are.
-    """
-    inputs_spec = tokenized.element_spec[0]
+def bucket_lengths(inputs_spec):
+    """The lengths batches are trimmed to, or None for inputs that cannot be trimmed: those
+    without a `padding_mask`, or of unknown length."""
     if not isinstance(inputs_spec, dict) or "padding_mask" not in inputs_spec or \
             inputs_spec["padding_mask"].shape[-1] is None:
-        return tokenized.batch(batch_size)
+        return None
     padded_length = inputs_spec["padding_mask"].shape[-1]
-    lengths = [length for length in BUCKET_LENGTHS if length < padded_length] + [padded_length]
+    return [length for length in BUCKET_LENGTHS if length < padded_length] + [padded_length]
 
-    def real_length(inputs, *rest):
-        return tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=-1)
 
+def real_lengths(inputs, *rest):
+    return tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=-1)
+
+
+def trimmed(lengths):
+    """Returns a batch map that cuts the padding beyond the bucket above the longest example."""
     def trim(inputs, *rest):
-        bucket = tf.gather(lengths, tf.searchsorted(lengths, [tf.reduce_max(real_length(inputs))]))
-        return ({name: value[:, :bucket[0]] if len(value.shape) == 2 else value
-                 for name, value in inputs.items()}, *rest)
+        bucket = tf.gather(lengths, tf.searchsorted(lengths, [tf.reduce_max(real_lengths(inputs))]))
+        trimmed_inputs = {name: value[:, :bucket[0]] if len(value.shape) == 2 else value
+                          for name, value in inputs.items()}
+        return (trimmed_inputs, *rest) if rest else trimmed_inputs
+    return trim
 
-    return tokenized.bucket_by_sequence_length(
-        real_length, bucket_boundaries=[length + 1 for length in lengths[:-1]],
-        bucket_batch_sizes=[batch_size] * len(lengths), no_padding=True).map(trim)
+
+def batch_by_length(rows, batch_size):
+    """Batches training rows of similar length together, each batch trimmed to its bucket.
+
+    Most GLUE inputs are far shorter than the padded length, so this saves most of the arithmetic.
+    The model sees the same real tokens; only padding is dropped. Rows that cannot be trimmed are
+    batched as they are.
+    """
+    lengths = bucket_lengths(rows.element_spec[0])
+    if lengths is None:
+        return rows.batch(batch_size)
+    return rows.bucket_by_sequence_length(
+        real_lengths, bucket_boundaries=[length + 1 for length in lengths[:-1]],
+        bucket_batch_sizes=[batch_size] * len(lengths), no_padding=True).map(trimmed(lengths))
+
+
+def shortest_first(inputs):
+    """The row order that sorts `inputs` by length (stable), or None if they cannot be trimmed."""
+    spec = tf.nest.map_structure(tf.TensorSpec.from_tensor, inputs)
+    if bucket_lengths(spec) is None:
+        return None
+    return np.argsort(real_lengths(inputs).numpy(), kind="stable")
+
+
+def prediction_batches(inputs, batch_size):
+    """Batches of `inputs` in order, each trimmed to its bucket (sort the rows first)."""
+    batches = tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size)
+    lengths = bucket_lengths(batches.element_spec)
+    return batches.map(trimmed(lengths)) if lengths else batches
 
 
 def split_by_data(batches):
@@ -857,17 +879,18 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             signal.signal(signal.SIGTERM, previous)
 
 
-def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_rate,
-          warmup_ratio, weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
+def train(model, tokenized, task, *, batch_size, epochs, learning_rate, warmup_ratio,
+          weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
           write_checkpoints=True, jit_compile=False):
-    """Finetunes `model` in place and returns the number of training examples.
+    """Finetunes `model` in place on a tokenized split; returns the number of training examples.
 
     With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
     preemption sends) stops it at the next step boundary, after a checkpoint.
     """
-    num_examples = count(examples)
-    tokenized = tokenize(examples, task, preprocess_fn)
-    steps_per_epoch = count(batch_by_length(tokenized, batch_size))  # also fills the cache
+    inputs, labels, _ = tokenized
+    num_examples = len(labels)
+    rows = tf.data.Dataset.from_tensor_slices((inputs, labels))
+    steps_per_epoch = count(batch_by_length(rows, batch_size))
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
                                             warmup_ratio, weight_decay), jit_compile)
     # Made now, the optimizer's variables spare `fit` a second trace of the training step.
@@ -882,9 +905,7 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
             # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
             # batches as an uninterrupted one; it skips those it has already trained on.
             done = max(step - epoch * steps_per_epoch, 0)
-            batches = (batch_by_length(tokenized.shuffle(num_examples, seed=seed + epoch),
-                                       batch_size)
-                       .map(lambda inputs, label, idx: (inputs, label))
+            batches = (batch_by_length(rows.shuffle(num_examples, seed=seed + epoch), batch_size)
                        .skip(done)
                        .apply(tf.data.experimental.assert_cardinality(steps_per_epoch - done))
                        .apply(split_by_data)
@@ -899,24 +920,37 @@ def train(model, examples, task, preprocess_fn, *, batch_size, epochs, learning_
     return num_examples
 
 
-def predict(model, examples, task, preprocess_fn, batch_size):
-    """Returns `(idx, labels, predictions)` for a split, in batch-by-length order.
+def predict(model, tokenized, task, batch_size):
+    """Returns `(idx, labels, predictions)` for a tokenized split, shortest examples first.
 
     Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
     """
-    batches = batch_by_length(tokenize(examples, task, preprocess_fn), batch_size)
-    # Two passes over the same cached, deterministic stream: the rows stay aligned.
-    labels_and_idx = list(batches.map(lambda inputs, label, idx: (label, idx)).as_numpy_iterator())
-    labels, idx = (np.concatenate(column) for column in zip(*labels_and_idx))
-    logits = model.predict(batches.map(lambda inputs, label, idx: inputs)
-                           .apply(tf.data.experimental.assert_cardinality(len(labels_and_idx)))
-                           .apply(split_by_data)
-                           .prefetch(tf.data.AUTOTUNE), verbose=0)
+    inputs, labels, idx = tokenized
+    order = shortest_first(inputs)
+    if order is not None:  # batches of near-equal lengths waste the least on padding
+        inputs, labels, idx = tf.nest.map_structure(lambda rows: tf.gather(rows, order),
+                                                    (inputs, labels, idx))
+    batches = (prediction_batches(inputs, batch_size)
+               .apply(split_by_data)
+               .prefetch(tf.data.AUTOTUNE))
+    trace_for_every_length(model, batches)
+    logits = model.predict(batches, verbose=0)
     if task.is_regression:
         predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
     else:
         predictions = logits.argmax(axis=-1)
-    return idx, labels, predictions
+    return np.asarray(idx), np.asarray(labels), predictions
+
+
+def trace_for_every_length(model, batches):
+    """Traces Keras' prediction step once, for batches of every size and length.
+
+    Left to itself, Keras traces it for the first batch's exact shape, again for the second
+    batch's, and once more when the batch size changes (the last batch), before its graph fits
+    every shape: a second or so per split."""
+    model.make_predict_function()
+    spec = model.distribute_strategy.experimental_distribute_dataset(batches).element_spec
+    model.predict_function.get_concrete_function([spec])
 
 
 def compute_metrics(task, labels, predictions):
@@ -1279,12 +1313,23 @@ def load_task_data(task, options):
     return train_examples, eval_examples, test_examples
 
 
-def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, strategy):
+def tokenize_task_data(data, task, preprocess_fn):
+    """Tokenizes every split `load_task_data` read, keeping its structure."""
+    train_examples, eval_examples, test_examples = data
+
+    def tokenize_each(splits):
+        return {name: tokenize(examples, task, preprocess_fn) for name, examples in splits.items()}
+
+    train_rows = None if train_examples is None else tokenize(train_examples, task, preprocess_fn)
+    return train_rows, tokenize_each(eval_examples), tokenize_each(test_examples)
+
+
+def finetune_and_predict(task, options, tokenized, learning_rate, strategy):
     """One finetuning run; returns its results entry, submission tables and model.
 
     Run inside `strategy.scope()`, so the model, optimizer and metrics live on its replicas."""
     keras.utils.set_random_seed(options.seed)
-    train_examples, eval_examples, test_examples = data
+    train_rows, eval_rows, test_rows = tokenized
     entry = {}
     start = time.perf_counter()
     if options.finetuning_model_load_path:
@@ -1297,7 +1342,7 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, stra
         start = time.perf_counter()
         entry["learning_rate"] = learning_rate
         entry["train_examples"] = train(
-            model, train_examples, task, preprocess_fn, batch_size=options.batch_size,
+            model, train_rows, task, batch_size=options.batch_size,
             epochs=options.epochs, learning_rate=learning_rate,
             warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
             seed=options.seed, checkpoint_dir=checkpoint_dir(options, task, learning_rate),
@@ -1307,13 +1352,13 @@ def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, stra
         entry["train_seconds"] = seconds_since(start)
 
     start = time.perf_counter()
-    for split, examples in eval_examples.items():
-        _, labels, predictions = predict(model, examples, task, preprocess_fn, options.batch_size)
+    for split, rows in eval_rows.items():
+        _, labels, predictions = predict(model, rows, task, options.batch_size)
         entry[split] = compute_metrics(task, labels, predictions)
     # Compute every table before writing any, so a failure never leaves a partial submission.
     tables = {}
-    for file, examples in test_examples.items():
-        idx, _, predictions = predict(model, examples, task, preprocess_fn, options.batch_size)
+    for file, rows in test_rows.items():
+        idx, _, predictions = predict(model, rows, task, options.batch_size)
         tables[file] = submission_table(task, idx, predictions)
     entry["predict_seconds"] = seconds_since(start)
     return entry, tables, model
@@ -1330,14 +1375,18 @@ def run_task(task, options, strategy, several_tasks=False):
     data = load_task_data(task, options)
     best, sweep = None, {}
     with strategy.scope():  # the custom code blocks too: they may create variables
-        preprocess_fn = tf.function(make_preprocess_fn())  # one trace serves every split and run
+        start = time.perf_counter()
+        # Every split is tokenized once, before any training, for every learning rate.
+        tokenized = tokenize_task_data(data, task, tf.function(make_preprocess_fn()))
+        tokenize_seconds = seconds_since(start)
         for learning_rate in map(float, options.learning_rate):
-            entry, tables, model = finetune_and_predict(task, options, data, preprocess_fn,
-                                                        learning_rate, strategy)
+            entry, tables, model = finetune_and_predict(task, options, tokenized, learning_rate,
+                                                        strategy)
             sweep[f"{learning_rate:g}"] = dev_metrics(entry)
             if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
                 best = entry, tables, model
     entry, tables, model = best
+    entry["tokenize_seconds"] = tokenize_seconds
     entry["flags"] = vars(options)
     # From the model, not the strategy: a model built outside the scope would train on one device.
     entry["replicas"] = model.distribute_strategy.num_replicas_in_sync

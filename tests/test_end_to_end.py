@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 import glue
 
@@ -87,6 +88,11 @@ class FixedLogits:
     def __init__(self, logits):
         self.logits = logits
 
+    distribute_strategy = tf.distribute.get_strategy()
+
+    def make_predict_function(self):
+        self.predict_function = tf.function(lambda data: data)
+
     def predict(self, inputs, verbose=0):
         return self.logits
 
@@ -96,8 +102,8 @@ def test_stsb_predictions_are_clipped_to_the_label_range(glue_data):
     task = glue.TASKS["stsb"]
     examples = glue.read_local_split(data_dir, "stsb", "test")
     scores = np.array([[-1.5], [0.25], [7.0], [5.0004], [2.0], [3.0], [4.0], [6.0]], "float32")
-    idx, _, predictions = glue.predict(FixedLogits(scores), examples, task,
-                                       lambda feature, label: (feature, label), batch_size=4)
+    tokenized = glue.tokenize(examples, task, tf.function(lambda feature, label: (feature, label)))
+    idx, _, predictions = glue.predict(FixedLogits(scores), tokenized, task, batch_size=4)
     assert predictions.tolist() == pytest.approx([0.0, 0.25, 5.0, 5.0, 2.0, 3.0, 4.0, 5.0])
     table = glue.submission_table(task, idx, predictions)
     assert table["index"].tolist() == sorted(idx.tolist())

@@ -275,7 +275,10 @@ def test_sweep_keeps_the_best_learning_rate(glue_data, tiny_preset, tmp_path, ru
                                             monkeypatch):
     dev_accuracy = {2e-5: 0.6, 3e-5: 0.8, 5e-5: 0.7}
 
-    def finetune_and_predict(task, options, data, preprocess_fn, learning_rate, strategy):
+    seen_data = []
+
+    def finetune_and_predict(task, options, tokenized, learning_rate, strategy):
+        seen_data.append(tokenized)
         table = pd.DataFrame({"index": [0], "prediction": [f"{learning_rate:g}"]})
         entry = {"learning_rate": learning_rate,
                  "validation": {"accuracy": dev_accuracy[learning_rate]}}
@@ -292,6 +295,7 @@ def test_sweep_keeps_the_best_learning_rate(glue_data, tiny_preset, tmp_path, ru
         "2e-05": {"validation": {"accuracy": 0.6}}, "3e-05": {"validation": {"accuracy": 0.8}},
         "5e-05": {"validation": {"accuracy": 0.7}}}
     assert (tmp_path / "RTE.tsv").read_text() == "index\tprediction\n0\t3e-05\n"
+    assert len(seen_data) == 3 and all(data is seen_data[0] for data in seen_data)  # tokenized once
 
 
 def test_sweep_end_to_end_records_every_value(glue_data, tiny_preset, tmp_path, run_glue):
