@@ -109,3 +109,11 @@ def test_mixed_precision_keeps_float32_logits_and_jit_compile_runs(glue_data, ti
     model = keras.models.load_model(model_path, compile=False)
     assert model.get_layer("logits").dtype_policy.compute_dtype == "float32"
     assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in model.layers)
+
+
+def test_the_prediction_step_is_traced_once_for_every_shape(mrpc_tokenized, tiny_preset):
+    backbone = keras_hub.models.Backbone.from_preset(tiny_preset)
+    model = glue.GlueClassifier(glue.sentence_encoder(backbone, "pooled"), num_classes=2)
+    glue.predict(model, mrpc_tokenized, glue.TASKS["mrpc"], batch_size=3)  # widths vary, last is 1
+    glue.predict(model, mrpc_tokenized, glue.TASKS["mrpc"], batch_size=5)
+    assert model.predict_function.experimental_get_tracing_count() == 1
