@@ -64,7 +64,7 @@ def accuracy_and_f1(labels, predictions):
 # ------------------------------------------------------------------------------------------------
 
 def run_reference(args):
-    """The KerasNLP example flow: fixed padding, re-tokenizing every epoch, pooled head, Adam.
+    """The KerasNLP example flow: fixed padding, re-tokenizing every epoch, pooled head.
 
     Its optimizer is glue.py's (AdamW, 10% warmup, linear decay to 0, weight decay 0.01), so
     that the two are trained with the same hyperparameters and differ only in how data flows."""
@@ -246,12 +246,21 @@ def markdown(summary, settings):
     return "\n".join(lines) + "\n"
 
 
+def row_counts(text):
+    """`--rows=TRAIN,DEV,TEST`: three positive whole numbers."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive row counts, "
+                                         "e.g. 640,408,400")
+    return tuple(map(int, parts))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="160 training rows, 100 dev, 100 test, 1 epoch, 1 round")
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--rows", help="TRAIN,DEV,TEST rows of MRPC to use (default 640,408,400;"
+    parser.add_argument("--rows", type=row_counts, help="TRAIN,DEV,TEST rows of MRPC to use (default 640,408,400;"
                         " more rows than a file has means all of it)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--glue_data", default=os.path.join(REPO, "..", "shared", "glue_data"))
@@ -275,7 +284,7 @@ def main():
     args.train_rows, args.dev_rows, args.test_rows = (160, 100, 100) if args.quick else \
         (640, 408, 400)
     if args.rows:
-        args.train_rows, args.dev_rows, args.test_rows = map(int, args.rows.split(","))
+        args.train_rows, args.dev_rows, args.test_rows = args.rows
     rounds = args.rounds or (1 if args.quick else 3)
     contenders = args.contenders.split(",")
     scratch = tempfile.TemporaryDirectory()
