@@ -9,11 +9,14 @@ places meant to be edited sit between `### Custom code block starts ###` and
 `### Custom code block ends ###`.
 """
 
+import collections
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -23,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import urllib.parse
@@ -31,6 +35,8 @@ import warnings
 import zipfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow's informational start-up lines are noise here; its warnings and errors stay.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging  # noqa: E402
 import keras  # noqa: E402
@@ -308,7 +314,11 @@ METRICS = {
 
 
 def read_local_split(data_dir, dataset, split):
-    """Reads one split of a GLUE dataset from the standard `glue_data/` layout."""
+    """Reads one split of a GLUE dataset from the standard `glue_data/` layout.
+
+    Labels and indices are read and checked at once, so a bad line fails before any work; the
+    text columns (and only those: MNLI's parse trees are never read) stream in chunks while
+    the split is tokenized, so no whole split of raw text is ever held in memory."""
     task = TASKS[dataset]
     files = dict(task.local.files)
     if split not in files:
@@ -319,17 +329,19 @@ def read_local_split(data_dir, dataset, split):
                         "point --data_dir at a folder in the standard glue_data/ layout")
     is_test = split.startswith("test")
     headerless_columns = () if is_test else task.local.headerless_columns
-    table = read_tsv(path, headerless_columns)
-    first_line = 1 if headerless_columns else 2
     key_column = task.local.index_column if is_test else task.local.label_column
+    check_field_counts(path, len(headerless_columns) or None)
+    columns = read_tsv(path, headerless_columns, nrows=0).columns
     for column in task.local.columns + (key_column,):
-        if column not in table.columns:
+        if column not in columns:
             raise GlueError(f"{path}: malformed TSV: no column {column!r} "
-                            f"(columns: {', '.join(map(str, table.columns))})")
+                            f"(columns: {', '.join(map(str, columns))})")
+    key_texts = read_tsv(path, headerless_columns, usecols=[key_column])[key_column]
+    first_line = 1 if headerless_columns else 2
 
     def parse(convert, what):
         values = []
-        for line, text in enumerate(table[key_column], start=first_line):
+        for line, text in enumerate(key_texts, start=first_line):
             try:
                 values.append(convert(text))
             except ValueError:
@@ -337,25 +349,41 @@ def read_local_split(data_dir, dataset, split):
         return values
 
     if is_test:  # the leaderboard keys rows by the file's index column
-        idx, labels = parse(int, "bad index"), [-1] * len(table)
+        idx, labels = parse(int, "bad index"), [-1] * len(key_texts)
     else:  # tfds numbers train and dev rows in file order
-        idx, labels = range(len(table)), parse(lambda text: parse_label(task, text), "bad label")
-    columns = {feature: table[column].to_numpy(dtype=object)
-               for feature, column in zip(task.text_features, task.local.columns)}
-    columns["label"] = np.array(labels, np.float32 if task.is_regression else np.int64)
-    columns["idx"] = np.array(idx, np.int32)
-    return tf.data.Dataset.from_tensor_slices(columns)
+        idx, labels = range(len(key_texts)), parse(lambda text: parse_label(task, text), "bad label")
+    keys = {"label": np.array(labels, np.float32 if task.is_regression else np.int64),
+            "idx": np.array(idx, np.int32)}
+
+    def chunks():
+        start = 0
+        for chunk in read_tsv(path, headerless_columns, usecols=list(task.local.columns),
+                              chunksize=TEXT_CHUNK_ROWS):
+            rows = slice(start, start + len(chunk))
+            start += len(chunk)
+            yield {**{feature: chunk[column].to_numpy(dtype=object)
+                      for feature, column in zip(task.text_features, task.local.columns)},
+                   **{name: values[rows] for name, values in keys.items()}}
+
+    spec = {feature: tf.TensorSpec((None,), tf.string) for feature in task.text_features}
+    spec.update({name: tf.TensorSpec((None,), values.dtype) for name, values in keys.items()})
+    return (tf.data.Dataset.from_generator(chunks, output_signature=spec).unbatch()
+            .apply(tf.data.experimental.assert_cardinality(len(keys["idx"]))))
 
 
-def read_tsv(path, headerless_columns=()):
-    """A GLUE TSV file as a table of strings; `headerless_columns` names a header-less file's."""
-    check_field_counts(path, len(headerless_columns) or None)
+TEXT_CHUNK_ROWS = 20_000
+
+
+def read_tsv(path, headerless_columns=(), **read_options):
+    """A GLUE TSV file as a table of strings; `headerless_columns` names a header-less file's.
+
+    `read_options` go to `pandas.read_csv` (`usecols`, `chunksize`, `nrows`)."""
     try:
         # QUOTE_NONE: GLUE sentences contain bare quote characters. utf-8-sig drops MRPC's BOM.
         return pd.read_csv(
             path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
             encoding="utf-8-sig", header=None if headerless_columns else "infer",
-            names=list(headerless_columns) or None)
+            names=list(headerless_columns) or None, **read_options)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise GlueError(f"{path}: malformed TSV: {str(error).strip()}") from None
     except pd.errors.EmptyDataError:
@@ -387,22 +415,27 @@ def parse_label(task, text):
     return label
 
 
-def check_download_possible(builder):
-    """Fails fast when GLUE cannot be downloaded: tfds would retry for minutes first."""
+def download_problem(builder):
+    """Why `builder`'s data cannot be had, or None: prepared already, or its host answers."""
+    if builder.is_prepared():
+        return None
     url = builder.builder_config.data_url or "https://dl.fbaipublicfiles.com"
     host = urllib.parse.urlparse(url).hostname
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        raise GlueError(f"cannot download {builder.name}/{builder.builder_config.name} "
-                        f"({host} is unreachable); pass --data_dir=<folder in the glue_data/ "
-                        "layout> to read local GLUE files instead") from None
+        return (f"cannot download {builder.name}/{builder.builder_config.name} ({host} is "
+                "unreachable)")
+    return None
 
 
 def load_tfds_split(dataset, split):
     builder = tfds.builder(TASKS[dataset].tfds_name)
     if not builder.is_prepared():
-        check_download_possible(builder)
+        problem = download_problem(builder)
+        if problem:
+            raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to "
+                            "read local GLUE files instead")
         builder.download_and_prepare()
     return builder.as_dataset(split=split)
 
@@ -710,101 +743,304 @@ def compile_for(model, task, optimizer, jit_compile=False):
 
 
 # ================================================================================================
-# Train, evaluate, predict
+# Progress: lines that a person at a terminal, or tailing a log file, can follow
 # ================================================================================================
 
+PROGRESS_SECONDS = 60  # a progress line at least this often,
+PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps
 
-# Batches hold examples of similar length, trimmed to a multiple of 8 tokens: within 7 of their
+
+def say(line):
+    """Progress and summary lines: stdout, flushed, so that a log file shows them as they come."""
+    print(line, flush=True)
+
+
+def clock(seconds):
+    """`12.3s`, `8m18s` or `2h05m`."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def rate(count, seconds, unit):
+    return f"{count / max(seconds, 1e-9):.0f} {unit}/s"
+
+
+class Progress:
+    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
+    steps: at least every 5% of them and every PROGRESS_SECONDS. Phases shorter than
+    `quiet_below` steps print nothing but their summary. `start`: steps done before (resume)."""
+
+    def __init__(self, label, total, *, start=0, quiet_below=0, unit="ex"):
+        self.label, self.total, self.start, self.unit = label, total, start, unit
+        self.quiet = total < quiet_below
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start
+
+    def update(self, step, examples, details=lambda: ""):
+        now = time.perf_counter()
+        due = (step - self.last_step >= max(self.total / PROGRESS_PARTS, 1) or
+               now - self.last_time >= PROGRESS_SECONDS)
+        if self.quiet or not due or step >= self.total:
+            return
+        self.last_step, self.last_time = step, now
+        elapsed = now - self.started
+        remaining = elapsed / (step - self.start) * (self.total - step)
+        say(f"{self.label}  step {step}/{self.total}  {details()}"
+            f"{rate(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"ETA {clock(remaining)}")
+
+    def summary(self, count, noun="rows", details=""):
+        seconds = time.perf_counter() - self.started
+        say(f"{self.label}: {count} {noun} in {clock(seconds)} ({rate(count, seconds, noun)})"
+            f"{details}")
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """A header per epoch, progress lines with the running loss, and a summary per epoch."""
+
+    def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
+        super().__init__()
+        self.label, self.epochs, self.steps = label, epochs, steps_per_epoch
+        self.batch_size, self.num_examples = batch_size, num_examples
+        self.resumed_steps = 0  # steps of the coming epoch trained before a resume
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = Progress(f"{self.label}  epoch {epoch + 1}/{self.epochs}", self.steps,
+                                 start=self.resumed_steps)
+        resumed = f", resuming after step {self.resumed_steps}" if self.resumed_steps else ""
+        say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs = logs
+        self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
+                             lambda: f"loss {float(logs['loss']):.4f}  ")
+
+    def on_epoch_end(self, epoch, logs=None):
+        examples = min(self.steps - self.resumed_steps, math.ceil(
+            self.num_examples / self.batch_size)) * self.batch_size
+        self.progress.summary(min(examples, self.num_examples), "ex",
+                              f", loss {float(logs['loss']):.4f}" if logs else "")
+        self.resumed_steps = 0
+
+
+class PredictionProgress(keras.callbacks.Callback):
+    def __init__(self, progress, batch_size):
+        super().__init__()
+        self.progress, self.batch_size = progress, batch_size
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self.progress.update(batch + 1, (batch + 1) * self.batch_size)
+
+
+# ================================================================================================
+# Tokenized splits and their batches
+# ================================================================================================
+
+# Batches hold examples of similar length, padded to a multiple of 8 tokens: within 7 of their
 # longest example. The training and prediction steps are traced once for inputs of any length,
 # so many lengths cost no more tracing than few (with --jit_compile, XLA compiles each length).
-BUCKET_LENGTHS = tuple(range(8, 513, 8))
+BUCKET_WIDTHS = tuple(range(8, 513, 8))
+TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
+TOKENIZE_BATCH = 1024
+TOKENIZE_THREADS = os.cpu_count()  # batches tokenized at once
+PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
 
 
-def tokenize(examples, task, preprocess_fn):
-    """Tokenizes a split once and keeps it in memory, as `(inputs, labels, idx)`: tensors (or
-    dicts of them) with one row per example.
+@dataclasses.dataclass
+class TokenizedSplit:
+    """A tokenized split, one row per example, in file order.
 
-    `preprocess_fn` (a `tf.function`) runs eagerly on 1024-row batches, traced once for batches
-    of any size. Inside a `tf.data` map, every new pipeline would set the tokenizer up again
-    (about 0.3 s each); this way one setup serves every split of the task.
+    The token-aligned inputs are kept without their padding, as `tf.RaggedTensor` rows of
+    real length, so memory follows the real tokens; each batch is padded as it is made. Inputs
+    without a `padding_mask` (a custom preprocessing may give any) are kept as they are.
     """
-    batches = examples.batch(1024).map(
+
+    inputs: object  # a dict of tensors, or one tensor
+    labels: np.ndarray
+    idx: np.ndarray
+    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
+    padded_length: int = None  # the length `preprocess_fn` padded to
+    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def tokenize(examples, task, preprocess_fn, split_name=""):
+    """Tokenizes a split once, before training, into a `TokenizedSplit`.
+
+    `preprocess_fn` (a `tf.function`) runs eagerly on batches of 1024 rows, traced once for
+    batches of any size, on a thread per core (TensorFlow releases the GIL while it runs).
+    Inside a `tf.data` map every new pipeline would set the tokenizer up again (about 0.3 s);
+    this way one setup serves every split. Rows stream in: no raw text is kept.
+    """
+    batches = examples.batch(TOKENIZE_BATCH).map(
         lambda example: (*features_and_label(task)(example), example["idx"]))
     preprocess_fn.get_concrete_function(*batches.element_spec[:2])
-    parts = [(*preprocess_fn(features, label), idx) for features, label, idx in batches]
-    return tf.nest.map_structure(lambda *pieces: tf.concat(pieces, axis=0), *parts)
+    progress = Progress(f"{task.name}  tokenize {split_name}".rstrip(),
+                        int(batches.cardinality()), quiet_below=20, unit="rows")
+
+    def tokenize_batch(batch):
+        features, labels, idx = batch
+        return without_padding(*preprocess_fn(features, labels), idx)
+
+    pieces, rows = [], 0
+    tokenized = map_in_threads(tokenize_batch, batches, TOKENIZE_THREADS)
+    for step, piece in enumerate(tokenized, start=1):
+        pieces.append(piece)
+        rows += len(piece)
+        progress.update(step, rows)
+    split = joined(pieces)
+    progress.summary(len(split))
+    return split
 
 
-def bucket_lengths(inputs_spec):
-    """The lengths batches are trimmed to, or None for inputs that cannot be trimmed: those
-    without a `padding_mask`, or of unknown length."""
-    if not isinstance(inputs_spec, dict) or "padding_mask" not in inputs_spec or \
-            inputs_spec["padding_mask"].shape[-1] is None:
-        return None
-    padded_length = inputs_spec["padding_mask"].shape[-1]
-    return [length for length in BUCKET_LENGTHS if length < padded_length] + [padded_length]
+def map_in_threads(function, items, threads):
+    """`map(function, items)` on a few threads, in order, with a bounded backlog."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
-def real_lengths(inputs, *rest):
-    return tf.reduce_sum(tf.cast(inputs["padding_mask"], tf.int32), axis=-1)
+def without_padding(inputs, labels, idx):
+    """A `TokenizedSplit` of one batch of `preprocess_fn`'s output."""
+    labels, idx = np.asarray(labels), np.asarray(idx)
+    if not isinstance(inputs, dict) or "padding_mask" not in inputs or \
+            len(inputs["padding_mask"].shape) != 2:
+        return TokenizedSplit(inputs, labels, idx)
+    mask = np.asarray(inputs["padding_mask"]).astype(bool)
+    lengths = mask.sum(axis=1)
+    stored, pad_values = dict(inputs), {}
+    for name in TOKEN_ALIGNED:
+        value = np.asarray(inputs[name]) if name in inputs else None
+        if value is not None and value.shape == mask.shape:
+            # Row by row, the real tokens: exactly a ragged tensor's flat values.
+            stored[name] = tf.RaggedTensor.from_row_lengths(value[mask], lengths, validate=False)
+            padding = value[~mask][:1]  # padding as `preprocess_fn` pads
+            pad_values[name] = padding[0] if len(padding) else np.zeros((), value.dtype)
+    return TokenizedSplit(stored, labels, idx, lengths, mask.shape[1], pad_values)
 
 
-def trimmed(lengths):
-    """Returns a batch map that cuts the padding beyond the bucket above the longest example."""
-    def trim(inputs, *rest):
-        bucket = tf.gather(lengths, tf.searchsorted(lengths, [tf.reduce_max(real_lengths(inputs))]))
-        trimmed_inputs = {name: value[:, :bucket[0]] if len(value.shape) == 2 else value
-                          for name, value in inputs.items()}
-        return (trimmed_inputs, *rest) if rest else trimmed_inputs
-    return trim
+def joined(pieces):
+    first = pieces[0]
+    return TokenizedSplit(
+        inputs=tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0),
+                                     *[piece.inputs for piece in pieces]),
+        labels=np.concatenate([piece.labels for piece in pieces]),
+        idx=np.concatenate([piece.idx for piece in pieces]),
+        lengths=None if first.lengths is None else np.concatenate(
+            [piece.lengths for piece in pieces]),
+        padded_length=first.padded_length,
+        pad_values={name: next((piece.pad_values[name] for piece in pieces
+                                if piece.lengths.min() < piece.padded_length), value)
+                    for name, value in first.pad_values.items()})
 
 
-def batch_by_length(rows, batch_size):
-    """Batches training rows of similar length together, each batch trimmed to its bucket.
-
-    Most GLUE inputs are far shorter than the padded length, so this saves most of the arithmetic.
-    The model sees the same real tokens; only padding is dropped. Rows that cannot be trimmed are
-    batched as they are.
-    """
-    lengths = bucket_lengths(rows.element_spec[0])
-    if lengths is None:
-        return rows.batch(batch_size)
-    return rows.bucket_by_sequence_length(
-        real_lengths, bucket_boundaries=[length + 1 for length in lengths[:-1]],
-        bucket_batch_sizes=[batch_size] * len(lengths), no_padding=True).map(trimmed(lengths))
+def bucket_widths(split):
+    """The widths batches are padded to: multiples of 8, up to the padded length."""
+    return [width for width in BUCKET_WIDTHS if width < split.padded_length] + \
+        [split.padded_length]
 
 
-def shortest_first(inputs):
-    """The row order that sorts `inputs` by length (stable), or None if they cannot be trimmed."""
-    spec = tf.nest.map_structure(tf.TensorSpec.from_tensor, inputs)
-    if bucket_lengths(spec) is None:
-        return None
-    return np.argsort(real_lengths(inputs).numpy(), kind="stable")
+def gathered(split):
+    """A map from a batch of row indices to the batch of rows `(inputs, labels, idx)`, each
+    token-aligned input padded to the bucket width above the batch's longest row."""
+    labels, idx = tf.constant(split.labels), tf.constant(split.idx)
+    lengths = None if split.lengths is None else tf.constant(split.lengths, tf.int32)
+    widths = None if split.lengths is None else tf.constant(bucket_widths(split), tf.int32)
+
+    def gather(indices):
+        inputs = tf.nest.map_structure(lambda value: tf.gather(value, indices), split.inputs)
+        if lengths is not None:
+            longest = tf.reduce_max(tf.gather(lengths, indices))
+            width = tf.gather(widths, tf.searchsorted(widths, [longest]))[0]
+            inputs = {name: padded(value, width, split.pad_values[name])
+                      if name in split.pad_values else value for name, value in inputs.items()}
+        return inputs, tf.gather(labels, indices), tf.gather(idx, indices)
+
+    return gather
 
 
-def prediction_batches(inputs, batch_size):
-    """Batches of `inputs` in order, each trimmed to its bucket (sort the rows first)."""
-    batches = tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size)
-    lengths = bucket_lengths(batches.element_spec)
-    return batches.map(trimmed(lengths)) if lengths else batches
+def padded(rows, width, pad_value):
+    """Ragged rows as a dense batch `width` long."""
+    dense = rows.to_tensor(pad_value)
+    return tf.pad(dense, [[0, 0], [0, width - tf.shape(dense)[1]]], constant_values=pad_value)
 
 
-def split_by_data(batches):
-    """Lets tf.distribute split every batch across replicas and workers (each worker reads the
+def batch_by_length(split, order, batch_size):
+    """Batches of rows of similar length, taken in the order of the index dataset `order`.
+
+    Most GLUE inputs are far shorter than the padded length, so this saves most of the
+    arithmetic. The model sees the same real tokens; only padding differs. Only row indices
+    pass through tf.data's bucketing; each batch's rows are gathered at once."""
+    if split.lengths is None:
+        return order.batch(batch_size).map(gathered(split))
+    lengths = tf.constant(split.lengths, tf.int32)
+    widths = bucket_widths(split)
+    return order.bucket_by_sequence_length(
+        lambda index: tf.gather(lengths, index),
+        bucket_boundaries=[width + 1 for width in widths],
+        bucket_batch_sizes=[batch_size] * (len(widths) + 1), no_padding=True,
+    ).map(gathered(split), num_parallel_calls=PIPELINE_THREADS)
+
+
+def steps_per_epoch(split, batch_size):
+    """How many batches `batch_by_length` makes of the split, in whatever order: every bucket
+    gives full batches and one last partial batch."""
+    if split.lengths is None:
+        return math.ceil(len(split) / batch_size)
+    buckets = np.bincount(np.searchsorted(bucket_widths(split), split.lengths))
+    return int(sum(math.ceil(rows / batch_size) for rows in buckets))
+
+
+def shortest_first(split):
+    """The row order that sorts the split by length (stable): batches of near-equal lengths
+    waste the least on padding."""
+    if split.lengths is None:
+        return np.arange(len(split))
+    return np.argsort(split.lengths, kind="stable")
+
+
+def prediction_batches(split, order, batch_size):
+    """Batches of the split's rows in `order`, each padded to the bucket above its longest."""
+    return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(
+        gathered(split), num_parallel_calls=PIPELINE_THREADS)
+
+
+def model_inputs(batches, with_labels):
+    """`(inputs, labels)` batches for `fit`, or inputs alone for `predict`, ready for
+    tf.distribute: every batch is split across replicas and workers (each worker reads the
     whole, identically ordered stream), so all of them take the same number of steps.
 
     Boolean tensors (KerasHub's padding masks) become int32: under a strategy, Keras averages
-    the first batch across replicas, which booleans cannot do."""
+    the first batch across replicas, which booleans cannot do.
+
+    tf.data's autotuning is off: the pipeline's few threads are set (PIPELINE_THREADS), and an
+    autotuned iterator at times took 10 to 50 s to be destroyed at the end of an epoch (its
+    destructor waited on the autotuning thread)."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return batches.map(lambda *batch: tf.nest.map_structure(
-        lambda tensor: tf.cast(tensor, tf.int32) if tensor.dtype == tf.bool else tensor,
-        batch if len(batch) > 1 else batch[0])).with_options(options)
+    options.autotune.enabled = False
+
+    def cast(tensor):
+        return tf.cast(tensor, tf.int32) if tensor.dtype == tf.bool else tensor
+
+    return batches.map(lambda inputs, labels, idx: tf.nest.map_structure(
+        cast, (inputs, labels) if with_labels else inputs)).with_options(options)
 
 
-def trained_steps(model):
-    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
-    return int(model.optimizer.iterations.numpy())
+# ================================================================================================
+# Train, evaluate, predict
+# ================================================================================================
 
 
 class Preempted(BaseException):
@@ -813,11 +1049,12 @@ class Preempted(BaseException):
 
 class TrainingCheckpoints(keras.callbacks.Callback):
     """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
-    step boundary after a SIGTERM; `restore` returns the step to resume from.
+    step boundary after a SIGTERM; `restore` returns the number of batches to resume after.
 
     The state is every model variable (dropout seeds included, which Keras' weight files leave
-    out) and every optimizer variable (its step count included), so a resumed run continues
-    exactly as an uninterrupted one would. One file per checkpoint, written atomically.
+    out), every optimizer variable, and the number of batches trained. That count, not the
+    optimizer's step, says where to resume: under mixed_float16 the loss-scale optimizer does
+    not count the steps it skips. One file per checkpoint, written atomically.
     """
 
     def __init__(self, directory, every_steps=0, write=True):
@@ -826,6 +1063,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.write = write  # under multi-worker training only the chief writes; all read
         self.sigterm_received = False
+        self.batches = 0  # batches trained, in all epochs
 
     def paths(self):
         return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
@@ -837,29 +1075,31 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.paths():
             return 0
         with np.load(self.paths()[-1]) as saved:
-            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+            batches = int(saved["batches"]) if "batches" in saved.files else None
         state = self.state(model)
-        if [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
+        if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
             raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
                             "delete it or pass another --checkpoint_dir")
         for variable, array in zip(state, arrays):
             variable.assign(array)
-        return trained_steps(model)
+        self.batches = batches
+        return batches
 
     def save(self):
         if not self.write:
             return
-        step = trained_steps(self.model)
-        path = os.path.join(self.directory, f"step-{step:09d}.npz")
+        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
         arrays = [np.asarray(variable) for variable in self.state(self.model)]
-        write_atomically(path, lambda temporary: np.savez(temporary, *arrays))
+        write_atomically(path, lambda temporary: np.savez(
+            temporary, *arrays, batches=np.array(self.batches)))
         for older in self.paths():
             if older != path:
                 os.remove(older)
 
     def on_train_batch_end(self, batch, logs=None):
-        step = trained_steps(self.model)
-        if self.sigterm_received or (self.every_steps and step % self.every_steps == 0):
+        self.batches += 1
+        if self.sigterm_received or (self.every_steps and self.batches % self.every_steps == 0):
             self.save()
         if self.sigterm_received:
             self.model.stop_training = True
@@ -879,67 +1119,70 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             signal.signal(signal.SIGTERM, previous)
 
 
-def train(model, tokenized, task, *, batch_size, epochs, learning_rate, warmup_ratio,
+def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
           weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
-          write_checkpoints=True, jit_compile=False):
-    """Finetunes `model` in place on a tokenized split; returns the number of training examples.
+          write_checkpoints=True, jit_compile=False, label=None):
+    """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
+    skipped (under mixed_float16, for a loss scale that overflowed; else 0).
 
     With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
     preemption sends) stops it at the next step boundary, after a checkpoint.
     """
-    inputs, labels, _ = tokenized
-    num_examples = len(labels)
-    rows = tf.data.Dataset.from_tensor_slices((inputs, labels))
-    steps_per_epoch = count(batch_by_length(rows, batch_size))
-    compile_for(model, task, make_optimizer(learning_rate, epochs * steps_per_epoch,
-                                            warmup_ratio, weight_decay), jit_compile)
+    steps = steps_per_epoch(split, batch_size)
+    compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
+                                            weight_decay), jit_compile)
     # Made now, the optimizer's variables spare `fit` a second trace of the training step.
     model.optimizer.build(model.trainable_variables)
-    checkpoints = checkpoint_dir and TrainingCheckpoints(checkpoint_dir, checkpoint_every_steps,
-                                                         write_checkpoints)
-    step = checkpoints.restore(model) if checkpoints else 0
-    if step:
-        logging.info("Resuming from step %d, checkpoint in %s", step, checkpoint_dir)
-    with checkpoints.stopping_on_sigterm() if checkpoints else contextlib.nullcontext():
-        for epoch in range(step // steps_per_epoch, epochs):
+    checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
+                                      write_checkpoints and bool(checkpoint_dir))
+    done = checkpoints.restore(model) if checkpoint_dir else 0
+    if done:
+        logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
+    progress = TrainingProgress(label or task.name, epochs, steps, batch_size, len(split))
+    with checkpoints.stopping_on_sigterm():
+        for epoch in range(done // steps, epochs):
             # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
-            # batches as an uninterrupted one; it skips those it has already trained on.
-            done = max(step - epoch * steps_per_epoch, 0)
-            batches = (batch_by_length(rows.shuffle(num_examples, seed=seed + epoch), batch_size)
-                       .skip(done)
-                       .apply(tf.data.experimental.assert_cardinality(steps_per_epoch - done))
-                       .apply(split_by_data)
-                       .prefetch(tf.data.AUTOTUNE))
-            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=2, shuffle=False,
-                      callbacks=[checkpoints] if checkpoints else [])
-            if checkpoints and checkpoints.sigterm_received:
+            # batches as an uninterrupted one; it skips those it has already trained on. Only
+            # the row indices are shuffled, never the rows themselves.
+            progress.resumed_steps = max(done - epoch * steps, 0)
+            order = tf.data.Dataset.range(len(split)).shuffle(len(split), seed=seed + epoch)
+            batches = (batch_by_length(split, order, batch_size)
+                       .skip(progress.resumed_steps)
+                       .apply(tf.data.experimental.assert_cardinality(
+                           steps - progress.resumed_steps))
+                       .apply(lambda batches: model_inputs(batches, with_labels=True))
+                       .prefetch(PIPELINE_THREADS))
+            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
+                      callbacks=[checkpoints, progress])
+            if checkpoints.sigterm_received:
                 raise Preempted(
-                    f"stopped by SIGTERM at step {trained_steps(model)} of "
-                    f"{epochs * steps_per_epoch}; the checkpoint is in {checkpoint_dir}: run the "
-                    "same command again to resume")
-    return num_examples
+                    f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
+                    f"the checkpoint is in {checkpoint_dir}: run the same command again to "
+                    "resume")
+    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
+    return epochs * steps - int(model.optimizer.iterations.numpy())
 
 
-def predict(model, tokenized, task, batch_size):
+def predict(model, split, task, batch_size, label=None):
     """Returns `(idx, labels, predictions)` for a tokenized split, shortest examples first.
 
     Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
     """
-    inputs, labels, idx = tokenized
-    order = shortest_first(inputs)
-    if order is not None:  # batches of near-equal lengths waste the least on padding
-        inputs, labels, idx = tf.nest.map_structure(lambda rows: tf.gather(rows, order),
-                                                    (inputs, labels, idx))
-    batches = (prediction_batches(inputs, batch_size)
-               .apply(split_by_data)
-               .prefetch(tf.data.AUTOTUNE))
+    order = shortest_first(split)
+    batches = (prediction_batches(split, order, batch_size)
+               .apply(lambda batches: model_inputs(batches, with_labels=False))
+               .prefetch(PIPELINE_THREADS))
     trace_for_every_length(model, batches)
-    logits = model.predict(batches, verbose=0)
+    progress = Progress(label or f"{task.name}  predict", math.ceil(len(split) / batch_size),
+                        quiet_below=50)
+    logits = model.predict(batches, verbose=0, callbacks=[PredictionProgress(progress,
+                                                                             batch_size)])
+    progress.summary(len(split))
     if task.is_regression:
         predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
     else:
         predictions = logits.argmax(axis=-1)
-    return np.asarray(idx), np.asarray(labels), predictions
+    return split.idx[order], split.labels[order], predictions
 
 
 def trace_for_every_length(model, batches):
@@ -1270,14 +1513,77 @@ def check_options(options, task_names):
                         "--learning_rate or sweep on mnli, which also writes AX.tsv")
     if options.data_dir and not os.path.isdir(options.data_dir):
         raise GlueError(f"--data_dir={options.data_dir}: no such folder")
+    if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
+        raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
+                        "folder, a Hugging Face model folder, or a KerasHub preset id")
     if (options.make_submission_zip or options.fill_missing_from) and \
             not options.submission_directory:
         raise GlueError("--make_submission_zip and --fill_missing_from need "
                         "--submission_directory")
     if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
+    check_output_paths(options)
     if results_path(options):
         read_results(results_path(options))
+    if task_names:
+        check_downloads_possible(options, task_names)
+
+
+def looks_like_path(preset):
+    return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
+
+
+def check_output_paths(options):
+    """Every folder the run will write to exists or can be made, and takes a file."""
+    folders = [("submission_directory", options.submission_directory),
+               ("checkpoint_dir", options.checkpoint_dir)]
+    for flag, path in [("results_path", results_path(options)),
+                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
+        if path and os.path.isdir(path):
+            raise GlueError(f"--{flag}={path} is a folder; give a file path")
+        folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
+    for flag, folder in folders:
+        if folder:
+            check_writable_folder(flag, folder)
+
+
+def check_writable_folder(flag, folder):
+    """`folder` exists, or can be made, and takes files. Nothing is made now: under
+    multi-worker training only the chief writes."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
+                        "is made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
+
+
+def check_downloads_possible(options, task_names):
+    """Offline, fails at once, naming everything that cannot be downloaded and the flags that
+    fix it: tensorflow-datasets would retry for minutes first."""
+    problem = None
+    if not options.data_dir:
+        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
+        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
+        problem = next(filter(None, map(download_problem, builders)), None)
+    if not problem:
+        return
+    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
+        try:
+            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
+        except Exception as error:  # KerasHub raises many types: no network, unknown id
+            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
+                            "Pass --data_dir=<folder in the glue_data/ layout> and "
+                            "--preset=<local preset or model folder>") from None
+    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
+                    "local GLUE files instead")
+
+
+def task_datasets(task):
+    """The GLUE datasets a task reads: its training data and those of its test files."""
+    return {task.training_data} | {output.dataset for output in task.outputs}
 
 
 def results_path(options):
@@ -1294,14 +1600,98 @@ def model_save_path(options, task, several_tasks):
     return path
 
 
-def checkpoint_dir(options, task, learning_rate):
-    """Where one finetuning run keeps its training state (None: nowhere)."""
-    return options.checkpoint_dir and os.path.join(options.checkpoint_dir,
-                                                   f"{task.name}_lr{learning_rate:g}")
+# ------------------------------------------------------------------------------------------------
+# Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
+# fingerprint holds every other setting that shapes its models and numbers: results and
+# checkpoints are only reused under the same fingerprint.
+# ------------------------------------------------------------------------------------------------
+
+FINGERPRINT_FLAGS = ("preset", "max_sequence_length", "epochs", "batch_size", "warmup_ratio",
+                     "weight_decay", "pooling", "use_default_classifier", "mixed_precision",
+                     "jit_compile", "finetuning_model_load_path")
+
+
+def fingerprint(options):
+    settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
+    if looks_like_path(options.preset):
+        settings["preset"] = os.path.abspath(os.path.expanduser(options.preset))
+    if options.finetuning_model_load_path:
+        settings["finetuning_model_load_path"] = os.path.abspath(
+            options.finetuning_model_load_path)
+    settings["data"] = os.path.abspath(options.data_dir) if options.data_dir else "tfds"
+    return settings
+
+
+def fingerprint_id(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def asked_runs(options):
+    """The (learning rate, seed) pairs asked for; no learning rate when nothing is trained."""
+    if options.finetuning_model_load_path:
+        return [(None, options.seed)]
+    return [(float(rate), options.seed) for rate in options.learning_rate]
+
+
+def run_key(run):
+    return run["learning_rate"], run["seed"]
+
+
+def run_name(task, learning_rate, seed, several):
+    if not several:
+        return task.name
+    return f"{task.name} lr {learning_rate:g} seed {seed}"
+
+
+def checkpoint_dir(options, task, learning_rate, seed, settings):
+    """Where one run keeps its training state (None: nowhere); never shared with another run."""
+    if not options.checkpoint_dir or learning_rate is None:
+        return None
+    return os.path.join(options.checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
+                                                f"{fingerprint_id(settings)}")
+
+
+def plan_runs(task, options, previous):
+    """`(runs kept from the results, runs to do)` for a task; prints why when it is redone.
+
+    A recorded run is kept only when the task's files are complete and were made with the same
+    fingerprint; a task with nothing left to do is skipped."""
+    asked = asked_runs(options)
+    if options.overwrite or not previous or not files_complete(
+            task, previous, options.submission_directory):
+        return [], asked
+    if previous.get("fingerprint") != fingerprint(options):
+        say(f"{task.name}: redone, the recorded results were made with other settings "
+            f"({changed_settings(previous.get('fingerprint'), fingerprint(options))})")
+        return [], asked
+    kept = previous.get("runs", [])
+    recorded = {run_key(run) for run in kept}
+    return kept, [run for run in asked if run not in recorded]
+
+
+def changed_settings(old, new):
+    if not old:
+        return "by an older glue.py"
+    return ", ".join(f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+                     for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name))
+
+
+def files_complete(task, entry, submission_directory):
+    """Whether an earlier run wrote all this task's files, complete."""
+    rows = entry.get("submission_rows", {})
+    return bool(submission_directory) and all(
+        rows.get(output.file) is not None and
+        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
+        for output in task.outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# One task: tokenize once, finetune each run, evaluate it on dev, predict test with the best.
+# ------------------------------------------------------------------------------------------------
 
 
 def load_task_data(task, options):
-    """Reads every split the task needs first, so bad data fails before minutes of training."""
+    """Opens every split the task needs, checking files and labels before any training."""
     def load(dataset, split):
         return load_split(options.data_dir, dataset, split)
 
@@ -1314,86 +1704,141 @@ def load_task_data(task, options):
 
 
 def tokenize_task_data(data, task, preprocess_fn):
-    """Tokenizes every split `load_task_data` read, keeping its structure."""
+    """Tokenizes every split `load_task_data` opened, dev and test first: a bad line in them
+    then fails within seconds, not after the training split."""
     train_examples, eval_examples, test_examples = data
 
-    def tokenize_each(splits):
-        return {name: tokenize(examples, task, preprocess_fn) for name, examples in splits.items()}
+    def tokenize_each(splits, kind):
+        return {name: tokenize(examples, task, preprocess_fn, f"{kind} {name}".strip())
+                for name, examples in splits.items()}
 
-    train_rows = None if train_examples is None else tokenize(train_examples, task, preprocess_fn)
-    return train_rows, tokenize_each(eval_examples), tokenize_each(test_examples)
+    eval_rows, test_rows = tokenize_each(eval_examples, ""), tokenize_each(test_examples, "")
+    train_rows = None if train_examples is None else tokenize(train_examples, task,
+                                                              preprocess_fn, "train")
+    return train_rows, eval_rows, test_rows
 
 
-def finetune_and_predict(task, options, tokenized, learning_rate, strategy):
-    """One finetuning run; returns its results entry, submission tables and model.
-
-    Run inside `strategy.scope()`, so the model, optimizer and metrics live on its replicas."""
-    keras.utils.set_random_seed(options.seed)
-    train_rows, eval_rows, test_rows = tokenized
-    entry = {}
+def finetune(task, options, train_rows, learning_rate, seed, strategy, name):
+    """One run's model, finetuned (or loaded), and its record. Run inside `strategy.scope()`,
+    so the model, optimizer and metrics live on its replicas."""
+    keras.utils.set_random_seed(seed)
     start = time.perf_counter()
+    record = {"learning_rate": learning_rate, "seed": seed}
     if options.finetuning_model_load_path:
         model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
         model.jit_compile = options.jit_compile
-        entry["load_seconds"] = seconds_since(start)
-    else:
-        model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-        entry["load_seconds"] = seconds_since(start)
-        start = time.perf_counter()
-        entry["learning_rate"] = learning_rate
-        entry["train_examples"] = train(
-            model, train_rows, task, batch_size=options.batch_size,
-            epochs=options.epochs, learning_rate=learning_rate,
-            warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
-            seed=options.seed, checkpoint_dir=checkpoint_dir(options, task, learning_rate),
-            checkpoint_every_steps=options.checkpoint_every_steps,
-            write_checkpoints=strategy.extended.should_checkpoint,
-            jit_compile=options.jit_compile)
-        entry["train_seconds"] = seconds_since(start)
-
+        record["load_seconds"] = seconds_since(start)
+        return model, record
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    record["load_seconds"] = seconds_since(start)
     start = time.perf_counter()
+    skipped_steps = train(model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
+          learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
+          weight_decay=options.weight_decay, seed=seed,
+          checkpoint_dir=checkpoint_dir(options, task, learning_rate, seed, fingerprint(options)),
+          checkpoint_every_steps=options.checkpoint_every_steps,
+          write_checkpoints=strategy.extended.should_checkpoint,
+          jit_compile=options.jit_compile, label=name)
+    record["train_seconds"] = seconds_since(start)
+    record["train_examples"] = len(train_rows)
+    if options.mixed_precision == "mixed_float16":
+        record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
+    return model, record
+
+
+def evaluate(model, eval_rows, task, batch_size, name):
+    """`{dev split: metrics}` of a model."""
+    metrics = {}
     for split, rows in eval_rows.items():
-        _, labels, predictions = predict(model, rows, task, options.batch_size)
-        entry[split] = compute_metrics(task, labels, predictions)
-    # Compute every table before writing any, so a failure never leaves a partial submission.
+        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
+        metrics[split] = compute_metrics(task, labels, predictions)
+    return metrics
+
+
+def predict_test(model, test_rows, task, batch_size, name):
+    """Every submission table, computed before any is written: a failure never leaves a
+    partial submission."""
     tables = {}
     for file, rows in test_rows.items():
-        idx, _, predictions = predict(model, rows, task, options.batch_size)
+        idx, _, predictions = predict(model, rows, task, batch_size, f"{name}  predict {file}")
         tables[file] = submission_table(task, idx, predictions)
-    entry["predict_seconds"] = seconds_since(start)
-    return entry, tables, model
+    return tables
 
 
 def seconds_since(start):
     return round(time.perf_counter() - start, 2)
 
 
-def run_task(task, options, strategy, several_tasks=False):
-    """Finetunes once per learning rate, keeps the best on the dev set, writes its files.
+def best_run(runs):
+    """The run with the best task score on dev (the first of equals)."""
+    return max(runs, key=lambda run: task_score(dev_metrics(run)) or 0.0)
 
+
+def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=False):
+    """Does the task's runs (`todo`, default all asked), picks the best of them and `kept_runs`
+    on dev, and predicts the test files once, with that run's weights.
+
+    Only one model is alive at a time: with several runs, each run's weights wait on disk.
     Under multi-worker training every worker runs this; only the chief writes."""
-    data = load_task_data(task, options)
-    best, sweep = None, {}
-    with strategy.scope():  # the custom code blocks too: they may create variables
+    todo = asked_runs(options) if todo is None else todo
+    settings = fingerprint(options)
+    several = len(todo) > 1
+    with strategy.scope(), contextlib.ExitStack() as cleanup:
+        # With several runs, each run's weights wait on disk (beside the checkpoints, if any).
+        weights_dir = several and cleanup.enter_context(tempfile.TemporaryDirectory(
+            prefix=f".{task.name}-weights-", dir=options.checkpoint_dir))
+        # The custom code blocks run in the scope too: they may create variables. The preset's
+        # preprocessing loads first, so that a preset that cannot be had fails in seconds.
+        preprocess_fn = tf.function(make_preprocess_fn())
         start = time.perf_counter()
-        # Every split is tokenized once, before any training, for every learning rate.
-        tokenized = tokenize_task_data(data, task, tf.function(make_preprocess_fn()))
+        train_rows, eval_rows, test_rows = tokenize_task_data(
+            load_task_data(task, options), task, preprocess_fn)
         tokenize_seconds = seconds_since(start)
-        for learning_rate in map(float, options.learning_rate):
-            entry, tables, model = finetune_and_predict(task, options, tokenized, learning_rate,
-                                                        strategy)
-            sweep[f"{learning_rate:g}"] = dev_metrics(entry)
-            if best is None or task_score(dev_metrics(entry)) > task_score(dev_metrics(best[0])):
-                best = entry, tables, model
-    entry, tables, model = best
-    entry["tokenize_seconds"] = tokenize_seconds
-    entry["flags"] = vars(options)
-    # From the model, not the strategy: a model built outside the scope would train on one device.
-    entry["replicas"] = model.distribute_strategy.num_replicas_in_sync
-    if len(sweep) > 1:
-        entry["learning_rate_sweep"] = sweep
-    if not strategy.extended.should_checkpoint:
-        return entry
+        runs, model = [], None
+        for learning_rate, seed in todo:
+            model = None  # only one model alive at a time
+            name = run_name(task, learning_rate, seed, several)
+            model, record = finetune(task, options, train_rows, learning_rate, seed, strategy,
+                                     name)
+            start = time.perf_counter()
+            record.update(evaluate(model, eval_rows, task, options.batch_size, name))
+            record["dev_predict_seconds"] = seconds_since(start)
+            if several:
+                model.save_weights(os.path.join(weights_dir, f"{len(runs)}.weights.h5"))
+            runs.append(record)
+        submitted = best_run(list(kept_runs) + runs)
+        entry = {**dev_metrics(submitted), "fingerprint": settings,
+                 "runs": list(kept_runs) + runs, "tokenize_seconds": tokenize_seconds,
+                 "submitted_run": {"learning_rate": submitted["learning_rate"],
+                                   "seed": submitted["seed"]},
+                 "flags": vars(options),
+                 # From the model: one built outside the scope would train on one device.
+                 "replicas": model.distribute_strategy.num_replicas_in_sync}
+        entry.update({key: submitted[key] for key in (
+            "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
+        rates = {run["learning_rate"] for run in entry["runs"]}
+        if len(rates) > 1:
+            entry["learning_rate_sweep"] = {f"{run['learning_rate']:g}": dev_metrics(run)
+                                            for run in entry["runs"]}
+        if submitted not in runs:  # a recorded run is still the best: its files stay
+            say(f"{task.name}: the recorded run (lr {submitted['learning_rate']:g}, seed "
+                f"{submitted['seed']}) stays the best; its files are kept")
+            return entry
+        if submitted is not runs[-1]:
+            model = None
+            model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+            model.load_weights(os.path.join(weights_dir, f"{runs.index(submitted)}.weights.h5"))
+        start = time.perf_counter()
+        tables = predict_test(model, test_rows, task, options.batch_size, task.name)
+        entry["predict_seconds"] = round(submitted["dev_predict_seconds"] +
+                                         seconds_since(start), 2)
+    if strategy.extended.should_checkpoint:
+        write_task_outputs(task, options, entry, tables, model, several_tasks)
+    return entry
+
+
+def write_task_outputs(task, options, entry, tables, model, several_tasks):
+    """The saved model and the submission files; then the task's checkpoints are deleted."""
     save_path = model_save_path(options, task, several_tasks)
     if save_path and not options.finetuning_model_load_path:
         write_atomically(save_path, model.save)
@@ -1404,20 +1849,10 @@ def run_task(task, options, strategy, several_tasks=False):
             write_submission(path, table)
             entry["submission_rows"][file] = len(table)
             logging.info("Wrote %d predictions to %s", len(table), path)
-    for learning_rate in map(float, options.learning_rate):  # the task is done: free the disk
-        folder = checkpoint_dir(options, task, learning_rate)
+    for learning_rate, seed in asked_runs(options):  # the task is done: free the disk
+        folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
-    return entry
-
-
-def is_complete(task, results, submission_directory):
-    """Whether an earlier run wrote this task's results and all its files, complete."""
-    rows = results.get(task.name, {}).get("submission_rows", {})
-    return bool(submission_directory) and all(
-        rows.get(output.file) is not None and
-        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
-        for output in task.outputs)
 
 
 def run_tasks(task_names, options, strategy):
@@ -1428,13 +1863,17 @@ def run_tasks(task_names, options, strategy):
     results, failures = {}, {}
     for name in task_names:
         task = TASKS[name]
-        if not options.overwrite and is_complete(task, read_results(path),
-                                                 options.submission_directory):
-            print(f"{name}: already complete in {options.submission_directory}, skipped "
-                  "(--overwrite redoes it)")
+        previous = read_results(path).get(name)
+        kept, todo = plan_runs(task, options, previous)
+        if not todo:
+            say(f"{name}: already complete in {options.submission_directory} with these "
+                "settings, skipped (--overwrite redoes it)")
             continue
         try:
-            results[name] = run_task(task, options, strategy, several_tasks=len(task_names) > 1)
+            entry = run_task(task, options, strategy, kept, todo, several_tasks=len(task_names) > 1)
+            if kept and "submission_rows" not in entry:
+                entry["submission_rows"] = previous["submission_rows"]
+            results[name] = entry
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
             resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
             worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
@@ -1465,10 +1904,15 @@ def report_and_package(options, results):
         print(f"Wrote {make_submission_zip(options.submission_directory)}")
 
 
+def options_from_flags():
+    """glue.py's flags as a plain namespace: everything below `main` takes its options so."""
+    return types.SimpleNamespace(**{
+        flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])})
+
+
 def main(argv):
     del argv
-    options = types.SimpleNamespace(**{
-        flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])})
+    options = options_from_flags()
     try:
         if options.validate_submission:
             errors, warnings = validate_submission(read_submission(options.validate_submission))
@@ -1479,10 +1923,10 @@ def main(argv):
             print(f"{options.validate_submission}: all 11 files pass")
             return
         task_names = expand_task_names(options.task_name)
-        check_options(options, task_names)
-        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
+        check_options(options, task_names)
+        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         strategy = tf.distribute.get_strategy()
         if task_names:
             strategy = make_strategy(options.distribution_strategy, options.tpu,

@@ -1,6 +1,7 @@
 """Runs glue.py like the command line does, but sends itself a signal once training reaches
 the step given in GLUE_TEST_INTERRUPT ("SIGKILL:7" or "SIGTERM:6"): a crash or a preemption at
-a known point, for the resume tests."""
+a known point, for the resume tests. GLUE_TEST_LOSS_SCALE sets the initial loss scale of
+mixed_float16 training, so that a test can force skipped steps."""
 
 import os
 import signal
@@ -8,21 +9,30 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import keras  # noqa: E402
 from absl import app  # noqa: E402
 
 import glue  # noqa: E402
 
-signal_name, step = os.environ["GLUE_TEST_INTERRUPT"].split(":")
-record_step = glue.TrainingCheckpoints.on_train_batch_end
+if os.environ.get("GLUE_TEST_INTERRUPT"):
+    signal_name, step = os.environ["GLUE_TEST_INTERRUPT"].split(":")
+    record_step = glue.TrainingCheckpoints.on_train_batch_end
 
+    def on_train_batch_end(self, batch, logs=None):
+        if self.batches + 1 == int(step):
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        record_step(self, batch, logs)
 
-def on_train_batch_end(self, batch, logs=None):
-    if glue.trained_steps(self.model) == int(step):
-        os.kill(os.getpid(), getattr(signal, signal_name))
-    record_step(self, batch, logs)
+    glue.TrainingCheckpoints.on_train_batch_end = on_train_batch_end
 
+if os.environ.get("GLUE_TEST_LOSS_SCALE"):
+    scale = float(os.environ["GLUE_TEST_LOSS_SCALE"])
+    wrap = keras.optimizers.LossScaleOptimizer.__init__
 
-glue.TrainingCheckpoints.on_train_batch_end = on_train_batch_end
+    def with_initial_scale(self, inner_optimizer, initial_scale=scale, **kwargs):
+        wrap(self, inner_optimizer, initial_scale=scale, **kwargs)
+
+    keras.optimizers.LossScaleOptimizer.__init__ = with_initial_scale
 
 if __name__ == "__main__":
     app.run(glue.main)

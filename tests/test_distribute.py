@@ -201,9 +201,10 @@ def test_a_worker_that_never_comes_is_waited_for_a_bounded_time(tiny_preset, lea
         "--worker_timeout_seconds=5; start glue.py on every worker")
 
 
-def test_an_unreachable_tpu_is_waited_for_a_bounded_time(tmp_path):
+def test_an_unreachable_tpu_is_waited_for_a_bounded_time(tiny_preset, learnable_data, tmp_path):
     start = time.monotonic()
-    result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--task_name=rte",
+    result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--task_name=sst2",
+                             f"--preset={tiny_preset}", f"--data_dir={learnable_data}",
                              "--distribution_strategy=tpu", "--tpu=grpc://127.0.0.1:9",
                              "--worker_timeout_seconds=5"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -93,7 +93,7 @@ class FixedLogits:
     def make_predict_function(self):
         self.predict_function = tf.function(lambda data: data)
 
-    def predict(self, inputs, verbose=0):
+    def predict(self, inputs, verbose=0, callbacks=()):
         return self.logits
 
 

@@ -104,11 +104,19 @@ def test_empty_split_is_rejected(broken_data, tiny_preset, run_glue):
     assert "wnli validation split is empty" in message
 
 
-@pytest.mark.parametrize("preset", ["/no/such/preset/dir", "not_a_real_preset_name"])
-def test_unknown_preset_points_at_a_local_directory(glue_data, run_glue, preset):
-    message = error_of(run_glue, f"--preset={preset}", f"--data_dir={glue_data[0]}")
-    assert f"cannot load preset {preset!r}" in message
+def test_unknown_preset_points_at_a_local_directory(glue_data, run_glue):
+    message = error_of(run_glue, "--preset=not_a_real_preset_name", f"--data_dir={glue_data[0]}")
+    assert "cannot load preset 'not_a_real_preset_name'" in message
     assert "--preset=<local dir>" in message
+
+
+@pytest.mark.parametrize("preset", ["/no/such/preset/dir", "./no_such_dir", "models/bert"])
+def test_a_preset_path_that_does_not_exist_is_no_such_folder(glue_data, run_glue, preset,
+                                                             monkeypatch):
+    monkeypatch.setattr(glue, "load_task_data", None)  # fails before any data is read
+    message = error_of(run_glue, f"--preset={preset}", f"--data_dir={glue_data[0]}")
+    assert message == (f"glue.py: error: --preset={preset}: no such folder; give a KerasHub "
+                       "preset folder, a Hugging Face model folder, or a KerasHub preset id")
 
 
 @pytest.mark.parametrize("flag", ["finetuning_model_save_path", "finetuning_model_load_path"])

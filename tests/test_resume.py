@@ -1,5 +1,6 @@
 """Long runs survive interruption: resume mid-training exactly, and never lose a result."""
 
+import glob
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+from absl import flags
 
 import glue
 from conftest import REPO
@@ -19,14 +21,16 @@ TRAINING = ("--task_name=stsb", "--epochs=3", "--batch_size=4", "--max_sequence_
             "--checkpoint_every_steps=1")
 
 
-def glue_command(tiny_preset, data_dir, out, interrupt=None):
-    script = os.path.join(HERE, "interrupt_at_step.py") if interrupt else \
+def glue_command(tiny_preset, data_dir, out, interrupt=None, extra=(), env=None, wrap=False):
+    """Runs glue.py in a child process (through interrupt_at_step.py to interrupt it, or with
+    `wrap` to set the test's loss scale)."""
+    script = os.path.join(HERE, "interrupt_at_step.py") if interrupt or wrap else \
         os.path.join(REPO, "glue.py")
     command = [sys.executable, script, *TRAINING, f"--preset={tiny_preset}",
                f"--data_dir={data_dir}", f"--checkpoint_dir={out / 'checkpoints'}",
                f"--submission_directory={out}",
-               f"--finetuning_model_save_path={out / 'model.keras'}"]
-    env = dict(os.environ, GLUE_TEST_INTERRUPT=interrupt or "")
+               f"--finetuning_model_save_path={out / 'model.keras'}", *extra]
+    env = dict(os.environ, GLUE_TEST_INTERRUPT=interrupt or "", **(env or {}))
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -50,18 +54,24 @@ def assert_same_training(out, reference):
     assert metrics == pytest.approx(reference_metrics, abs=1e-6, nan_ok=True)
 
 
+def run_folders(out):
+    """The checkpoint folders of the runs in `out`: one per task, rate, seed and settings."""
+    return sorted(glob.glob(str(out / "checkpoints" / "stsb_lr5e-05_seed42_*")))
+
+
 def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
         tiny_preset, glue_data, tmp_path, uninterrupted):
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6")
     assert killed.returncode == -9
-    assert os.listdir(tmp_path / "checkpoints" / "stsb_lr5e-05") == ["step-000000005.npz"]
+    folder, = run_folders(tmp_path)
+    assert os.listdir(folder) == ["step-000000005.npz"]
     assert not (tmp_path / "STS-B.tsv").exists()
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from step 5" in resumed.stderr
     assert_same_training(tmp_path, uninterrupted)
-    assert not (tmp_path / "checkpoints" / "stsb_lr5e-05").exists()  # cleaned up once done
+    assert not os.path.exists(folder)  # cleaned up once done
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_data, tmp_path,
@@ -69,10 +79,10 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
     stopped = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGTERM:7")
     assert stopped.returncode == 1
     message = stopped.stderr.strip().splitlines()[-1]
-    assert message == (
-        f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
-        f"{tmp_path / 'checkpoints' / 'stsb_lr5e-05'}: run the same command again to resume")
-    assert os.listdir(tmp_path / "checkpoints" / "stsb_lr5e-05") == ["step-000000007.npz"]
+    folder, = run_folders(tmp_path)
+    assert message == (f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
+                       f"{folder}: run the same command again to resume")
+    assert os.listdir(folder) == ["step-000000007.npz"]
     assert "Traceback" not in stopped.stderr
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
@@ -82,12 +92,16 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
 
 
 def test_a_checkpoint_of_another_model_is_refused(tiny_preset, glue_data, tmp_path, run_glue):
-    folder = tmp_path / "checkpoints" / "stsb_lr5e-05"
-    folder.mkdir(parents=True)
-    np.savez(folder / "step-000000003.npz", np.zeros(3))
+    args = (*TRAINING, f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            f"--checkpoint_dir={tmp_path / 'checkpoints'}")
+    flags.FLAGS(["glue.py", *args])
+    options = glue.options_from_flags()
+    flags.FLAGS.unparse_flags()
+    folder = glue.checkpoint_dir(options, glue.TASKS["stsb"], 5e-5, 42, glue.fingerprint(options))
+    os.makedirs(folder)
+    np.savez(os.path.join(folder, "step-000000003.npz"), np.zeros(3), batches=np.array(3))
     with pytest.raises(SystemExit) as exit_info:
-        run_glue(*TRAINING, f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
-                 f"--checkpoint_dir={tmp_path / 'checkpoints'}")
+        run_glue(*args)
     assert "is a checkpoint of another model or setting" in str(exit_info.value.code)
 
 
@@ -119,3 +133,39 @@ def test_merges_from_many_writers_at_once_lose_nothing(tmp_path):
         thread.join()
     results = json.loads(open(path).read())
     assert len([name for name in results if name.startswith("task")]) == 60
+
+
+def test_a_checkpoint_made_with_another_batch_size_is_not_resumed(tiny_preset, glue_data,
+                                                                  tmp_path):
+    killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:3")
+    assert killed.returncode == -9
+    old_folder, = run_folders(tmp_path)
+
+    other = glue_command(tiny_preset, glue_data[0], tmp_path, extra=["--batch_size=8"])
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "Resuming" not in other.stderr
+    assert "stsb  epoch 1/3: 3 steps of 8 examples\n" in other.stdout  # from the first step
+    assert run_folders(tmp_path) == [old_folder]  # the other run's checkpoint is left alone
+    assert os.listdir(old_folder) == ["step-000000002.npz"]
+
+
+def test_resume_is_exact_under_mixed_float16_when_the_loss_scale_skips_steps(
+        tiny_preset, glue_data, tmp_path):
+    # A huge first loss scale overflows float16: the loss-scale optimizer skips those steps
+    # (and halves the scale), so its step counter falls behind the batches trained.
+    half = ["--mixed_precision=mixed_float16"]
+    env = {"GLUE_TEST_LOSS_SCALE": str(2.0 ** 24)}
+    reference = tmp_path / "reference"
+    done = glue_command(tiny_preset, glue_data[0], reference, extra=half, env=env, wrap=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, = json.loads((reference / "glue_results.json").read_text())["stsb"]["runs"]
+    assert 0 < run["skipped_steps"] < 15  # some of the 15 steps were skipped
+
+    out = tmp_path / "resumed"
+    killed = glue_command(tiny_preset, glue_data[0], out, interrupt="SIGKILL:9", extra=half,
+                          env=env)
+    assert killed.returncode == -9
+    resumed = glue_command(tiny_preset, glue_data[0], out, extra=half, env=env, wrap=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 8" in resumed.stderr
+    assert_same_training(out, reference)

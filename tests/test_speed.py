@@ -1,4 +1,5 @@
-"""Batching by length: every example kept, in a known order, with the same predictions."""
+"""Batching by length from unpadded storage: every example kept, in a known order, with the
+predictions of fixed padding."""
 
 import keras
 import keras_hub
@@ -11,17 +12,29 @@ import glue
 
 
 @pytest.fixture(scope="module")
-def mrpc_tokenized(glue_data, tiny_preset):
-    preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
-        tiny_preset, sequence_length=64)
+def preprocessor(tiny_preset):
+    return keras_hub.models.TextClassifierPreprocessor.from_preset(tiny_preset,
+                                                                    sequence_length=64)
+
+
+@pytest.fixture(scope="module")
+def fixed_padding(glue_data, preprocessor):
+    """MRPC's training split as the preprocessor pads it: every row 64 tokens long."""
+    examples = glue.read_local_split(glue_data[0], "mrpc", "train").batch(100)
+    (features, label), = [glue.features_and_label(glue.TASKS["mrpc"])(batch)
+                          for batch in examples]
+    return preprocessor(x=features)
+
+
+@pytest.fixture(scope="module")
+def mrpc_tokenized(glue_data, preprocessor):
     examples = glue.read_local_split(glue_data[0], "mrpc", "train")
     return glue.tokenize(examples, glue.TASKS["mrpc"],
                          tf.function(lambda features, label: (preprocessor(x=features), label)))
 
 
-@pytest.fixture(scope="module")
-def mrpc_rows(mrpc_tokenized):
-    return tf.data.Dataset.from_tensor_slices(mrpc_tokenized)
+def in_file_order(split):
+    return tf.data.Dataset.range(len(split))
 
 
 def collect(batches):
@@ -33,66 +46,81 @@ def collect(batches):
     return idx, lengths, widths
 
 
-def test_tokenizing_keeps_every_row_in_file_order(mrpc_tokenized, glue_data):
-    inputs, labels, idx = mrpc_tokenized
-    assert idx.numpy().tolist() == list(range(16))
-    assert inputs["token_ids"].shape == (16, 64) and labels.shape == (16,)
+def test_tokenizing_keeps_every_row_in_file_order_without_padding(mrpc_tokenized, glue_data,
+                                                                  fixed_padding):
+    split = mrpc_tokenized
+    assert split.idx.tolist() == list(range(16)) and len(split) == 16
     file_labels = pd.read_csv(f"{glue_data[0]}/MRPC/train.tsv", sep="\t", quoting=3)["Quality"]
-    assert labels.numpy().tolist() == file_labels.tolist()
+    assert split.labels.tolist() == file_labels.tolist()
+    lengths = fixed_padding["padding_mask"].numpy().sum(axis=1)
+    assert split.lengths.tolist() == lengths.tolist() and split.padded_length == 64
+    for name in glue.TOKEN_ALIGNED:  # real tokens only, padded back they are the same rows
+        assert isinstance(split.inputs[name], tf.RaggedTensor)
+        assert split.inputs[name].row_lengths().numpy().tolist() == lengths.tolist()
+        padded = split.inputs[name].to_tensor(split.pad_values[name], shape=(16, 64))
+        np.testing.assert_array_equal(padded.numpy(), fixed_padding[name].numpy())
 
 
-def test_batching_by_length_keeps_every_example_once(mrpc_rows):
-    idx, lengths, widths = collect(glue.batch_by_length(mrpc_rows, batch_size=4))
+def test_batching_by_length_keeps_every_example_once(mrpc_tokenized, fixed_padding):
+    idx, lengths, widths = collect(glue.batch_by_length(mrpc_tokenized,
+                                                        in_file_order(mrpc_tokenized), 4))
     assert sorted(idx) == list(range(16))
-    plain_idx, plain_lengths, plain_widths = collect(mrpc_rows.batch(4))
-    assert sorted(zip(idx, lengths)) == sorted(zip(plain_idx, plain_lengths))  # no token lost
-    assert all(width % 8 == 0 for width in widths) and max(widths) < 64 == plain_widths[0]
+    expected = fixed_padding["padding_mask"].numpy().sum(axis=1)
+    assert sorted(zip(idx, lengths)) == list(enumerate(expected))  # no token lost
+    assert all(width % 8 == 0 for width in widths) and max(widths) < 64
+    assert len(widths) == glue.steps_per_epoch(mrpc_tokenized, 4)
 
 
-def test_each_batch_is_trimmed_to_the_multiple_of_8_above_its_longest_example(mrpc_rows):
-    for inputs, _, _ in glue.batch_by_length(mrpc_rows, batch_size=3).as_numpy_iterator():
+def test_each_batch_is_padded_to_the_multiple_of_8_above_its_longest_example(mrpc_tokenized):
+    batches = glue.batch_by_length(mrpc_tokenized, in_file_order(mrpc_tokenized), 3)
+    for inputs, _, _ in batches.as_numpy_iterator():
         width = inputs["token_ids"].shape[1]
         longest = inputs["padding_mask"].sum(axis=1).max()
         assert width - 8 < longest <= width
         assert {inputs[name].shape[1] for name in inputs} == {width}
 
 
+def test_steps_per_epoch_holds_for_any_order(mrpc_tokenized):
+    for seed in range(3):
+        order = in_file_order(mrpc_tokenized).shuffle(16, seed=seed)
+        batches = glue.batch_by_length(mrpc_tokenized, order, 3)
+        assert sum(1 for _ in batches) == glue.steps_per_epoch(mrpc_tokenized, 3)
+
+
 def test_inputs_without_a_padding_mask_are_batched_as_they_are():
-    plain = tf.data.Dataset.from_tensor_slices(({"x": np.ones((5, 8))}, np.zeros(5),
-                                                np.arange(5)))
-    assert [batch[0]["x"].shape for batch in glue.batch_by_length(plain, 2)] == [
-        (2, 8), (2, 8), (1, 8)]
+    plain = glue.without_padding({"x": tf.ones((5, 8))}, np.zeros(5), np.arange(5))
+    assert plain.lengths is None
+    batches = glue.batch_by_length(plain, in_file_order(plain), 2)
+    assert [batch[0]["x"].shape for batch in batches] == [(2, 8), (2, 8), (1, 8)]
+    assert glue.steps_per_epoch(plain, 2) == 3
 
 
-def test_same_predictions_as_fixed_padding(mrpc_tokenized, mrpc_rows, tiny_preset):
+def test_same_predictions_as_fixed_padding(mrpc_tokenized, fixed_padding, tiny_preset):
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.Backbone.from_preset(tiny_preset)
     for pooling in ("pooled", "cls", "mean"):
         model = glue.GlueClassifier(glue.sentence_encoder(backbone, pooling), num_classes=2)
+        fixed = model(fixed_padding).numpy()
         by_length = {}
-        for inputs, _, idx in glue.batch_by_length(mrpc_rows, 4):
+        for inputs, _, idx in glue.batch_by_length(mrpc_tokenized,
+                                                   in_file_order(mrpc_tokenized), 4):
             by_length.update(zip(idx.numpy().tolist(), model(inputs).numpy()))
-        fixed = {}
-        for inputs, _, idx in mrpc_rows.batch(4):
-            fixed.update(zip(idx.numpy().tolist(), model(inputs).numpy()))
-        for row, logits in fixed.items():
+        for row, logits in enumerate(fixed):
             np.testing.assert_allclose(by_length[row], logits, rtol=1e-4, atol=1e-5)
-        # What predict() does: shortest rows first, batches trimmed, labels and idx carried along.
+        # What predict() does: shortest rows first, batches padded, labels and idx carried along.
         idx, labels, predictions = glue.predict(model, mrpc_tokenized, glue.TASKS["mrpc"], 4)
         assert sorted(idx.tolist()) == list(range(16))
         assert predictions.tolist() == [fixed[row].argmax() for row in idx.tolist()]
-        assert labels.tolist() == [mrpc_tokenized[1].numpy()[row] for row in idx.tolist()]
+        assert labels.tolist() == [mrpc_tokenized.labels[row] for row in idx.tolist()]
 
 
-def test_predictions_go_shortest_first_in_trimmed_batches(mrpc_tokenized):
-    inputs, _, _ = mrpc_tokenized
-    order = glue.shortest_first(inputs)
-    lengths = inputs["padding_mask"].numpy().sum(axis=1)
+def test_predictions_go_shortest_first_in_padded_batches(mrpc_tokenized):
+    order = glue.shortest_first(mrpc_tokenized)
+    lengths = mrpc_tokenized.lengths
     assert sorted(order.tolist()) == list(range(16))
     assert lengths[order].tolist() == sorted(lengths.tolist())
-    sorted_inputs = {name: tf.gather(value, order) for name, value in inputs.items()}
-    widths = [batch["token_ids"].shape[1]
-              for batch in glue.prediction_batches(sorted_inputs, 4).as_numpy_iterator()]
+    batches = glue.prediction_batches(mrpc_tokenized, order, 4)
+    widths = [inputs["token_ids"].shape[1] for inputs, _, _ in batches.as_numpy_iterator()]
     assert widths == [-(-lengths[order][i + 3] // 8) * 8 for i in range(0, 16, 4)]
 
 

@@ -4,11 +4,11 @@ import io
 import json
 import os
 import shutil
-import types
 import zipfile
 
 import pandas as pd
 import pytest
+import tensorflow as tf
 
 import glue
 from conftest import REAL_SUBMISSION, grow_test_files_to_official_size, write_glue_data
@@ -271,30 +271,66 @@ def test_mnli_counts_once_however_it_was_run():
                                            "tasks": {"mnli": pytest.approx(0.75)}}
 
 
-def test_sweep_keeps_the_best_learning_rate(glue_data, tiny_preset, tmp_path, run_glue,
-                                            monkeypatch):
+class StandInModel:
+    """A finetuned model as far as run_task needs one; counts how many are alive at once."""
+
+    alive = peak = 0
+    distribute_strategy = tf.distribute.get_strategy()
+
+    def __init__(self, learning_rate=None):
+        self.learning_rate = learning_rate
+        StandInModel.alive += 1
+        StandInModel.peak = max(StandInModel.peak, StandInModel.alive)
+
+    def __del__(self):
+        StandInModel.alive -= 1
+
+    def save_weights(self, path):
+        with open(path, "w") as file:
+            file.write(repr(self.learning_rate))
+
+    def load_weights(self, path):
+        with open(path) as file:
+            self.learning_rate = float(file.read())
+
+
+def test_sweep_keeps_the_best_learning_rate_and_predicts_test_once(
+        glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
     dev_accuracy = {2e-5: 0.6, 3e-5: 0.8, 5e-5: 0.7}
+    seen_data, predicted = [], []
 
-    seen_data = []
+    def finetune(task, options, train_rows, learning_rate, seed, strategy, name):
+        seen_data.append(train_rows)
+        return StandInModel(learning_rate), {"learning_rate": learning_rate, "seed": seed}
 
-    def finetune_and_predict(task, options, tokenized, learning_rate, strategy):
-        seen_data.append(tokenized)
-        table = pd.DataFrame({"index": [0], "prediction": [f"{learning_rate:g}"]})
-        entry = {"learning_rate": learning_rate,
-                 "validation": {"accuracy": dev_accuracy[learning_rate]}}
-        model = types.SimpleNamespace(distribute_strategy=strategy)  # all run_task asks of it
-        return entry, {"RTE.tsv": table}, model
+    def evaluate(model, eval_rows, task, batch_size, name):
+        return {"validation": {"accuracy": dev_accuracy[model.learning_rate]}}
 
-    monkeypatch.setattr(glue, "finetune_and_predict", finetune_and_predict)
+    def predict_test(model, test_rows, task, batch_size, name):
+        predicted.append(model.learning_rate)
+        table = pd.DataFrame({"index": [0], "prediction": [f"{model.learning_rate:g}"]})
+        return {"RTE.tsv": table}
+
+    monkeypatch.setattr(glue, "finetune", finetune)
+    monkeypatch.setattr(glue, "evaluate", evaluate)
+    monkeypatch.setattr(glue, "predict_test", predict_test)
+    monkeypatch.setattr(glue, "load_pretrained_model", lambda: None)
+    monkeypatch.setattr(glue, "make_finetuning_model", lambda pretrained, outputs: StandInModel())
+    StandInModel.peak = StandInModel.alive
     run_glue("--task_name=rte", "--learning_rate=2e-5,3e-5,5e-5", f"--preset={tiny_preset}",
              f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}")
     entry = json.loads((tmp_path / "glue_results.json").read_text())["rte"]
     assert entry["learning_rate"] == 3e-5
     assert entry["validation"] == {"accuracy": 0.8}
+    assert entry["submitted_run"] == {"learning_rate": 3e-5, "seed": 42}
+    assert [(run["learning_rate"], run["seed"]) for run in entry["runs"]] == [
+        (2e-5, 42), (3e-5, 42), (5e-5, 42)]
     assert entry["learning_rate_sweep"] == {
         "2e-05": {"validation": {"accuracy": 0.6}}, "3e-05": {"validation": {"accuracy": 0.8}},
         "5e-05": {"validation": {"accuracy": 0.7}}}
     assert (tmp_path / "RTE.tsv").read_text() == "index\tprediction\n0\t3e-05\n"
+    assert predicted == [3e-5]  # the test split once, with the chosen run's weights
+    assert StandInModel.peak == 1  # one model alive at a time
     assert len(seen_data) == 3 and all(data is seen_data[0] for data in seen_data)  # tokenized once
 
 

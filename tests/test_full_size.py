@@ -1,0 +1,182 @@
+"""What a long run needs: progress a log file can follow, mistakes caught at start, and no old
+result or checkpoint reused unless it was made with the same settings."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import glue
+from conftest import REPO
+
+TINY = ("--epochs=2", "--batch_size=4", "--max_sequence_length=32")
+
+
+def error_of(run_glue, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue(*args)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("glue.py: error: "), message
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def nothing_may_run(monkeypatch):
+    """Fails the test if any data is read or any model trained."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the run went past its start-up checks")
+    for name in ("load_task_data", "make_preprocess_fn", "train"):
+        monkeypatch.setattr(glue, name, forbidden)
+
+
+# --- Progress -----------------------------------------------------------------------------------
+
+def test_progress_lines_reach_a_log_file(tiny_preset, glue_data, tmp_path):
+    log = tmp_path / "log.txt"
+    with open(log, "w") as file:  # not a terminal
+        subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--task_name=rte",
+                        f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}", *TINY],
+                       stdout=file, stderr=subprocess.STDOUT, check=True, timeout=300)
+    lines = log.read_text().splitlines()
+    headers = [line for line in lines if re.fullmatch(r"rte  epoch \d/2: \d+ steps of 4 examples",
+                                                       line)]
+    assert len(headers) == 2
+    steps = int(headers[0].split()[3])
+    for epoch in (1, 2):
+        assert headers[epoch - 1] == f"rte  epoch {epoch}/2: {steps} steps of 4 examples"
+        progress = [line for line in lines if line.startswith(f"rte  epoch {epoch}/2  step ")]
+        assert progress and all(re.fullmatch(
+            rf"rte  epoch {epoch}/2  step \d+/{steps}  loss \d+\.\d{{4}}  \d+ ex/s  "
+            r"elapsed \S+  ETA \S+", line) for line in progress)
+        assert any(re.fullmatch(rf"rte  epoch {epoch}/2: 16 ex in \S+ \(\d+ ex/s\), loss \S+",
+                                line) for line in lines)
+    for phase in ("tokenize train", "tokenize validation", "tokenize RTE.tsv",
+                  "predict validation", "predict RTE.tsv"):
+        assert any(re.fullmatch(rf"rte  {phase}: \d+ rows in \S+ \(\d+ rows/s\)", line)
+                   for line in lines), phase
+
+
+def test_a_line_every_5_percent_and_every_minute(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(glue.time, "perf_counter", lambda: now[0])
+    progress = glue.Progress("mnli  epoch 1/3", 1000)
+    for step in range(1, 1000):
+        now[0] += 0.01
+        progress.update(step, 32 * step)
+    assert len(capsys.readouterr().out.splitlines()) == 19  # every 50 steps, none at the end
+
+    progress = glue.Progress("mnli  epoch 1/3", 1000)
+    for step in range(1, 6):
+        now[0] += 61  # slow steps: a line each minute, well before 5% of them
+        progress.update(step, 32 * step)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5
+    assert lines[0] == "mnli  epoch 1/3  step 1/1000  1 ex/s  elapsed 1m01s  ETA 16h55m"
+
+
+# --- Start-up checks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, make, expected", [
+    ("submission_directory", "file", "is a file, not a folder"),
+    ("checkpoint_dir", "file", "is a file, not a folder"),
+    ("checkpoint_dir", "under a file", "is a file, not a folder"),
+    ("results_path", "folder", "is a folder; give a file path"),
+    ("finetuning_model_save_path", "under a file", "is a file, not a folder"),
+])
+def test_an_unusable_output_path_fails_at_once_and_trains_nothing(
+        flag, make, expected, tiny_preset, glue_data, tmp_path, run_glue, nothing_may_run):
+    (tmp_path / "a_file").write_text("kept")
+    path = {"file": tmp_path / "a_file", "folder": tmp_path,
+            "under a file": tmp_path / "a_file" / "model.keras"}[make]
+    start = time.monotonic()
+    message = error_of(run_glue, "--task_name=rte", f"--preset={tiny_preset}",
+                       f"--data_dir={glue_data[0]}", f"--{flag}={path}")
+    assert time.monotonic() - start < 30
+    assert expected in message and f"--{flag}" in message
+    assert (tmp_path / "a_file").read_text() == "kept"
+
+
+def test_offline_one_line_names_both_downloads_and_their_flags(run_glue, monkeypatch, tmp_path,
+                                                               nothing_may_run):
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    def no_kaggle(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'api.kaggle.com'")
+
+    monkeypatch.setattr(glue.socket, "create_connection", unreachable)
+    monkeypatch.setattr(glue.keras_hub.models.Backbone, "from_preset", no_kaggle)
+    monkeypatch.setattr(glue.tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
+    message = error_of(run_glue, "--task_name=mrpc", "--preset=bert_tiny_en_uncased")
+    assert "cannot download glue/mrpc" in message
+    assert "cannot load preset 'bert_tiny_en_uncased'" in message
+    assert "--data_dir=<folder in the glue_data/ layout>" in message
+    assert "--preset=<local preset or model folder>" in message
+
+
+# --- Nothing reused unless made with the same settings ------------------------------------------
+
+@pytest.fixture
+def trainings(monkeypatch):
+    """The learning rates finetuned, in order."""
+    rates, train = [], glue.train
+
+    def recording_train(model, split, task, **kwargs):
+        rates.append(kwargs["learning_rate"])
+        return train(model, split, task, **kwargs)
+
+    monkeypatch.setattr(glue, "train", recording_train)
+    return rates
+
+
+def test_changed_settings_redo_a_completed_task(tiny_preset, glue_data, tmp_path, run_glue,
+                                                trainings, capsys):
+    out = tmp_path / "out"
+    args = ("--task_name=rte", f"--data_dir={glue_data[0]}", f"--submission_directory={out}",
+            *TINY)
+    run_glue(*args, f"--preset={tiny_preset}")
+    first = json.loads((out / "glue_results.json").read_text())["rte"]
+    assert first["fingerprint"]["max_sequence_length"] == 32
+
+    capsys.readouterr()
+    run_glue(*args, f"--preset={tiny_preset}")
+    assert "rte: already complete" in capsys.readouterr().out and len(trainings) == 1
+
+    run_glue(*args, f"--preset={tiny_preset}", "--max_sequence_length=16")
+    assert "rte: redone, the recorded results were made with other settings " \
+           "(max_sequence_length 32 -> 16)" in capsys.readouterr().out
+    assert len(trainings) == 2
+    entry = json.loads((out / "glue_results.json").read_text())["rte"]
+    assert entry["fingerprint"]["max_sequence_length"] == 16 and len(entry["runs"]) == 1
+
+    same_shape = str(tmp_path / "another_preset")  # another model of the same shape
+    shutil.copytree(tiny_preset, same_shape)
+    run_glue(*args, f"--preset={same_shape}", "--max_sequence_length=16")
+    assert "(preset " in capsys.readouterr().out and len(trainings) == 3
+    assert json.loads((out / "glue_results.json").read_text())["rte"]["fingerprint"][
+        "preset"] == same_shape
+
+
+def test_adding_a_learning_rate_runs_only_that_rate(tiny_preset, glue_data, tmp_path, run_glue,
+                                                    trainings, capsys):
+    args = ("--task_name=mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            f"--submission_directory={tmp_path}", *TINY)
+    run_glue(*args, "--learning_rate=5e-5")
+    run_glue(*args, "--learning_rate=5e-5,1e-3")
+    assert trainings == [5e-5, 1e-3]
+    entry = json.loads((tmp_path / "glue_results.json").read_text())["mrpc"]
+    assert [run["learning_rate"] for run in entry["runs"]] == [5e-5, 1e-3]
+    best = glue.best_run(entry["runs"])
+    assert entry["submitted_run"] == {"learning_rate": best["learning_rate"], "seed": 42}
+    assert entry["validation"] == best["validation"]
+    assert glue.files_complete(glue.TASKS["mrpc"], entry, str(tmp_path))
+
+    capsys.readouterr()
+    run_glue(*args, "--learning_rate=1e-3")
+    assert "mrpc: already complete" in capsys.readouterr().out and len(trainings) == 2
