@@ -15,6 +15,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import gc
 import glob
 import hashlib
 import json
@@ -101,10 +102,10 @@ flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
 flags.DEFINE_bool("jit_compile", False,
                   "Compile training and prediction with XLA (GPUs, TPUs).")
 flags.DEFINE_string("checkpoint_dir", None,
-                    "Keep the training state here (a folder per task and learning rate) at each "
-                    "epoch's end and every --checkpoint_every_steps; the same command resumes "
-                    "after a crash or preemption. Default: none, or <submission_directory>/"
-                    "checkpoints when several tasks run.")
+                    "Keep the training state here (a folder per run: task, learning rate, seed "
+                    "and settings) at each epoch's end and every --checkpoint_every_steps; the "
+                    "same command resumes after a crash or preemption. Default: none, or "
+                    "<submission_directory>/checkpoints when several tasks run.")
 flags.DEFINE_integer("checkpoint_every_steps", 0,
                      "Also checkpoint every this many training steps (0: only at epoch ends).",
                      lower_bound=0)
@@ -337,11 +338,11 @@ def read_local_split(data_dir, dataset, split):
             raise GlueError(f"{path}: malformed TSV: no column {column!r} "
                             f"(columns: {', '.join(map(str, columns))})")
     key_texts = read_tsv(path, headerless_columns, usecols=[key_column])[key_column]
-    first_line = 1 if headerless_columns else 2
+    first_data_line = 1 if headerless_columns else 2
 
     def parse(convert, what):
         values = []
-        for line, text in enumerate(key_texts, start=first_line):
+        for line, text in enumerate(key_texts, start=first_data_line):
             try:
                 values.append(convert(text))
             except ValueError:
@@ -351,7 +352,8 @@ def read_local_split(data_dir, dataset, split):
     if is_test:  # the leaderboard keys rows by the file's index column
         idx, labels = parse(int, "bad index"), [-1] * len(key_texts)
     else:  # tfds numbers train and dev rows in file order
-        idx, labels = range(len(key_texts)), parse(lambda text: parse_label(task, text), "bad label")
+        labels = parse(lambda text: parse_label(task, text), "bad label")
+        idx = range(len(key_texts))
     keys = {"label": np.array(labels, np.float32 if task.is_regression else np.int64),
             "idx": np.array(idx, np.int32)}
 
@@ -765,8 +767,8 @@ def clock(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def rate(count, seconds, unit):
-    return f"{count / max(seconds, 1e-9):.0f} {unit}/s"
+def per_second(amount, seconds, unit):
+    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
 
 
 class Progress:
@@ -790,13 +792,13 @@ class Progress:
         elapsed = now - self.started
         remaining = elapsed / (step - self.start) * (self.total - step)
         say(f"{self.label}  step {step}/{self.total}  {details()}"
-            f"{rate(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
             f"ETA {clock(remaining)}")
 
-    def summary(self, count, noun="rows", details=""):
+    def summary(self, amount, noun="rows", details=""):
         seconds = time.perf_counter() - self.started
-        say(f"{self.label}: {count} {noun} in {clock(seconds)} ({rate(count, seconds, noun)})"
-            f"{details}")
+        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
+            f"({per_second(amount, seconds, noun)}){details}")
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -820,10 +822,11 @@ class TrainingProgress(keras.callbacks.Callback):
                              lambda: f"loss {float(logs['loss']):.4f}  ")
 
     def on_epoch_end(self, epoch, logs=None):
-        examples = min(self.steps - self.resumed_steps, math.ceil(
-            self.num_examples / self.batch_size)) * self.batch_size
-        self.progress.summary(min(examples, self.num_examples), "ex",
-                              f", loss {float(logs['loss']):.4f}" if logs else "")
+        loss = f", loss {float(logs['loss']):.4f}" if logs else ""
+        if self.resumed_steps:  # a part of an epoch: count its steps, not its examples
+            self.progress.summary(self.steps - self.resumed_steps, "steps", loss)
+        else:
+            self.progress.summary(self.num_examples, "ex", loss)
         self.resumed_steps = 0
 
 
@@ -846,7 +849,7 @@ class PredictionProgress(keras.callbacks.Callback):
 BUCKET_WIDTHS = tuple(range(8, 513, 8))
 TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
 TOKENIZE_BATCH = 1024
-TOKENIZE_THREADS = os.cpu_count()  # batches tokenized at once
+TOKENIZE_THREADS = len(os.sched_getaffinity(0))  # batches tokenized at once: one per core
 PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
 
 
@@ -1638,9 +1641,15 @@ def run_key(run):
 
 
 def run_name(task, learning_rate, seed, several):
+    """How progress lines name a run."""
     if not several:
         return task.name
     return f"{task.name} lr {learning_rate:g} seed {seed}"
+
+
+def describe_run(run):
+    rate = "no training" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
+    return f"{rate}, seed {run['seed']}"
 
 
 def checkpoint_dir(options, task, learning_rate, seed, settings):
@@ -1677,9 +1686,9 @@ def changed_settings(old, new):
 
 
 def files_complete(task, entry, submission_directory):
-    """Whether an earlier run wrote all this task's files, complete."""
+    """Whether an earlier run wrote all this task's files, complete (true if none are kept)."""
     rows = entry.get("submission_rows", {})
-    return bool(submission_directory) and all(
+    return not submission_directory or all(
         rows.get(output.file) is not None and
         count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
         for output in task.outputs)
@@ -1691,15 +1700,16 @@ def files_complete(task, entry, submission_directory):
 
 
 def load_task_data(task, options):
-    """Opens every split the task needs, checking files and labels before any training."""
+    """Opens every split the task needs, dev and test first, checking files and labels before
+    any training."""
     def load(dataset, split):
         return load_split(options.data_dir, dataset, split)
 
+    eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
+    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
     train_examples = None
     if not options.finetuning_model_load_path:
         train_examples = load(task.training_data, "train")
-    eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
-    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
     return train_examples, eval_examples, test_examples
 
 
@@ -1708,11 +1718,11 @@ def tokenize_task_data(data, task, preprocess_fn):
     then fails within seconds, not after the training split."""
     train_examples, eval_examples, test_examples = data
 
-    def tokenize_each(splits, kind):
-        return {name: tokenize(examples, task, preprocess_fn, f"{kind} {name}".strip())
+    def tokenize_each(splits):
+        return {name: tokenize(examples, task, preprocess_fn, name)
                 for name, examples in splits.items()}
 
-    eval_rows, test_rows = tokenize_each(eval_examples, ""), tokenize_each(test_examples, "")
+    eval_rows, test_rows = tokenize_each(eval_examples), tokenize_each(test_examples)
     train_rows = None if train_examples is None else tokenize(train_examples, task,
                                                               preprocess_fn, "train")
     return train_rows, eval_rows, test_rows
@@ -1732,13 +1742,14 @@ def finetune(task, options, train_rows, learning_rate, seed, strategy, name):
     model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
     record["load_seconds"] = seconds_since(start)
     start = time.perf_counter()
-    skipped_steps = train(model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
-          learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
-          weight_decay=options.weight_decay, seed=seed,
-          checkpoint_dir=checkpoint_dir(options, task, learning_rate, seed, fingerprint(options)),
-          checkpoint_every_steps=options.checkpoint_every_steps,
-          write_checkpoints=strategy.extended.should_checkpoint,
-          jit_compile=options.jit_compile, label=name)
+    skipped_steps = train(
+        model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
+        learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
+        weight_decay=options.weight_decay, seed=seed,
+        checkpoint_dir=checkpoint_dir(options, task, learning_rate, seed, fingerprint(options)),
+        checkpoint_every_steps=options.checkpoint_every_steps,
+        write_checkpoints=strategy.extended.should_checkpoint,
+        jit_compile=options.jit_compile, label=name)
     record["train_seconds"] = seconds_since(start)
     record["train_examples"] = len(train_rows)
     if options.mixed_precision == "mixed_float16":
@@ -1778,15 +1789,10 @@ def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=Fal
     """Does the task's runs (`todo`, default all asked), picks the best of them and `kept_runs`
     on dev, and predicts the test files once, with that run's weights.
 
-    Only one model is alive at a time: with several runs, each run's weights wait on disk.
+    Only one model is alive at a time: with several runs, the best run's weights wait on disk.
     Under multi-worker training every worker runs this; only the chief writes."""
     todo = asked_runs(options) if todo is None else todo
-    settings = fingerprint(options)
-    several = len(todo) > 1
-    with strategy.scope(), contextlib.ExitStack() as cleanup:
-        # With several runs, each run's weights wait on disk (beside the checkpoints, if any).
-        weights_dir = several and cleanup.enter_context(tempfile.TemporaryDirectory(
-            prefix=f".{task.name}-weights-", dir=options.checkpoint_dir))
+    with strategy.scope(), best_weights_file(options, several=len(todo) > 1) as weights_path:
         # The custom code blocks run in the scope too: they may create variables. The preset's
         # preprocessing loads first, so that a preset that cannot be had fails in seconds.
         preprocess_fn = tf.function(make_preprocess_fn())
@@ -1794,55 +1800,86 @@ def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=Fal
         train_rows, eval_rows, test_rows = tokenize_task_data(
             load_task_data(task, options), task, preprocess_fn)
         tokenize_seconds = seconds_since(start)
-        runs, model = [], None
-        for learning_rate, seed in todo:
-            model = None  # only one model alive at a time
-            name = run_name(task, learning_rate, seed, several)
-            model, record = finetune(task, options, train_rows, learning_rate, seed, strategy,
-                                     name)
+        runs, model = finetune_runs(task, options, strategy, todo, train_rows, eval_rows,
+                                    weights_path)
+        submitted = best_run(runs + list(kept_runs))  # a new run wins a tie
+        entry = task_entry(options, submitted, list(kept_runs) + runs, model)
+        entry["tokenize_seconds"] = tokenize_seconds
+        tables = None
+        if submitted in runs:
+            if submitted is not runs[-1]:
+                model = None  # only one model alive at a time
+                gc.collect()
+                model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+                model.jit_compile = options.jit_compile
+                model.load_weights(weights_path)
             start = time.perf_counter()
-            record.update(evaluate(model, eval_rows, task, options.batch_size, name))
-            record["dev_predict_seconds"] = seconds_since(start)
-            if several:
-                model.save_weights(os.path.join(weights_dir, f"{len(runs)}.weights.h5"))
-            runs.append(record)
-        submitted = best_run(list(kept_runs) + runs)
-        entry = {**dev_metrics(submitted), "fingerprint": settings,
-                 "runs": list(kept_runs) + runs, "tokenize_seconds": tokenize_seconds,
-                 "submitted_run": {"learning_rate": submitted["learning_rate"],
-                                   "seed": submitted["seed"]},
-                 "flags": vars(options),
-                 # From the model: one built outside the scope would train on one device.
-                 "replicas": model.distribute_strategy.num_replicas_in_sync}
-        entry.update({key: submitted[key] for key in (
-            "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
-        rates = {run["learning_rate"] for run in entry["runs"]}
-        if len(rates) > 1:
-            entry["learning_rate_sweep"] = {f"{run['learning_rate']:g}": dev_metrics(run)
-                                            for run in entry["runs"]}
-        if submitted not in runs:  # a recorded run is still the best: its files stay
-            say(f"{task.name}: the recorded run (lr {submitted['learning_rate']:g}, seed "
-                f"{submitted['seed']}) stays the best; its files are kept")
-            return entry
-        if submitted is not runs[-1]:
-            model = None
-            model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-            model.load_weights(os.path.join(weights_dir, f"{runs.index(submitted)}.weights.h5"))
-        start = time.perf_counter()
-        tables = predict_test(model, test_rows, task, options.batch_size, task.name)
-        entry["predict_seconds"] = round(submitted["dev_predict_seconds"] +
-                                         seconds_since(start), 2)
+            tables = predict_test(model, test_rows, task, options.batch_size, task.name)
+            entry["predict_seconds"] = round(submitted["dev_predict_seconds"] +
+                                             seconds_since(start), 2)
+        else:  # a recorded run is still the best: its files stay
+            say(f"{task.name}: the recorded run ({describe_run(submitted)}) stays the best; "
+                "its files are kept")
     if strategy.extended.should_checkpoint:
         write_task_outputs(task, options, entry, tables, model, several_tasks)
     return entry
 
 
+@contextlib.contextmanager
+def best_weights_file(options, several):
+    """A path for the best run's weights while several runs are done (None for one run): in
+    the checkpoint folder if there is one, else in a temporary folder; deleted afterwards."""
+    if not several:
+        yield None
+        return
+    if options.checkpoint_dir:
+        os.makedirs(options.checkpoint_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".best-weights-", dir=options.checkpoint_dir) as folder:
+        yield os.path.join(folder, "best.weights.h5")
+
+
+def finetune_runs(task, options, strategy, todo, train_rows, eval_rows, weights_path):
+    """Finetunes and evaluates each run; returns their records and the last run's model. With
+    `weights_path`, the weights of the best run so far are kept there."""
+    runs, model = [], None
+    for learning_rate, seed in todo:
+        model = None  # only one model alive at a time
+        gc.collect()
+        name = run_name(task, learning_rate, seed, several=len(todo) > 1)
+        model, record = finetune(task, options, train_rows, learning_rate, seed, strategy, name)
+        start = time.perf_counter()
+        record.update(evaluate(model, eval_rows, task, options.batch_size, name))
+        record["dev_predict_seconds"] = seconds_since(start)
+        runs.append(record)
+        if weights_path and best_run(runs) is record:
+            write_atomically(weights_path, model.save_weights)
+    return runs, model
+
+
+def task_entry(options, submitted, runs, model):
+    """The results entry of a task: the submitted run's dev metrics and times, every run, the
+    fingerprint and the flags."""
+    entry = {**dev_metrics(submitted), "fingerprint": fingerprint(options), "runs": runs,
+             "submitted_run": {"learning_rate": submitted["learning_rate"],
+                               "seed": submitted["seed"]},
+             "flags": vars(options),
+             # From the model: one built outside the scope would train on one device.
+             "replicas": model.distribute_strategy.num_replicas_in_sync}
+    entry.update({key: submitted[key] for key in (
+        "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
+    if len({run["learning_rate"] for run in runs}) > 1:
+        entry["learning_rate_sweep"] = {f"{run['learning_rate']:g}": dev_metrics(run)
+                                        for run in runs}
+    return entry
+
+
 def write_task_outputs(task, options, entry, tables, model, several_tasks):
-    """The saved model and the submission files; then the task's checkpoints are deleted."""
+    """The saved model and the submission files (`tables`; None: keep the recorded ones); then
+    the task's checkpoints are deleted."""
     save_path = model_save_path(options, task, several_tasks)
-    if save_path and not options.finetuning_model_load_path:
+    if tables is not None and save_path and not options.finetuning_model_load_path:
         write_atomically(save_path, model.save)
-    if options.submission_directory:
+    if tables is not None and options.submission_directory:
         entry["submission_rows"] = {}
         for file, table in tables.items():
             path = os.path.join(options.submission_directory, file)
@@ -1866,13 +1903,14 @@ def run_tasks(task_names, options, strategy):
         previous = read_results(path).get(name)
         kept, todo = plan_runs(task, options, previous)
         if not todo:
-            say(f"{name}: already complete in {options.submission_directory} with these "
-                "settings, skipped (--overwrite redoes it)")
+            say(f"{name}: already complete in {results_path(options)} with these settings, "
+                "skipped (--overwrite redoes it)")
             continue
         try:
-            entry = run_task(task, options, strategy, kept, todo, several_tasks=len(task_names) > 1)
-            if kept and "submission_rows" not in entry:
-                entry["submission_rows"] = previous["submission_rows"]
+            entry = run_task(task, options, strategy, kept, todo,
+                             several_tasks=len(task_names) > 1)
+            if kept and "submission_rows" in previous:  # where the recorded run stays the best
+                entry.setdefault("submission_rows", previous["submission_rows"])
             results[name] = entry
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
             resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""

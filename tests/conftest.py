@@ -165,6 +165,16 @@ def glue_data(tmp_path_factory):
     return root, write_glue_data(root)
 
 
+def error_of(run_glue, *args):
+    """Runs glue.py in process and returns its one-line error message."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue(*args)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("glue.py: error: "), message
+    assert "\n" not in message
+    return message
+
+
 @pytest.fixture
 def run_glue():
     """Runs glue.main in this process with the given flags, as `python glue.py ...` would."""

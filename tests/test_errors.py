@@ -9,19 +9,9 @@ import pandas as pd
 import pytest
 
 import glue
-from conftest import REPO
+from conftest import REPO, error_of
 
 TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
-
-
-def error_of(run_glue, *args):
-    """Runs glue.py in process and returns its one-line error message."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_glue(*args)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("glue.py: error: "), message
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture
@@ -59,7 +49,7 @@ def test_bad_flags_exit_with_one_clear_line(args, expected):
 def test_missing_task_folder_names_the_expected_path(tiny_preset, tmp_path, run_glue):
     message = error_of(run_glue, "--task_name=mrpc", f"--preset={tiny_preset}",
                        f"--data_dir={tmp_path}")
-    assert os.path.join(str(tmp_path), "MRPC", "train.tsv") in message
+    assert os.path.join(str(tmp_path), "MRPC", "dev.tsv") in message  # dev is opened first
 
 
 def test_missing_test_file_fails_before_training(broken_data, tiny_preset, run_glue):

@@ -12,18 +12,9 @@ import time
 import pytest
 
 import glue
-from conftest import REPO
+from conftest import REPO, error_of
 
 TINY = ("--epochs=2", "--batch_size=4", "--max_sequence_length=32")
-
-
-def error_of(run_glue, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        run_glue(*args)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("glue.py: error: "), message
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture
