@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import fcntl
 import gc
@@ -855,19 +856,25 @@ PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ah
 
 @dataclasses.dataclass
 class TokenizedSplit:
-    """A tokenized split, one row per example, in file order.
+    """A tokenized split, one row per example, in file order, in numpy arrays.
 
-    The token-aligned inputs are kept without their padding, as `tf.RaggedTensor` rows of
-    real length, so memory follows the real tokens; each batch is padded as it is made. Inputs
-    without a `padding_mask` (a custom preprocessing may give any) are kept as they are.
+    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
+    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
+    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
+    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
+    Inputs without a `padding_mask` (a custom preprocessing may give any) are kept as they are,
+    in `inputs`, with the other inputs.
     """
 
-    inputs: object  # a dict of tensors, or one tensor
+    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
     labels: np.ndarray
     idx: np.ndarray
     lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
     padded_length: int = None  # the length `preprocess_fn` padded to
+    tokens: dict = dataclasses.field(default_factory=dict)
+    offsets: np.ndarray = None
     pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
+    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
 
     def __len__(self):
         return len(self.labels)
@@ -916,36 +923,56 @@ def map_in_threads(function, items, threads):
 
 def without_padding(inputs, labels, idx):
     """A `TokenizedSplit` of one batch of `preprocess_fn`'s output."""
+    inputs = tf.nest.map_structure(np.asarray, inputs)
     labels, idx = np.asarray(labels), np.asarray(idx)
     if not isinstance(inputs, dict) or "padding_mask" not in inputs or \
-            len(inputs["padding_mask"].shape) != 2:
+            inputs["padding_mask"].ndim != 2:
         return TokenizedSplit(inputs, labels, idx)
-    mask = np.asarray(inputs["padding_mask"]).astype(bool)
-    lengths = mask.sum(axis=1)
-    stored, pad_values = dict(inputs), {}
-    for name in TOKEN_ALIGNED:
-        value = np.asarray(inputs[name]) if name in inputs else None
-        if value is not None and value.shape == mask.shape:
-            # Row by row, the real tokens: exactly a ragged tensor's flat values.
-            stored[name] = tf.RaggedTensor.from_row_lengths(value[mask], lengths, validate=False)
+    mask = inputs["padding_mask"].astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    split = TokenizedSplit({}, labels, idx, lengths, mask.shape[1])
+    for name, value in inputs.items():
+        if name not in TOKEN_ALIGNED or value.shape != mask.shape:
+            split.inputs[name] = value
+            continue
+        split.dtypes[name] = value.dtype
+        if name != "padding_mask":
+            split.tokens[name] = smallest_integers(value[mask])  # row by row, the real tokens
             padding = value[~mask][:1]  # padding as `preprocess_fn` pads
-            pad_values[name] = padding[0] if len(padding) else np.zeros((), value.dtype)
-    return TokenizedSplit(stored, labels, idx, lengths, mask.shape[1], pad_values)
+            split.pad_values[name] = padding[0] if len(padding) else value.dtype.type(0)
+    return split
+
+
+def smallest_integers(values):
+    """`values` in the smallest integer type that holds them (token ids fit in 32 bits)."""
+    if values.dtype.kind not in "iu" or not len(values):
+        return values
+    low, high = values.min(), values.max()
+    fits = [kind for kind in (np.int8, np.int16, np.int32)
+            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max]
+    return values.astype(fits[0]) if fits else values
 
 
 def joined(pieces):
+    """One `TokenizedSplit` of the pieces, freeing each piece's tokens once they are copied."""
     first = pieces[0]
-    return TokenizedSplit(
-        inputs=tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0),
+    split = dataclasses.replace(
+        first,
+        inputs=tf.nest.map_structure(lambda *parts: np.concatenate(parts),
                                      *[piece.inputs for piece in pieces]),
         labels=np.concatenate([piece.labels for piece in pieces]),
         idx=np.concatenate([piece.idx for piece in pieces]),
-        lengths=None if first.lengths is None else np.concatenate(
-            [piece.lengths for piece in pieces]),
-        padded_length=first.padded_length,
-        pad_values={name: next((piece.pad_values[name] for piece in pieces
-                                if piece.lengths.min() < piece.padded_length), value)
-                    for name, value in first.pad_values.items()})
+        tokens={})
+    if first.lengths is None:
+        return split
+    split.lengths = np.concatenate([piece.lengths for piece in pieces])
+    split.offsets = np.concatenate([[0], np.cumsum(split.lengths, dtype=np.int64)])
+    for name in list(first.tokens):
+        split.tokens[name] = np.concatenate([piece.tokens.pop(name) for piece in pieces])
+    split.pad_values = {name: next((piece.pad_values[name] for piece in pieces
+                                    if piece.lengths.min() < piece.padded_length), value)
+                        for name, value in first.pad_values.items()}
+    return split
 
 
 def bucket_widths(split):
@@ -954,29 +981,44 @@ def bucket_widths(split):
         [split.padded_length]
 
 
-def gathered(split):
-    """A map from a batch of row indices to the batch of rows `(inputs, labels, idx)`, each
+def rows_of(split, indices):
+    """Rows `indices` of a split as one batch, `(inputs, labels, idx)` in numpy arrays, each
     token-aligned input padded to the bucket width above the batch's longest row."""
-    labels, idx = tf.constant(split.labels), tf.constant(split.idx)
-    lengths = None if split.lengths is None else tf.constant(split.lengths, tf.int32)
-    widths = None if split.lengths is None else tf.constant(bucket_widths(split), tf.int32)
+    inputs = tf.nest.map_structure(lambda values: values[indices], split.inputs)
+    if split.lengths is not None:
+        lengths = split.lengths[indices]
+        widths = bucket_widths(split)
+        width = widths[np.searchsorted(widths, lengths.max())]
+        real = np.arange(width) < lengths[:, None]
+        where = split.offsets[indices][:, None] + np.minimum(np.arange(width),
+                                                             lengths[:, None] - 1)
+        for name, values in split.tokens.items():
+            inputs[name] = np.where(real, values[where], split.pad_values[name]).astype(
+                split.dtypes[name])
+        inputs["padding_mask"] = real.astype(split.dtypes["padding_mask"])
+    return inputs, split.labels[indices], split.idx[indices]
+
+
+def gathered(split):
+    """`rows_of` as a tf.data map over batches of row indices. The arrays stay in numpy, out of
+    the tf.data graph, which would copy captured tensors into every pipeline it makes."""
+    example = rows_of(split, np.arange(1))
+    shapes = tf.nest.map_structure(
+        lambda array: tf.TensorShape([None] + list(array.shape[1:])), example)
+    if split.lengths is not None:  # token-aligned inputs vary in width from batch to batch
+        for name in [*split.tokens, "padding_mask"]:
+            shapes[0][name] = tf.TensorShape([None, None])
 
     def gather(indices):
-        inputs = tf.nest.map_structure(lambda value: tf.gather(value, indices), split.inputs)
-        if lengths is not None:
-            longest = tf.reduce_max(tf.gather(lengths, indices))
-            width = tf.gather(widths, tf.searchsorted(widths, [longest]))[0]
-            inputs = {name: padded(value, width, split.pad_values[name])
-                      if name in split.pad_values else value for name, value in inputs.items()}
-        return inputs, tf.gather(labels, indices), tf.gather(idx, indices)
+        arrays = tf.numpy_function(
+            lambda rows: tf.nest.flatten(rows_of(split, rows)), [indices],
+            [tf.string if array.dtype == object else tf.as_dtype(array.dtype)
+             for array in tf.nest.flatten(example)], stateful=False)
+        for array, shape in zip(arrays, tf.nest.flatten(shapes)):
+            array.set_shape(shape)
+        return tf.nest.pack_sequence_as(example, arrays)
 
     return gather
-
-
-def padded(rows, width, pad_value):
-    """Ragged rows as a dense batch `width` long."""
-    dense = rows.to_tensor(pad_value)
-    return tf.pad(dense, [[0, 0], [0, width - tf.shape(dense)[1]]], constant_values=pad_value)
 
 
 def batch_by_length(split, order, batch_size):
@@ -1800,6 +1842,7 @@ def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=Fal
         train_rows, eval_rows, test_rows = tokenize_task_data(
             load_task_data(task, options), task, preprocess_fn)
         tokenize_seconds = seconds_since(start)
+        release_freed_memory()
         runs, model = finetune_runs(task, options, strategy, todo, train_rows, eval_rows,
                                     weights_path)
         submitted = best_run(runs + list(kept_runs))  # a new run wins a tie
@@ -1836,6 +1879,13 @@ def best_weights_file(options, several):
         os.makedirs(options.checkpoint_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".best-weights-", dir=options.checkpoint_dir) as folder:
         yield os.path.join(folder, "best.weights.h5")
+
+
+def release_freed_memory():
+    """Hands the memory freed by tokenizing (many small batches, on several threads) back to
+    the system; glibc keeps it otherwise, and the process would stay that much larger."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def finetune_runs(task, options, strategy, todo, train_rows, eval_rows, weights_path):

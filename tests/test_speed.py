@@ -54,11 +54,20 @@ def test_tokenizing_keeps_every_row_in_file_order_without_padding(mrpc_tokenized
     assert split.labels.tolist() == file_labels.tolist()
     lengths = fixed_padding["padding_mask"].numpy().sum(axis=1)
     assert split.lengths.tolist() == lengths.tolist() and split.padded_length == 64
-    for name in glue.TOKEN_ALIGNED:  # real tokens only, padded back they are the same rows
-        assert isinstance(split.inputs[name], tf.RaggedTensor)
-        assert split.inputs[name].row_lengths().numpy().tolist() == lengths.tolist()
-        padded = split.inputs[name].to_tensor(split.pad_values[name], shape=(16, 64))
-        np.testing.assert_array_equal(padded.numpy(), fixed_padding[name].numpy())
+    assert sorted(split.tokens) == ["segment_ids", "token_ids"]  # the mask is its lengths
+    assert split.tokens["segment_ids"].dtype == np.int8  # 0 and 1 need one byte
+    for name, values in split.tokens.items():  # real tokens only, one row after the other
+        assert len(values) == lengths.sum()
+        for row, length in enumerate(lengths):
+            np.testing.assert_array_equal(
+                values[split.offsets[row]:split.offsets[row + 1]],
+                fixed_padding[name].numpy()[row, :length])
+    inputs, labels, idx = glue.rows_of(split, np.arange(16))  # padded back: the same rows
+    width = inputs["token_ids"].shape[1]
+    assert width == -(-lengths.max() // 8) * 8 and idx.tolist() == list(range(16))
+    for name in glue.TOKEN_ALIGNED:
+        assert inputs[name].dtype == fixed_padding[name].numpy().dtype
+        np.testing.assert_array_equal(inputs[name], fixed_padding[name].numpy()[:, :width])
 
 
 def test_batching_by_length_keeps_every_example_once(mrpc_tokenized, fixed_padding):
