@@ -818,7 +818,6 @@ class TrainingProgress(keras.callbacks.Callback):
         say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
 
     def on_train_batch_end(self, batch, logs=None):
-        self.logs = logs
         self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
                              lambda: f"loss {float(logs['loss']):.4f}  ")
 
@@ -1707,13 +1706,13 @@ def plan_runs(task, options, previous):
 
     A recorded run is kept only when the task's files are complete and were made with the same
     fingerprint; a task with nothing left to do is skipped."""
-    asked = asked_runs(options)
+    asked, settings = asked_runs(options), fingerprint(options)
     if options.overwrite or not previous or not files_complete(
             task, previous, options.submission_directory):
         return [], asked
-    if previous.get("fingerprint") != fingerprint(options):
+    if previous.get("fingerprint") != settings:
         say(f"{task.name}: redone, the recorded results were made with other settings "
-            f"({changed_settings(previous.get('fingerprint'), fingerprint(options))})")
+            f"({changed_settings(previous.get('fingerprint'), settings)})")
         return [], asked
     kept = previous.get("runs", [])
     recorded = {run_key(run) for run in kept}
