@@ -775,7 +775,8 @@ def per_second(amount, seconds, unit):
 class Progress:
     """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
     steps: at least every 5% of them and every PROGRESS_SECONDS. Phases shorter than
-    `quiet_below` steps print nothing but their summary. `start`: steps done before (resume)."""
+    `quiet_below` steps skip the 5% lines (they are over in seconds with most models), but
+    never the minute's. `start`: steps done before (resume)."""
 
     def __init__(self, label, total, *, start=0, quiet_below=0, unit="ex"):
         self.label, self.total, self.start, self.unit = label, total, start, unit
@@ -785,9 +786,9 @@ class Progress:
 
     def update(self, step, examples, details=lambda: ""):
         now = time.perf_counter()
-        due = (step - self.last_step >= max(self.total / PROGRESS_PARTS, 1) or
-               now - self.last_time >= PROGRESS_SECONDS)
-        if self.quiet or not due or step >= self.total:
+        due = (not self.quiet and step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
+               or now - self.last_time >= PROGRESS_SECONDS)
+        if not due or step >= self.total:
             return
         self.last_step, self.last_time = step, now
         elapsed = now - self.started

@@ -70,6 +70,15 @@ def test_a_line_every_5_percent_and_every_minute(monkeypatch, capsys):
     assert len(lines) == 5
     assert lines[0] == "mnli  epoch 1/3  step 1/1000  1 ex/s  elapsed 1m01s  ETA 16h55m"
 
+    quiet = glue.Progress("rte  predict RTE.tsv", 40, quiet_below=50)  # no 5% lines...
+    for step in range(1, 40):
+        now[0] += 1
+        quiet.update(step, 32 * step)
+    assert capsys.readouterr().out == ""
+    now[0] += 60  # ...but a slow step still gets its line within the minute
+    quiet.update(40 - 1, 32 * 39)
+    assert capsys.readouterr().out.startswith("rte  predict RTE.tsv  step 39/40  ")
+
 
 # --- Start-up checks ----------------------------------------------------------------------------
 
@@ -163,7 +172,8 @@ def test_adding_a_learning_rate_runs_only_that_rate(tiny_preset, glue_data, tmp_
     assert trainings == [5e-5, 1e-3]
     entry = json.loads((tmp_path / "glue_results.json").read_text())["mrpc"]
     assert [run["learning_rate"] for run in entry["runs"]] == [5e-5, 1e-3]
-    best = glue.best_run(entry["runs"])
+    kept, added = entry["runs"]
+    best = glue.best_run([added, kept])  # the new run wins a tie
     assert entry["submitted_run"] == {"learning_rate": best["learning_rate"], "seed": 42}
     assert entry["validation"] == best["validation"]
     assert glue.files_complete(glue.TASKS["mrpc"], entry, str(tmp_path))
