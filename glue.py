@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,24 @@ flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay (not applied to bia
                    "layer-norm weights).", lower_bound=0.0)
 flags.DEFINE_integer("max_sequence_length", 128,
                      "Longest tokenized input; longer pairs are truncated.", lower_bound=1)
-flags.DEFINE_integer("seed", 42, "Random seed for weights, dropout and data order.")
+flags.DEFINE_list("seed", ["42"],
+                  "Random seed for weights, dropout and data order. A comma list (1,2,3,4,5) "
+                  "finetunes once per seed and learning rate; results give the median and "
+                  "spread over seeds, and the learning rate is chosen by its median.")
+flags.DEFINE_float("clip_norm", 1.0, "Clip the gradients' global norm to this (0: no clipping), "
+                   "as BERT and the Hugging Face Trainer do.", lower_bound=0.0)
+flags.DEFINE_integer("evaluations_per_epoch", 1,
+                     "Evaluate on dev this many times an epoch (always at its end); every "
+                     "evaluation is recorded.", lower_bound=1)
+flags.DEFINE_bool("select_best_epoch", True,
+                  "Report dev metrics and predict test with the weights of the best dev "
+                  "evaluation; false: with the last weights.")
+flags.DEFINE_integer("max_restarts", 0,
+                     "Train a collapsed run (every dev prediction the same) again, up to this "
+                     "many times, with seed + 1000 * k.", lower_bound=0)
+flags.DEFINE_string("init_from_finetuned", None,
+                    "Start from the encoder of a model finetuned on another task (a `.keras` "
+                    "file from --finetuning_model_save_path, typically MNLI), with a new head.")
 flags.DEFINE_string("preset", "bert_tiny_en_uncased",
                     "KerasHub preset id, local KerasHub preset directory, or local Hugging "
                     "Face-format model folder.")
@@ -149,6 +167,9 @@ flags.register_validator(
     "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
 flags.register_validator("learning_rate", _valid_learning_rates,
                          "give positive numbers, comma-separated")
+flags.register_validator("seed", lambda values: bool(values) and all(
+    re.fullmatch(r"-?\d+", value.strip()) for value in values),
+    "give integers, comma-separated")
 
 
 class GlueError(Exception):
@@ -721,7 +742,7 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        warmup = step / max(self.warmup_steps, 1)
+        warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
         decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
         return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
 
@@ -730,9 +751,13 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
 
-def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay):
+def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0):
+    """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
+    Keras clips before it sums the replicas' gradients, so with several replicas each
+    replica's share of the batch is clipped on its own."""
     schedule = WarmupLinearDecay(learning_rate, int(total_steps * warmup_ratio), total_steps)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
+                                       global_clipnorm=clip_norm or None)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
 
@@ -1102,11 +1127,12 @@ class TrainingCheckpoints(keras.callbacks.Callback):
     not count the steps it skips. One file per checkpoint, written atomically.
     """
 
-    def __init__(self, directory, every_steps=0, write=True):
+    def __init__(self, directory, every_steps=0, write=True, evaluations=None):
         super().__init__()
         self.directory = directory
         self.every_steps = every_steps
         self.write = write  # under multi-worker training only the chief writes; all read
+        self.evaluations = evaluations  # the run's dev evaluations so far, saved alongside
         self.sigterm_received = False
         self.batches = 0  # batches trained, in all epochs
 
@@ -1120,8 +1146,11 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.paths():
             return 0
         with np.load(self.paths()[-1]) as saved:
-            arrays = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+            arrays = [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
+                                                           for name in saved.files))]
             batches = int(saved["batches"]) if "batches" in saved.files else None
+            evaluations = json.loads(str(saved["evaluations"])) \
+                if "evaluations" in saved.files else []
         state = self.state(model)
         if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
             raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
@@ -1129,6 +1158,8 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         for variable, array in zip(state, arrays):
             variable.assign(array)
         self.batches = batches
+        if self.evaluations:
+            self.evaluations.resume(batches, evaluations)
         return batches
 
     def save(self):
@@ -1136,8 +1167,10 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             return
         path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
         arrays = [np.asarray(variable) for variable in self.state(self.model)]
+        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
         write_atomically(path, lambda temporary: np.savez(
-            temporary, *arrays, batches=np.array(self.batches)))
+            temporary, *arrays, batches=np.array(self.batches),
+            evaluations=np.array(evaluations)))
         for older in self.paths():
             if older != path:
                 os.remove(older)
@@ -1164,22 +1197,97 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             signal.signal(signal.SIGTERM, previous)
 
 
+class DevEvaluations(keras.callbacks.Callback):
+    """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
+    evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
+
+    With `keep_best`, a copy of the best evaluation's weights is kept while a later evaluation
+    could still beat it (in `folder` when training is checkpointed, so that it outlives a
+    crash; else in memory), and `finish` puts it back. The best is the highest task score; a
+    later evaluation must beat it, not tie.
+    """
+
+    def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True,
+                 folder=None, write=True):
+        super().__init__()
+        self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
+        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
+        self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
+        self.keep_best = keep_best
+        # Under multi-worker training only the chief writes: the others keep theirs in memory.
+        self.path = folder and write and os.path.join(folder, "best-evaluation.npz")
+        self.records, self.batches, self.seconds = [], 0, 0.0
+        self.best_weights = None  # in memory, when there is no folder
+
+    def resume(self, batches, records):
+        self.batches, self.records = batches, records
+
+    @property
+    def best(self):
+        """The index of the best evaluation so far (the first of equals)."""
+        scores = [task_score(dev_metrics(record)) or 0.0 for record in self.records]
+        return scores.index(max(scores)) if scores else None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if (self.batches - 1) % self.steps + 1 in self.due:
+            self.run_evaluation()
+
+    def run_evaluation(self):
+        start = time.perf_counter()
+        metrics, collapsed = self.evaluate(self.model)
+        self.seconds += time.perf_counter() - start
+        epoch = self.batches / self.steps
+        self.records.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3),
+                             "step": self.batches, **metrics, "collapsed": collapsed})
+        could_be_beaten = self.batches < self.total
+        if self.keep_best and self.best == len(self.records) - 1 and could_be_beaten:
+            self.store(self.model.get_weights())
+        if self.best == len(self.records) - 1 and not could_be_beaten:
+            self.store(None)  # the last weights are the best: no copy needed
+
+    def store(self, weights):
+        if not self.path:
+            self.best_weights = weights
+        elif weights is None:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        else:
+            write_atomically(self.path, lambda temporary: np.savez(temporary, *weights))
+
+    def finish(self, model):
+        """Puts the best evaluation's weights back (with `keep_best`) and returns its record
+        (None without evaluations)."""
+        if not self.records:
+            return None
+        best = self.records[self.best] if self.keep_best else self.records[-1]
+        if best is not self.records[-1]:
+            if self.path:  # it stays beside the checkpoint, which a crash could still resume
+                with np.load(self.path) as saved:
+                    model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+            else:
+                model.set_weights(self.best_weights)
+        self.best_weights = None
+        return best
+
+
 def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
-          weight_decay, seed, checkpoint_dir=None, checkpoint_every_steps=0,
-          write_checkpoints=True, jit_compile=False, label=None):
+          weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
+          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None):
     """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
     skipped (under mixed_float16, for a loss scale that overflowed; else 0).
 
-    With `checkpoint_dir`, training resumes from the checkpoint there, and SIGTERM (what
-    preemption sends) stops it at the next step boundary, after a checkpoint.
+    `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
+    resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
+    step boundary, after a checkpoint.
     """
     steps = steps_per_epoch(split, batch_size)
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
-                                            weight_decay), jit_compile)
+                                            weight_decay, clip_norm), jit_compile)
     # Made now, the optimizer's variables spare `fit` a second trace of the training step.
     model.optimizer.build(model.trainable_variables)
     checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
-                                      write_checkpoints and bool(checkpoint_dir))
+                                      write_checkpoints and bool(checkpoint_dir), evaluations)
     done = checkpoints.restore(model) if checkpoint_dir else 0
     if done:
         logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
@@ -1197,8 +1305,9 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
                            steps - progress.resumed_steps))
                        .apply(lambda batches: model_inputs(batches, with_labels=True))
                        .prefetch(PIPELINE_THREADS))
+            # The evaluations come before the checkpoint, which then holds them.
             model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
-                      callbacks=[checkpoints, progress])
+                      callbacks=[*filter(None, [evaluations]), checkpoints, progress])
             if checkpoints.sigterm_received:
                 raise Preempted(
                     f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
@@ -1264,16 +1373,164 @@ def task_score(splits):
 def glue_score(results):
     """The GLUE average over the tasks in `results`: each task's score, then their mean.
 
-    MNLI counts once, however its dev splits were run (`mnli`, `mnli_matched`, ...).
+    A task's score is the median over its chosen learning rate's runs of their task scores
+    (`glue_task_score`; one run: its task score). MNLI counts once, however its dev splits
+    were run: the entry with both (`mnli`), else the mean of `mnli_matched`'s and
+    `mnli_mismatched`'s.
     """
-    splits_by_task = {}
-    for name, entry in results.items():
+    entries_by_task = {}
+    for name, entry in sorted(results.items()):
         if name in TASKS and dev_metrics(entry):
-            splits_by_task.setdefault(TASKS[name].training_data, {}).update(dev_metrics(entry))
-    scores = {name: task_score(splits) for name, splits in sorted(splits_by_task.items())}
+            entries_by_task.setdefault(TASKS[name].training_data, []).append(entry)
+    scores = {}
+    for name, entries in sorted(entries_by_task.items()):
+        whole = [entry for entry in entries
+                 if len(dev_metrics(entry)) == len(TASKS[name].eval_splits)]
+        scores[name] = statistics.fmean(map(entry_score, whole[:1] or entries))
     if not scores:
         return None
     return {"average": sum(scores.values()) / len(scores), "tasks": scores}
+
+
+def entry_score(entry):
+    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
+
+
+def is_collapsed(predictions):
+    """Whether a model gave every dev example the same class (STS-B: the same score)."""
+    return len(predictions) > 1 and float(np.ptp(predictions)) <= COLLAPSED_SPREAD
+
+
+COLLAPSED_SPREAD = 1e-3  # STS-B scores (0 to 5) closer together than this count as one
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
+# per learning rate; the rate with the best median wins, and its best run is submitted.
+# ------------------------------------------------------------------------------------------------
+
+
+def run_score(run):
+    return task_score(dev_metrics(run)) or 0.0
+
+
+def run_order(run):
+    """Runs sort by learning rate, then seed: choices never depend on the order of recording."""
+    return run["learning_rate"] or 0.0, run["seed"]
+
+
+def chain_seed(run):
+    """The seed asked for: a restart's `restart_of`, else the run's own seed."""
+    return run.get("restart_of", run["seed"])
+
+
+def rate_label(learning_rate):
+    return "none" if learning_rate is None else f"{learning_rate:g}"
+
+
+def counted_runs(runs):
+    """The runs that summaries count: a collapsed run that was restarted counts through its
+    last restart instead."""
+    last = {}
+    for run in runs:
+        chain = run["learning_rate"], chain_seed(run)
+        if chain not in last or run["seed"] > last[chain]["seed"]:
+            last[chain] = run
+    counted = {id(run) for run in last.values()}
+    return [run for run in sorted(runs, key=run_order) if id(run) in counted]
+
+
+def runs_by_rate(runs):
+    by_rate = {}
+    for run in counted_runs(runs):
+        by_rate.setdefault(rate_label(run["learning_rate"]), []).append(run)
+    return by_rate
+
+
+def best_run(runs):
+    """The counted run with the best task score on dev (the first of equals in run order)."""
+    return max(counted_runs(runs), key=run_score)
+
+
+def chosen_runs(runs):
+    """The counted runs of the learning rate with the best median task score over its seeds
+    (the smallest rate of equals)."""
+    return max(runs_by_rate(runs).values(),
+               key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
+
+
+def spread(values):
+    """Median, mean, sample standard deviation (0 for one value), min and max of the defined
+    values, and how many there were."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return {"runs": 0}
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def seed_summary(rate_runs):
+    """Per dev split and metric, the spread over one learning rate's runs; the spread of their
+    task scores; and how many of them collapsed."""
+    summary = {split: {name: spread([run.get(split, {}).get(name) for run in rate_runs])
+                       for name in metrics}
+               for split, metrics in dev_metrics(rate_runs[0]).items()}
+    return {**summary, "task_score": spread(map(run_score, rate_runs)),
+            "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
+
+
+SUMMARY_KEYS = ("submitted_run", "learning_rate", "train_examples", "load_seconds",
+                "train_seconds", "predict_seconds", "seed_summary", "glue_task_score",
+                "learning_rate_sweep")
+
+
+def summarized(entry):
+    """`entry` with its summary made anew from its `runs`: the submitted run (the chosen
+    rate's best) with its dev metrics and times, the spread over seeds of every rate, and the
+    task's GLUE score, the median of the chosen rate's task scores."""
+    runs = entry["runs"]
+    entry = {key: value for key, value in entry.items()
+             if key not in SUMMARY_KEYS and not key.startswith("validation")}
+    if not runs:
+        return entry
+    rate_runs = chosen_runs(runs)
+    submitted = max(rate_runs, key=run_score)
+    entry.update(dev_metrics(submitted))
+    entry["submitted_run"] = {"learning_rate": submitted["learning_rate"],
+                              "seed": submitted["seed"]}
+    entry.update({key: submitted[key] for key in (
+        "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
+    entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
+                                     submitted.get("test_predict_seconds", 0.0), 2)
+    by_rate = runs_by_rate(runs)
+    entry["seed_summary"] = {rate: seed_summary(rate_runs) for rate, rate_runs in by_rate.items()}
+    if dev_metrics(submitted):
+        entry["glue_task_score"] = statistics.median(map(run_score, rate_runs))
+    if len(by_rate) > 1:  # the sweep at a glance: each rate's medians
+        entry["learning_rate_sweep"] = {
+            rate: {split: {name: values.get("median") for name, values in metrics.items()}
+                   for split, metrics in dev_metrics(summary).items()}
+            for rate, summary in entry["seed_summary"].items()}
+    return entry
+
+
+def with_run(entry, run, settings):
+    """`entry` (None: none yet) with `run` recorded and the summary made anew.
+
+    The run replaces any recorded run of its learning rate and seed. Runs made with other
+    settings (another fingerprint) are dropped, and so are restarts recorded after a run that
+    did not collapse (left by an earlier attempt that --overwrite redoes)."""
+    same_settings = bool(entry) and entry.get("fingerprint") == settings
+
+    def stale(old):
+        return run_key(old) == run_key(run) or (
+            not run.get("collapsed") and old["learning_rate"] == run["learning_rate"] and
+            chain_seed(old) == chain_seed(run) and old["seed"] > run["seed"])
+
+    runs = [old for old in (entry["runs"] if same_settings else []) if not stale(old)]
+    return summarized({**(entry if same_settings else {}), "fingerprint": settings,
+                       "runs": sorted([*runs, run], key=run_order)})
 
 
 # ================================================================================================
@@ -1485,17 +1742,18 @@ def read_results(path):
     return results
 
 
-def merge_results(path, task_name, entry):
-    """Adds one task's entry to the results JSON, keeping every other task's.
+@contextlib.contextmanager
+def updating_results(path):
+    """The results JSON as a dict to change; written back, with the GLUE score, at the end.
 
-    A lock file serialises the read-merge-write, so runs finishing at once lose nothing.
-    """
+    A lock file serialises the read-change-write, so that processes finishing at once (a job
+    array writing to one folder) lose nothing."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = read_results(path)
-        results[task_name] = entry
+        yield results
         results["glue_score"] = glue_score(results)
 
         def write(temporary):
@@ -1504,18 +1762,72 @@ def merge_results(path, task_name, entry):
                 file.write("\n")
 
         write_atomically(path, write)
+
+
+def merge_results(path, task_name, entry):
+    """Sets one task's entry in the results JSON, keeping every other task's."""
+    with updating_results(path) as results:
+        results[task_name] = entry
     return results
 
 
+def record_run(path, task_name, settings, run, process_info):
+    """Merges one run into its task's entry in the results JSON (see `with_run`) and returns
+    the entry. `process_info`: what the recording process adds (its flags, ...)."""
+    with updating_results(path) as results:
+        entry = {**with_run(results.get(task_name), run, settings), **process_info}
+        results[task_name] = entry
+    return entry
+
+
+def submit_chosen_run(path, task, submission_directory):
+    """Makes the task's summary anew from its recorded runs and copies the chosen run's test
+    files from `runs/` to the top of the submission folder, under the results lock so that
+    concurrent processes agree. Returns the entry (None if nothing is recorded)."""
+    with updating_results(path) as results:
+        if not results.get(task.name, {}).get("runs"):
+            return results.get(task.name)
+        entry = results[task.name] = summarized(results[task.name])
+        if not submission_directory:
+            return entry
+        run = next(run for run in entry["runs"] if run_key(run) == run_key(
+            entry["submitted_run"]))
+        folder = run_folder(submission_directory, task, run)
+        files = run.get("test_files", {})
+        if any(count_rows(os.path.join(folder, output.file)) != files.get(output.file)
+               for output in task.outputs):
+            entry.pop("submission_rows", None)
+            say(f"{task.name}: the chosen run ({describe_run(run)}) has no complete test "
+                f"predictions in {folder}; the submission files were not updated")
+            return entry
+        for output in task.outputs:
+            with open(os.path.join(folder, output.file), "rb") as file:
+                write_bytes(os.path.join(submission_directory, output.file), file.read())
+        entry["submission_rows"] = dict(files)
+    return entry
+
+
+def run_folder(submission_directory, task, run):
+    """Where one run's test predictions wait until a run is chosen: `runs/rte/lr2e-05_seed3`."""
+    return os.path.join(submission_directory, "runs", task.name,
+                        f"lr{rate_label(run['learning_rate'])}_seed{run['seed']}")
+
+
 def format_results(results):
-    """A table of dev metrics, x100 as papers print them, and the GLUE average."""
-    lines = [f"{'task':<16} {'split':<22} metrics"]
+    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
+    the median ± sample standard deviation over the chosen learning rate's runs."""
+    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
     for task_name, entry in sorted(results.items()):
         if task_name not in TASKS:
             continue
+        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
+        summary = entry.get("seed_summary", {}).get(rate)
         for split, metrics in dev_metrics(entry).items():
-            shown = "  ".join(f"{name} {'n/a' if value is None else f'{100 * value:.2f}'}"
-                              for name, value in metrics.items())
+            if summary:
+                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
+                shown += f"  ({runs_text(summary)})"
+            else:  # an entry of one run, as older versions wrote
+                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
             lines.append(f"{task_name:<16} {split:<22} {shown}")
     score = glue_score(results)
     if not score:
@@ -1523,6 +1835,26 @@ def format_results(results):
     lines.append(f"GLUE average over {len(score['tasks'])} tasks "
                  f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
     return "\n".join(lines)
+
+
+def percent(value):
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def spread_text(name, values):
+    if not values["runs"]:
+        return f"{name} n/a"
+    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
+
+
+def runs_text(summary):
+    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
+    text = f"{runs} run{'s' * (runs != 1)}"
+    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
+                 for values in metrics.values()} - {runs}
+    if undefined:
+        text += f"; a metric is undefined in {runs - min(undefined)}"
+    return text + (f", {collapsed} collapsed" if collapsed else "")
 
 
 # ================================================================================================
@@ -1550,12 +1882,20 @@ def check_options(options, task_names):
         if not os.path.isfile(options.finetuning_model_load_path):
             raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
                             " no such file")
-        if len(task_names) != 1 or len(options.learning_rate) != 1:
-            raise GlueError("--finetuning_model_load_path takes one task and no learning-rate "
-                            "sweep (nothing is trained)")
-    if len(options.learning_rate) > 1 and any(not TASKS[name].eval_splits for name in task_names):
-        raise GlueError("ax has no dev set to choose a learning rate by; give one "
-                        "--learning_rate or sweep on mnli, which also writes AX.tsv")
+        if len(task_names) != 1 or len(options.learning_rate) != 1 or len(options.seed) != 1:
+            raise GlueError("--finetuning_model_load_path takes one task, one --seed and no "
+                            "learning-rate sweep (nothing is trained)")
+        if options.init_from_finetuned:
+            raise GlueError("--init_from_finetuned starts a finetuning, and "
+                            "--finetuning_model_load_path skips it: give one of them")
+    if options.init_from_finetuned and (not options.init_from_finetuned.endswith(".keras") or
+                                        not os.path.isfile(options.init_from_finetuned)):
+        raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
+                        "file; give a model saved by --finetuning_model_save_path")
+    if len(options.learning_rate) * len(options.seed) > 1 and any(
+            not TASKS[name].eval_splits for name in task_names):
+        raise GlueError("ax has no dev set to choose a run by; give one --learning_rate and "
+                        "one --seed, or run mnli, which also writes AX.tsv")
     if options.data_dir and not os.path.isdir(options.data_dir):
         raise GlueError(f"--data_dir={options.data_dir}: no such folder")
     if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
@@ -1648,21 +1988,22 @@ def model_save_path(options, task, several_tasks):
 # ------------------------------------------------------------------------------------------------
 # Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
 # fingerprint holds every other setting that shapes its models and numbers: results and
-# checkpoints are only reused under the same fingerprint.
+# checkpoints are only reused, and runs from several processes only merged, under the same one.
 # ------------------------------------------------------------------------------------------------
 
 FINGERPRINT_FLAGS = ("preset", "max_sequence_length", "epochs", "batch_size", "warmup_ratio",
-                     "weight_decay", "pooling", "use_default_classifier", "mixed_precision",
-                     "jit_compile", "finetuning_model_load_path")
+                     "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
+                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile",
+                     "init_from_finetuned", "finetuning_model_load_path")
 
 
 def fingerprint(options):
     settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
     if looks_like_path(options.preset):
         settings["preset"] = os.path.abspath(os.path.expanduser(options.preset))
-    if options.finetuning_model_load_path:
-        settings["finetuning_model_load_path"] = os.path.abspath(
-            options.finetuning_model_load_path)
+    for name in ("init_from_finetuned", "finetuning_model_load_path"):
+        if getattr(options, name):
+            settings[name] = os.path.abspath(getattr(options, name))
     settings["data"] = os.path.abspath(options.data_dir) if options.data_dir else "tfds"
     return settings
 
@@ -1672,21 +2013,37 @@ def fingerprint_id(settings):
 
 
 def asked_runs(options):
-    """The (learning rate, seed) pairs asked for; no learning rate when nothing is trained."""
+    """The (learning rate, seed) pairs asked for, rate by rate; no learning rate when nothing
+    is trained."""
+    seeds = [int(seed) for seed in options.seed]
     if options.finetuning_model_load_path:
-        return [(None, options.seed)]
-    return [(float(rate), options.seed) for rate in options.learning_rate]
+        return [(None, seeds[0])]
+    return [(float(rate), seed) for rate in options.learning_rate for seed in seeds]
 
 
 def run_key(run):
     return run["learning_rate"], run["seed"]
 
 
+def chain_of(runs, learning_rate, seed):
+    """The recorded runs of an asked (learning rate, seed): the run, then its restarts."""
+    return [run for run in sorted(runs, key=run_order)
+            if run["learning_rate"] == learning_rate and chain_seed(run) == seed]
+
+
+def needs_run(chain, max_restarts):
+    """Whether an asked run has work left: not run yet, or collapsed with restarts left."""
+    return not chain or (bool(chain[-1].get("collapsed")) and len(chain) - 1 < max_restarts)
+
+
+RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
+
+
 def run_name(task, learning_rate, seed, several):
     """How progress lines name a run."""
     if not several:
         return task.name
-    return f"{task.name} lr {learning_rate:g} seed {seed}"
+    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
 
 
 def describe_run(run):
@@ -1703,21 +2060,21 @@ def checkpoint_dir(options, task, learning_rate, seed, settings):
 
 
 def plan_runs(task, options, previous):
-    """`(runs kept from the results, runs to do)` for a task; prints why when it is redone.
+    """`(runs kept from the results, asked runs with work left)` for a task; prints why when it
+    is redone.
 
-    A recorded run is kept only when the task's files are complete and were made with the same
-    fingerprint; a task with nothing left to do is skipped."""
+    Recorded runs are kept when they were made with the same fingerprint, by this process or
+    another. What a task with nothing left to train needs, `run_tasks` decides."""
     asked, settings = asked_runs(options), fingerprint(options)
-    if options.overwrite or not previous or not files_complete(
-            task, previous, options.submission_directory):
+    if options.overwrite or not previous or not previous.get("runs"):
         return [], asked
     if previous.get("fingerprint") != settings:
         say(f"{task.name}: redone, the recorded results were made with other settings "
             f"({changed_settings(previous.get('fingerprint'), settings)})")
         return [], asked
-    kept = previous.get("runs", [])
-    recorded = {run_key(run) for run in kept}
-    return kept, [run for run in asked if run not in recorded]
+    kept = previous["runs"]
+    return kept, [pair for pair in asked
+                  if needs_run(chain_of(kept, *pair), options.max_restarts)]
 
 
 def changed_settings(old, new):
@@ -1736,8 +2093,17 @@ def files_complete(task, entry, submission_directory):
         for output in task.outputs)
 
 
+def test_files_complete(task, run, submission_directory):
+    """Whether a run's test predictions wait, complete, under `runs/`."""
+    files, folder = run.get("test_files", {}), run_folder(submission_directory, task, run)
+    return all(files.get(output.file) is not None and
+               count_rows(os.path.join(folder, output.file)) == files[output.file]
+               for output in task.outputs)
+
+
 # ------------------------------------------------------------------------------------------------
-# One task: tokenize once, finetune each run, evaluate it on dev, predict test with the best.
+# One task: tokenize once; finetune each run, evaluating it on dev as it trains; predict test
+# with each learning rate's best run; submit the chosen one.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1770,42 +2136,100 @@ def tokenize_task_data(data, task, preprocess_fn):
     return train_rows, eval_rows, test_rows
 
 
-def finetune(task, options, train_rows, learning_rate, seed, strategy, name):
-    """One run's model, finetuned (or loaded), and its record. Run inside `strategy.scope()`,
-    so the model, optimizer and metrics live on its replicas."""
+def initial_model(task, options):
+    """The model finetuning starts from: the custom code blocks' model, with the encoder of
+    `--init_from_finetuned` in place of the pretrained one when given."""
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    if options.init_from_finetuned:
+        finetuned = keras.models.load_model(options.init_from_finetuned, compile=False)
+        copy_encoder(finetuned, model, options.init_from_finetuned)
+    return model
+
+
+def copy_encoder(source, target, source_path):
+    """Sets the weights of `target`'s KerasHub backbone to those of `source`'s."""
+    source_encoder, target_encoder = backbone_in(source), backbone_in(target)
+    if source_encoder is None or target_encoder is None:
+        holder = source_path if source_encoder is None else "the custom code blocks' model"
+        raise GlueError(f"--init_from_finetuned: {holder} holds no KerasHub backbone to take "
+                        "the encoder from")
+    weights = source_encoder.get_weights()
+    if [weight.shape for weight in weights] != [tuple(variable.shape)
+                                                for variable in target_encoder.weights]:
+        raise GlueError(f"--init_from_finetuned={source_path}: its encoder "
+                        f"({type(source_encoder).__name__}) differs from the --preset's "
+                        f"({type(target_encoder).__name__}); give the preset it was finetuned "
+                        "from")
+    target_encoder.set_weights(weights)
+
+
+def backbone_in(model):
+    """The KerasHub backbone inside a model, however deep (None if there is none)."""
+    for layer in model.layers:
+        if isinstance(layer, keras_hub.models.Backbone):
+            return layer
+        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
+            return backbone_in(layer)
+    return None
+
+
+def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name):
+    """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
+    whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
+    live on its replicas."""
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     record = {"learning_rate": learning_rate, "seed": seed}
+
+    def evaluate_model(model):
+        return evaluate(model, eval_rows, task, options.batch_size, name)
+
     if options.finetuning_model_load_path:
         model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
         model.jit_compile = options.jit_compile
         record["load_seconds"] = seconds_since(start)
+        start = time.perf_counter()
+        metrics, collapsed = evaluate_model(model)
+        record.update(metrics, collapsed=collapsed, dev_predict_seconds=seconds_since(start))
         return model, record
-    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    model = initial_model(task, options)
     record["load_seconds"] = seconds_since(start)
+    folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
+    evaluations = DevEvaluations(
+        evaluate_model, steps_per_epoch(train_rows, options.batch_size), options.epochs,
+        options.evaluations_per_epoch, options.select_best_epoch, folder,
+        strategy.extended.should_checkpoint) if eval_rows else None
     start = time.perf_counter()
     skipped_steps = train(
         model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
         learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
-        weight_decay=options.weight_decay, seed=seed,
-        checkpoint_dir=checkpoint_dir(options, task, learning_rate, seed, fingerprint(options)),
+        weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
+        evaluations=evaluations, checkpoint_dir=folder,
         checkpoint_every_steps=options.checkpoint_every_steps,
         write_checkpoints=strategy.extended.should_checkpoint,
         jit_compile=options.jit_compile, label=name)
-    record["train_seconds"] = seconds_since(start)
+    evaluation_seconds = evaluations.seconds if evaluations else 0.0
+    record["train_seconds"] = round(seconds_since(start) - evaluation_seconds, 2)
     record["train_examples"] = len(train_rows)
     if options.mixed_precision == "mixed_float16":
         record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
+    if evaluations:
+        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
+        record.update(dev_metrics(reported), collapsed=reported["collapsed"],
+                      best_epoch=evaluations.records[evaluations.best]["epoch"],
+                      evaluations=evaluations.records,
+                      dev_predict_seconds=round(evaluation_seconds, 2))
     return model, record
 
 
 def evaluate(model, eval_rows, task, batch_size, name):
-    """`{dev split: metrics}` of a model."""
-    metrics = {}
+    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
+    metrics, predicted = {}, []
     for split, rows in eval_rows.items():
         _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
         metrics[split] = compute_metrics(task, labels, predictions)
-    return metrics
+        predicted.append(predictions)
+    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
 
 
 def predict_test(model, test_rows, task, batch_size, name):
@@ -1822,50 +2246,166 @@ def seconds_since(start):
     return round(time.perf_counter() - start, 2)
 
 
-def best_run(runs):
-    """The run with the best task score on dev (the first of equals)."""
-    return max(runs, key=lambda run: task_score(dev_metrics(run)) or 0.0)
+def report_run(name, run, restarts_left):
+    """The log line of a finished run, and a warning if it collapsed."""
+    shown = "  ".join(f"{split} {metric} {percent(value)}"
+                      for split, metrics in dev_metrics(run).items()
+                      for metric, value in metrics.items())
+    at = f" (best evaluation at epoch {run['best_epoch']})" if "best_epoch" in run else ""
+    say(f"{name}: {shown or 'trained (no dev set)'}{at}")
+    if run.get("collapsed"):
+        then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
+                "counted as it is in the summary (--max_restarts gives it another try)")
+        say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
+
+
+class TaskRuns:
+    """A task's runs as this process records them: in its results entry (in memory, and, with
+    a results path, merged into the file run by run under its lock)."""
+
+    def __init__(self, task, options, kept_runs, path, process_info, writes=True):
+        self.task, self.path, self.process_info, self.writes = task, path, process_info, writes
+        self.settings = fingerprint(options)
+        self.entry = summarized({"fingerprint": self.settings, "runs": list(kept_runs)})
+        self.new = []  # runs trained (or loaded) by this process, in order
+
+    def record(self, run):
+        if not any(run is new for new in self.new):
+            self.new.append(run)
+        self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
+        if self.path:
+            record_run(self.path, self.task.name, self.settings, run, self.process_info)
+
+    def forget(self, run):
+        """Drops a recorded run that is to be trained again."""
+        self.entry = summarized({**self.entry, "runs": [
+            other for other in self.entry["runs"] if other is not run]})
+
+    def best_of_rate(self, learning_rate):
+        rate_runs = [run for run in self.entry["runs"] if run["learning_rate"] == learning_rate]
+        return best_run(rate_runs) if rate_runs else None
+
+    def is_new(self, run):
+        return any(run is new for new in self.new)
+
+    def delete_checkpoints(self, options, keep):
+        """Frees the disk of the recorded runs' checkpoints (such runs are never resumed),
+        except `keep`'s."""
+        if not self.writes:
+            return
+        for run in self.new:
+            folder = checkpoint_dir(options, self.task, run["learning_rate"], run["seed"],
+                                    self.settings)
+            if folder and run is not keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=False):
-    """Does the task's runs (`todo`, default all asked), picks the best of them and `kept_runs`
-    on dev, and predicts the test files once, with that run's weights.
+    """Does the task's asked runs with work left (`todo`, default all), each with its
+    restarts, recording each as it ends; predicts test with each learning rate's best run;
+    then submits the chosen run. Returns the task's entry.
 
-    Only one model is alive at a time: with several runs, the best run's weights wait on disk.
-    Under multi-worker training every worker runs this; only the chief writes."""
+    Only one model is alive at a time: the rate's best run's weights wait on disk, and so does
+    its checkpoint until its test predictions are written. Under multi-worker training every
+    worker runs this; only the chief writes."""
     todo = asked_runs(options) if todo is None else todo
-    with strategy.scope(), best_weights_file(options, several=len(todo) > 1) as weights_path:
+    writes = strategy.extended.should_checkpoint
+    path = results_path(options) if writes else None
+    several = len(asked_runs(options)) > 1 or options.max_restarts > 0
+    with strategy.scope(), best_weights_file(options, several) as weights_path:
         # The custom code blocks run in the scope too: they may create variables. The preset's
         # preprocessing loads first, so that a preset that cannot be had fails in seconds.
         preprocess_fn = tf.function(make_preprocess_fn())
         start = time.perf_counter()
         train_rows, eval_rows, test_rows = tokenize_task_data(
             load_task_data(task, options), task, preprocess_fn)
-        tokenize_seconds = seconds_since(start)
         release_freed_memory()
-        runs, model = finetune_runs(task, options, strategy, todo, train_rows, eval_rows,
-                                    weights_path)
-        submitted = best_run(runs + list(kept_runs))  # a new run wins a tie
-        entry = task_entry(options, submitted, list(kept_runs) + runs, model)
-        entry["tokenize_seconds"] = tokenize_seconds
-        tables = None
-        if submitted in runs:
-            if submitted is not runs[-1]:
-                model = None  # only one model alive at a time
-                gc.collect()
-                model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-                model.jit_compile = options.jit_compile
-                model.load_weights(weights_path)
-            start = time.perf_counter()
-            tables = predict_test(model, test_rows, task, options.batch_size, task.name)
-            entry["predict_seconds"] = round(submitted["dev_predict_seconds"] +
-                                             seconds_since(start), 2)
-        else:  # a recorded run is still the best: its files stay
-            say(f"{task.name}: the recorded run ({describe_run(submitted)}) stays the best; "
-                "its files are kept")
-    if strategy.extended.should_checkpoint:
-        write_task_outputs(task, options, entry, tables, model, several_tasks)
-    return entry
+        runs = TaskRuns(task, options, kept_runs, path, {
+            "flags": vars(options), "tokenize_seconds": seconds_since(start),
+            "replicas": strategy.num_replicas_in_sync}, writes)
+        for learning_rate in dict.fromkeys(rate for rate, _ in asked_runs(options)):
+            seeds = [seed for rate, seed in todo if rate == learning_rate]
+            best = runs.best_of_rate(learning_rate) if not seeds else None
+            if best and options.submission_directory and not test_files_complete(
+                    task, best, options.submission_directory):
+                seeds = [chain_seed(best)]  # its test predictions were lost: train it again
+                runs.forget(best)
+            if not seeds:
+                continue
+            model = finetune_rate(task, options, strategy, runs, learning_rate, seeds,
+                                  train_rows, eval_rows, weights_path, several)
+            best = runs.best_of_rate(learning_rate)
+            if runs.is_new(best):
+                if best is not runs.new[-1]:  # its weights wait in the file
+                    model = None  # only one model alive at a time
+                    gc.collect()
+                    model = model_with_weights(weights_path, task, options)
+                submit_candidate(task, options, runs, best, model, test_rows, writes,
+                                 several_tasks, several)
+            runs.delete_checkpoints(options, keep=None)
+            model = None  # only one model alive at a time
+            gc.collect()
+    if path and options.submission_directory:
+        return submit_chosen_run(path, task, options.submission_directory)
+    return runs.entry
+
+
+def finetune_rate(task, options, strategy, runs, learning_rate, seeds, train_rows, eval_rows,
+                  weights_path, several):
+    """Finetunes one learning rate's asked seeds, restarting collapsed runs; returns the last
+    model. The weights of the rate's best run so far wait at `weights_path`, and its
+    checkpoint stays (a crash before its test predictions then costs no training)."""
+    model = None
+    for seed in seeds:
+        chain = chain_of(runs.entry["runs"], learning_rate, seed)
+        while needs_run(chain, options.max_restarts):
+            model = None  # only one model alive at a time
+            gc.collect()
+            restart = len(chain)
+            run_seed = seed + RESTART_SEED_STEP * restart
+            name = run_name(task, learning_rate, run_seed, several)
+            model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
+                                  run_seed, strategy, name)
+            if restart:
+                run["restart_of"] = seed
+            chain.append(run)
+            report_run(name, run, needs_run(chain, options.max_restarts))
+            runs.record(run)
+            best = runs.best_of_rate(learning_rate)
+            if weights_path and best is run:
+                write_atomically(weights_path, model.save_weights)
+            runs.delete_checkpoints(options, keep=best)
+    return model
+
+
+def model_with_weights(weights_path, task, options):
+    """The custom code blocks' model, with the weights saved at `weights_path`."""
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    model.jit_compile = options.jit_compile
+    model.load_weights(weights_path)
+    return model
+
+
+def submit_candidate(task, options, runs, run, model, test_rows, writes, several_tasks,
+                     several_runs):
+    """A learning rate's best run may be submitted: its test predictions go to `runs/` in the
+    submission folder, and its model to --finetuning_model_save_path while it is the chosen
+    one."""
+    if options.submission_directory:
+        start = time.perf_counter()
+        tables = predict_test(model, test_rows, task, options.batch_size,
+                              run_name(task, run["learning_rate"], run["seed"], several_runs))
+        run["test_predict_seconds"] = seconds_since(start)
+        run["test_files"] = {file: len(table) for file, table in tables.items()}
+        if writes:
+            folder = run_folder(options.submission_directory, task, run)
+            for file, table in tables.items():
+                write_submission(os.path.join(folder, file), table)
+        runs.record(run)
+    save_path = model_save_path(options, task, several_tasks)
+    if writes and save_path and not options.finetuning_model_load_path and \
+            best_run(chosen_runs(runs.entry["runs"])) is run:
+        write_atomically(save_path, model.save)
 
 
 @contextlib.contextmanager
@@ -1888,60 +2428,6 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def finetune_runs(task, options, strategy, todo, train_rows, eval_rows, weights_path):
-    """Finetunes and evaluates each run; returns their records and the last run's model. With
-    `weights_path`, the weights of the best run so far are kept there."""
-    runs, model = [], None
-    for learning_rate, seed in todo:
-        model = None  # only one model alive at a time
-        gc.collect()
-        name = run_name(task, learning_rate, seed, several=len(todo) > 1)
-        model, record = finetune(task, options, train_rows, learning_rate, seed, strategy, name)
-        start = time.perf_counter()
-        record.update(evaluate(model, eval_rows, task, options.batch_size, name))
-        record["dev_predict_seconds"] = seconds_since(start)
-        runs.append(record)
-        if weights_path and best_run(runs) is record:
-            write_atomically(weights_path, model.save_weights)
-    return runs, model
-
-
-def task_entry(options, submitted, runs, model):
-    """The results entry of a task: the submitted run's dev metrics and times, every run, the
-    fingerprint and the flags."""
-    entry = {**dev_metrics(submitted), "fingerprint": fingerprint(options), "runs": runs,
-             "submitted_run": {"learning_rate": submitted["learning_rate"],
-                               "seed": submitted["seed"]},
-             "flags": vars(options),
-             # From the model: one built outside the scope would train on one device.
-             "replicas": model.distribute_strategy.num_replicas_in_sync}
-    entry.update({key: submitted[key] for key in (
-        "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
-    if len({run["learning_rate"] for run in runs}) > 1:
-        entry["learning_rate_sweep"] = {f"{run['learning_rate']:g}": dev_metrics(run)
-                                        for run in runs}
-    return entry
-
-
-def write_task_outputs(task, options, entry, tables, model, several_tasks):
-    """The saved model and the submission files (`tables`; None: keep the recorded ones); then
-    the task's checkpoints are deleted."""
-    save_path = model_save_path(options, task, several_tasks)
-    if tables is not None and save_path and not options.finetuning_model_load_path:
-        write_atomically(save_path, model.save)
-    if tables is not None and options.submission_directory:
-        entry["submission_rows"] = {}
-        for file, table in tables.items():
-            path = os.path.join(options.submission_directory, file)
-            write_submission(path, table)
-            entry["submission_rows"][file] = len(table)
-            logging.info("Wrote %d predictions to %s", len(table), path)
-    for learning_rate, seed in asked_runs(options):  # the task is done: free the disk
-        folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def run_tasks(task_names, options, strategy):
     """Runs each task, going on past failures. Returns (this run's results, failures).
 
@@ -1952,16 +2438,19 @@ def run_tasks(task_names, options, strategy):
         task = TASKS[name]
         previous = read_results(path).get(name)
         kept, todo = plan_runs(task, options, previous)
-        if not todo:
+        if not todo and files_complete(task, previous, options.submission_directory):
             say(f"{name}: already complete in {results_path(options)} with these settings, "
                 "skipped (--overwrite redoes it)")
             continue
         try:
-            entry = run_task(task, options, strategy, kept, todo,
-                             several_tasks=len(task_names) > 1)
-            if kept and "submission_rows" in previous:  # where the recorded run stays the best
-                entry.setdefault("submission_rows", previous["submission_rows"])
-            results[name] = entry
+            if not todo and test_files_complete(task, best_run(chosen_runs(kept)),
+                                                options.submission_directory):
+                say(f"{name}: every asked run is recorded; submitting the chosen one anew")
+                if strategy.extended.should_checkpoint:
+                    results[name] = submit_chosen_run(path, task, options.submission_directory)
+            else:  # with nothing to train, it trains again rate's best runs that lack test files
+                results[name] = run_task(task, options, strategy, kept, todo,
+                                         several_tasks=len(task_names) > 1)
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
             resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
             worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
@@ -1975,9 +2464,16 @@ def run_tasks(task_names, options, strategy):
             failures[name] = f"{type(error).__name__}: {error}"
         if name in failures and len(task_names) > 1:
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-        elif name not in failures and path and strategy.extended.should_checkpoint:
-            merge_results(path, name, results[name])
     return results, failures
+
+
+def resubmit_recorded(options):
+    """`--task_name=none`: every recorded task's summary and submission files made anew from
+    its recorded runs (after a job array's runs have all been recorded, say)."""
+    path = results_path(options)
+    for name, entry in read_results(path).items():
+        if name in TASKS and isinstance(entry, dict) and entry.get("runs"):
+            submit_chosen_run(path, TASKS[name], options.submission_directory)
 
 
 def report_and_package(options, results):
@@ -2023,6 +2519,8 @@ def main(argv):
                          options.distribution_strategy, type(strategy).__name__,
                          strategy.num_replicas_in_sync)
         results, failures = run_tasks(task_names, options, strategy)
+        if not task_names and results_path(options):
+            resubmit_recorded(options)
         if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
             report_and_package(options, results)
         if len(task_names) == 1 and failures:

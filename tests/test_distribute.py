@@ -160,7 +160,7 @@ def test_two_workers_train_together_and_only_the_chief_writes(one_device, tiny_p
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "gives CollectiveAllReduceStrategy with 2 replica(s)" in logs[0]
     assert sorted(name for name in os.listdir(outs[0]) if not name.startswith(".")) == [
-        "SST-2.tsv", "glue_results.json"]
+        "SST-2.tsv", "glue_results.json", "runs"]
     assert not os.path.exists(outs[1])  # worker 1 wrote nothing
     assert_same_as_one_device(outs[0], one_device)
 

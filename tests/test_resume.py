@@ -52,6 +52,13 @@ def assert_same_training(out, reference):
     reference_metrics = json.loads(
         (reference / "glue_results.json").read_text())["stsb"]["validation"]
     assert metrics == pytest.approx(reference_metrics, abs=1e-6, nan_ok=True)
+    # The evaluations before the interruption came back with the checkpoint.
+    run, = json.loads((out / "glue_results.json").read_text())["stsb"]["runs"]
+    reference_run, = json.loads((reference / "glue_results.json").read_text())["stsb"]["runs"]
+    assert [e["step"] for e in run["evaluations"]] == [5, 10, 15]
+    assert run["best_epoch"] == reference_run["best_epoch"]
+    for mine, theirs in zip(run["evaluations"], reference_run["evaluations"]):
+        assert mine["validation"] == pytest.approx(theirs["validation"], abs=1e-6, nan_ok=True)
 
 
 def run_folders(out):
@@ -64,7 +71,8 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6")
     assert killed.returncode == -9
     folder, = run_folders(tmp_path)
-    assert os.listdir(folder) == ["step-000000005.npz"]
+    # The state after epoch 1, and that epoch's weights: the best evaluation so far.
+    assert sorted(os.listdir(folder)) == ["best-evaluation.npz", "step-000000005.npz"]
     assert not (tmp_path / "STS-B.tsv").exists()
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
@@ -82,7 +90,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
     folder, = run_folders(tmp_path)
     assert message == (f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
                        f"{folder}: run the same command again to resume")
-    assert os.listdir(folder) == ["step-000000007.npz"]
+    assert sorted(os.listdir(folder)) == ["best-evaluation.npz", "step-000000007.npz"]
     assert "Traceback" not in stopped.stderr
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)

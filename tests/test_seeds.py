@@ -1,0 +1,284 @@
+"""Numbers for a paper: several seeds, the best evaluation, clipping, collapsed runs, starting
+from another finetuned model, and runs split across processes."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from absl import flags
+
+import glue
+from conftest import REPO
+
+TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
+
+
+def entry_of(folder, task="rte"):
+    return json.loads((folder / "glue_results.json").read_text())[task]
+
+
+def options_for(*args):
+    flags.FLAGS(["glue.py", *args])
+    try:
+        return glue.options_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+# --- Seeds --------------------------------------------------------------------------------------
+
+def test_three_seeds_give_three_runs_and_their_median(glue_data, tiny_preset, tmp_path, run_glue,
+                                                      capsys):
+    run_glue("--task_name=rte", "--seed=1,2,3", f"--preset={tiny_preset}",
+             f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)
+    entry = entry_of(tmp_path)
+    assert [run["seed"] for run in entry["runs"]] == [1, 2, 3]
+    accuracies = [run["validation"]["accuracy"] for run in entry["runs"]]
+    summary = entry["seed_summary"]["5e-05"]["validation"]["accuracy"]
+    assert summary["median"] == sorted(accuracies)[1] and summary["runs"] == 3
+    assert summary["std"] == pytest.approx(statistics.stdev(accuracies))
+    submitted = max(entry["runs"], key=glue.run_score)
+    assert entry["submitted_run"] == {"learning_rate": 5e-5, "seed": submitted["seed"]}
+    assert entry["validation"] == submitted["validation"]
+    out = capsys.readouterr().out
+    assert f"accuracy {100 * summary['median']:.2f} ± {100 * summary['std']:.2f}  (3 runs" in out
+
+
+def test_a_metric_undefined_in_some_runs_is_left_out_of_its_summary():
+    runs = [{"learning_rate": 1e-5, "seed": seed, "validation": {"pearson": value}}
+            for seed, value in ((1, 0.8), (2, None), (3, 0.6))]
+    entry = glue.summarized({"runs": runs})
+    assert entry["seed_summary"]["1e-05"]["validation"]["pearson"] == {
+        "median": 0.7, "mean": pytest.approx(0.7), "std": pytest.approx(0.1414, abs=1e-4),
+        "min": 0.6, "max": 0.8, "runs": 2}
+    assert entry["glue_task_score"] == 0.6  # the task scores 0.8, 0 and 0.6: an undefined 0
+    assert "undefined in 1" in glue.format_results({"stsb": entry})
+
+
+def test_one_run_has_a_spread_of_zero():
+    entry = glue.summarized({"runs": [{"learning_rate": 1e-5, "seed": 1,
+                                       "validation": {"accuracy": 0.5}}]})
+    assert entry["seed_summary"]["1e-05"]["validation"]["accuracy"]["std"] == 0.0
+    assert "accuracy 50.00 ± 0.00  (1 run)" in glue.format_results({"rte": entry})
+
+
+def test_seeds_must_be_integers(run_glue):
+    with pytest.raises(flags.IllegalFlagValueError, match="integers"):
+        flags.FLAGS(["glue.py", "--seed=1,two"])
+    flags.FLAGS.unparse_flags()
+
+
+# --- The best evaluation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("select_best_epoch", [True, False])
+def test_the_best_evaluation_s_weights_predict_test(glue_data, tiny_preset, tmp_path, run_glue,
+                                                    monkeypatch, select_best_epoch):
+    """Dev accuracy is scripted to peak at the second of three epochs: with best-epoch
+    selection, the saved (and test-predicting) model has that epoch's weights."""
+    scripted = iter([0.5, 0.9, 0.6])
+    snapshots = []
+
+    def evaluate(model, eval_rows, task, batch_size, name):
+        snapshots.append(model.get_weights())
+        return {"validation": {"accuracy": next(scripted)}}, False
+
+    monkeypatch.setattr(glue, "evaluate", evaluate)
+    save_path = tmp_path / "model.keras"
+    run_glue("--task_name=rte", "--epochs=3", "--batch_size=4", "--max_sequence_length=32",
+             "--learning_rate=1e-2", f"--select_best_epoch={select_best_epoch}",
+             f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+             f"--submission_directory={tmp_path}", f"--finetuning_model_save_path={save_path}")
+    run, = entry_of(tmp_path)["runs"]
+    assert [(e["epoch"], e["validation"]["accuracy"]) for e in run["evaluations"]] == [
+        (1, 0.5), (2, 0.9), (3, 0.6)]
+    assert run["best_epoch"] == 2
+    assert run["validation"] == {"accuracy": 0.9 if select_best_epoch else 0.6}
+    saved = keras.models.load_model(save_path, compile=False).get_weights()
+    expected, other = (snapshots[1], snapshots[2]) if select_best_epoch else \
+        (snapshots[2], snapshots[1])
+    for mine, theirs in zip(saved, expected):
+        np.testing.assert_array_equal(mine, theirs)
+    assert any(not np.array_equal(mine, theirs) for mine, theirs in zip(saved, other))
+    # The test file is the saved model's predictions.
+    model = keras.models.load_model(save_path, compile=False)
+    rows = glue.tokenize(glue.load_split(glue_data[0], "rte", "test"), glue.TASKS["rte"],
+                         tf_preprocess(tiny_preset))
+    idx, _, predictions = glue.predict(model, rows, glue.TASKS["rte"], 4)
+    expected_table = glue.submission_table(glue.TASKS["rte"], idx, predictions)
+    written = pd.read_csv(tmp_path / "RTE.tsv", sep="\t")
+    assert list(written["prediction"]) == list(expected_table["prediction"])
+
+
+def tf_preprocess(preset):
+    import tensorflow as tf  # noqa: PLC0415
+    flags.FLAGS(["glue.py", f"--preset={preset}", "--max_sequence_length=32"])
+    try:
+        return tf.function(glue.make_preprocess_fn())
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_evaluations_per_epoch_evaluates_within_epochs(glue_data, tiny_preset, tmp_path,
+                                                       run_glue):
+    run_glue("--task_name=rte", "--epochs=2", "--evaluations_per_epoch=2", "--batch_size=4",
+             "--max_sequence_length=32", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+             f"--submission_directory={tmp_path}")
+    run, = entry_of(tmp_path)["runs"]
+    steps = glue.steps_per_epoch(glue.tokenize(
+        glue.load_split(glue_data[0], "rte", "train"), glue.TASKS["rte"],
+        tf_preprocess(tiny_preset)), 4)
+    assert [e["step"] for e in run["evaluations"]] == [
+        -(-steps // 2), steps, steps + -(-steps // 2), 2 * steps]
+    assert [e["epoch"] for e in run["evaluations"]][1::2] == [1, 2]
+    assert run["validation"] == max(run["evaluations"], key=glue.run_score)["validation"]
+
+
+# --- Clipping -----------------------------------------------------------------------------------
+
+def test_clipping_scales_a_huge_gradient_to_norm_1():
+    """With --clip_norm=1 a huge gradient acts as that gradient scaled to norm 1, and the
+    training path differs from the unclipped one."""
+    huge, ordinary = np.array([3e6, -4e6], np.float32), np.array([0.5, 0.1], np.float32)
+
+    def path(clip_norm, gradients):
+        optimizer = glue.make_optimizer(1e-2, total_steps=100, warmup_ratio=0.0,
+                                        weight_decay=0.0, clip_norm=clip_norm)
+        weight = keras.Variable(np.zeros(2, np.float32))
+        for gradient in gradients:
+            optimizer.apply([gradient], [weight])
+        return np.array(weight)
+
+    clipped = path(1.0, [huge, ordinary])
+    np.testing.assert_allclose(clipped, path(0.0, [huge / 5e6, ordinary]), rtol=1e-6)
+    assert not np.allclose(clipped, path(0.0, [huge, ordinary]), rtol=1e-3)
+
+
+def test_clip_norm_joins_the_fingerprint():
+    assert glue.fingerprint(options_for("--clip_norm=0"))["clip_norm"] == 0.0
+    for name in ("clip_norm", "evaluations_per_epoch", "select_best_epoch",
+                 "init_from_finetuned"):
+        assert name in glue.FINGERPRINT_FLAGS
+
+
+# --- Collapsed runs -----------------------------------------------------------------------------
+
+def force_first_run_to_collapse(monkeypatch):
+    evaluated = []
+    real = glue.evaluate
+
+    def evaluate(model, eval_rows, task, batch_size, name):
+        metrics, _ = real(model, eval_rows, task, batch_size, name)
+        evaluated.append(name)
+        return metrics, len(evaluated) == 1
+
+    monkeypatch.setattr(glue, "evaluate", evaluate)
+
+
+def test_a_collapsed_run_is_marked(glue_data, tiny_preset, tmp_path, run_glue, monkeypatch,
+                                   capsys):
+    force_first_run_to_collapse(monkeypatch)
+    run_glue("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+             f"--submission_directory={tmp_path}", *TINY)
+    entry = entry_of(tmp_path)
+    assert entry["runs"][0]["collapsed"] is True
+    assert entry["seed_summary"]["5e-05"]["collapsed_runs"] == 1
+    out = capsys.readouterr().out
+    assert "rte: COLLAPSED: every dev prediction is the same" in out
+    assert "(1 run, 1 collapsed)" in out
+
+
+def test_a_collapsed_run_is_restarted_with_seed_plus_1000(glue_data, tiny_preset, tmp_path,
+                                                          run_glue, monkeypatch):
+    force_first_run_to_collapse(monkeypatch)
+    run_glue("--task_name=rte", "--seed=7", "--max_restarts=1", f"--preset={tiny_preset}",
+             f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)
+    entry = entry_of(tmp_path)
+    first, restart = entry["runs"]
+    assert (first["seed"], first["collapsed"]) == (7, True)
+    assert (restart["seed"], restart["restart_of"], restart["collapsed"]) == (1007, 7, False)
+    assert entry["submitted_run"]["seed"] == 1007
+    summary = entry["seed_summary"]["5e-05"]
+    assert summary["collapsed_runs"] == 0 and summary["task_score"]["runs"] == 1
+
+
+def test_collapse_means_every_prediction_alike():
+    assert glue.is_collapsed(np.array([1, 1, 1])) and not glue.is_collapsed(np.array([1, 0, 1]))
+    assert glue.is_collapsed(np.array([2.5, 2.5004])) and not glue.is_collapsed(np.array([2.5, 3]))
+
+
+# --- Starting from another finetuned model ------------------------------------------------------
+
+def test_init_from_finetuned_takes_its_encoder_and_a_new_head(tiny_preset, tmp_path):
+    path = tmp_path / "mnli.keras"
+    options = options_for(f"--preset={tiny_preset}", f"--init_from_finetuned={path}")
+    flags.FLAGS(["glue.py", f"--preset={tiny_preset}"])
+    try:
+        source = glue.make_finetuning_model(glue.load_pretrained_model(), 3)  # as for MNLI
+        encoder = glue.backbone_in(source)
+        encoder.set_weights([np.full(w.shape, 0.5, w.dtype) for w in encoder.get_weights()])
+        source.save(path)
+        model = glue.initial_model(glue.TASKS["stsb"], options)
+    finally:
+        flags.FLAGS.unparse_flags()
+    for weight in glue.backbone_in(model).get_weights():
+        np.testing.assert_array_equal(weight, np.full(weight.shape, 0.5))
+    assert model.output.shape[-1] == 1  # STS-B's own head
+
+
+def test_init_from_finetuned_end_to_end_is_recorded(glue_data, tiny_preset, tmp_path, run_glue):
+    model_path = tmp_path / "mnli.keras"
+    run_glue("--task_name=mnli", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+             f"--finetuning_model_save_path={model_path}", *TINY)
+    out = tmp_path / "out"
+    run_glue("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+             f"--init_from_finetuned={model_path}", f"--submission_directory={out}", *TINY)
+    assert entry_of(out)["fingerprint"]["init_from_finetuned"] == str(model_path)
+
+
+def test_init_from_finetuned_must_be_a_keras_file(run_glue, tmp_path):
+    from conftest import error_of  # noqa: PLC0415
+    assert "no such `.keras` file" in error_of(
+        run_glue, "--task_name=rte", f"--init_from_finetuned={tmp_path / 'missing.keras'}")
+
+
+# --- Runs split across processes ----------------------------------------------------------------
+
+def glue_process(*args):
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "glue.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def comparable(entry):
+    """What must not depend on how runs were split across processes."""
+    runs = [{key: run[key] for key in ("learning_rate", "seed", "validation", "collapsed",
+                                       "best_epoch")} for run in entry["runs"]]
+    return {"runs": runs, "seed_summary": entry["seed_summary"],
+            "submitted_run": entry["submitted_run"], "validation": entry["validation"],
+            "glue_task_score": entry["glue_task_score"]}
+
+
+def test_two_processes_with_one_seed_each_add_up_to_one_with_both(glue_data, tiny_preset,
+                                                                    tmp_path):
+    common = ("--task_name=mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+              "--epochs=2", "--batch_size=4", "--max_sequence_length=32", "--learning_rate=1e-2")
+    shared, single = tmp_path / "shared", tmp_path / "single"
+    array = [glue_process(*common, f"--seed={seed}", f"--submission_directory={shared}")
+             for seed in (1, 2)]
+    together = glue_process(*common, "--seed=1,2", f"--submission_directory={single}")
+    for process in [*array, together]:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    collect = glue_process("--task_name=none", f"--submission_directory={shared}")
+    output, _ = collect.communicate(timeout=300)
+    assert collect.returncode == 0, output[-3000:]
+    assert comparable(entry_of(shared, "mrpc")) == comparable(entry_of(single, "mrpc"))
+    assert (shared / "MRPC.tsv").read_text() == (single / "MRPC.tsv").read_text()
+    # Each process wrote its run's test predictions under runs/, none at the top but the chosen.
+    assert sorted(os.listdir(shared / "runs" / "mrpc")) == ["lr0.01_seed1", "lr0.01_seed2"]
+    assert sorted(name for name in os.listdir(shared) if name.endswith(".tsv")) == ["MRPC.tsv"]
