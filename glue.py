@@ -1072,6 +1072,29 @@ def steps_per_epoch(split, batch_size):
     return int(sum(math.ceil(rows / batch_size) for rows in buckets))
 
 
+def training_flops(model, split, epochs):
+    """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
+    backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
+    bucket's width. Per token, 2 FLOPs per weight of the encoder's dense layers (embeddings and
+    pooler left out); per attention layer, 4 x hidden x width FLOPs for the scores and their
+    sum. None for a model without a KerasHub backbone (or without `num_layers`/`hidden_dim`).
+    """
+    backbone = backbone_in(model)
+    layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
+    if not layers or not hidden:
+        return None
+    dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
+                        if len(weight.shape) >= 2 and not any(
+                            part in weight.path for part in ("embedding", "pool")))
+    if split.lengths is None:
+        widths = np.full(len(split), split.padded_length, np.float64)
+    else:
+        all_widths = np.array(bucket_widths(split), np.float64)
+        widths = all_widths[np.searchsorted(all_widths, split.lengths)]
+    forward = 2 * dense_weights * widths.sum() + 4 * layers * hidden * (widths ** 2).sum()
+    return 3 * epochs * float(forward)
+
+
 def shortest_first(split):
     """The row order that sorts the split by length (stable): batches of near-equal lengths
     waste the least on padding."""
@@ -1213,9 +1236,10 @@ class DevEvaluations(keras.callbacks.Callback):
         self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
         self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
         self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
-        self.keep_best = keep_best
-        # Under multi-worker training only the chief writes: the others keep theirs in memory.
-        self.path = folder and write and os.path.join(folder, "best-evaluation.npz")
+        self.keep_best, self.write = keep_best, write
+        # Under multi-worker training only the chief writes it; the others keep theirs in memory
+        # (and read the chief's after a resume).
+        self.path = folder and os.path.join(folder, "best-evaluation.npz")
         self.records, self.batches, self.seconds = [], 0, 0.0
         self.best_weights = None  # in memory, when there is no folder
 
@@ -1247,7 +1271,7 @@ class DevEvaluations(keras.callbacks.Callback):
             self.store(None)  # the last weights are the best: no copy needed
 
     def store(self, weights):
-        if not self.path:
+        if not (self.path and self.write):
             self.best_weights = weights
         elif weights is None:
             if os.path.exists(self.path):
@@ -1262,11 +1286,11 @@ class DevEvaluations(keras.callbacks.Callback):
             return None
         best = self.records[self.best] if self.keep_best else self.records[-1]
         if best is not self.records[-1]:
-            if self.path:  # it stays beside the checkpoint, which a crash could still resume
+            if self.best_weights is not None:
+                model.set_weights(self.best_weights)
+            else:  # the file stays beside the checkpoint, which a crash could still resume
                 with np.load(self.path) as saved:
                     model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
-            else:
-                model.set_weights(self.best_weights)
         self.best_weights = None
         return best
 
@@ -1275,7 +1299,8 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
           weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
           checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None):
     """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
-    skipped (under mixed_float16, for a loss scale that overflowed; else 0).
+    skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
+    batches were trained before a resume (0: none).
 
     `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
     resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
@@ -1314,7 +1339,7 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
                     f"the checkpoint is in {checkpoint_dir}: run the same command again to "
                     "resume")
     # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
-    return epochs * steps - int(model.optimizer.iterations.numpy())
+    return epochs * steps - int(model.optimizer.iterations.numpy()), done
 
 
 def predict(model, split, task, batch_size, label=None):
@@ -1771,19 +1796,26 @@ def merge_results(path, task_name, entry):
     return results
 
 
-def record_run(path, task_name, settings, run, process_info):
-    """Merges one run into its task's entry in the results JSON (see `with_run`) and returns
-    the entry. `process_info`: what the recording process adds (its flags, ...)."""
+def record_run(path, task_name, settings, run, process_info, replace=False):
+    """Merges one run into its task's entry in the results JSON (see `with_run`; `replace`:
+    drop every recorded run first) and returns the entry. `process_info`: what the recording
+    process adds (its flags, ...)."""
     with updating_results(path) as results:
-        entry = {**with_run(results.get(task_name), run, settings), **process_info}
+        previous = None if replace else results.get(task_name)
+        if previous and previous.get("runs") and previous.get("fingerprint") != settings:
+            say(f"{task_name}: the {len(previous['runs'])} recorded runs were made with other "
+                f"settings ({changed_settings(previous.get('fingerprint'), settings)}); they "
+                "are replaced")
+        entry = {**with_run(previous, run, settings), **process_info}
         results[task_name] = entry
     return entry
 
 
-def submit_chosen_run(path, task, submission_directory):
+def submit_chosen_run(path, task, submission_directory, save_path=None):
     """Makes the task's summary anew from its recorded runs and copies the chosen run's test
-    files from `runs/` to the top of the submission folder, under the results lock so that
-    concurrent processes agree. Returns the entry (None if nothing is recorded)."""
+    files from `runs/` to the top of the submission folder (and its model to `save_path`),
+    under the results lock so that concurrent processes agree. Returns the entry (None if
+    nothing is recorded)."""
     with updating_results(path) as results:
         if not results.get(task.name, {}).get("runs"):
             return results.get(task.name)
@@ -1795,15 +1827,19 @@ def submit_chosen_run(path, task, submission_directory):
         folder = run_folder(submission_directory, task, run)
         files = run.get("test_files", {})
         if any(count_rows(os.path.join(folder, output.file)) != files.get(output.file)
-               for output in task.outputs):
+               for output in task.outputs) or save_path and not os.path.isfile(
+                   os.path.join(folder, "model.keras")):
             entry.pop("submission_rows", None)
             say(f"{task.name}: the chosen run ({describe_run(run)}) has no complete test "
-                f"predictions in {folder}; the submission files were not updated")
+                f"predictions (or saved model) in {folder}; the submission files were not "
+                "updated")
             return entry
-        for output in task.outputs:
-            with open(os.path.join(folder, output.file), "rb") as file:
-                write_bytes(os.path.join(submission_directory, output.file), file.read())
+        for name in [output.file for output in task.outputs] + ["model.keras"] * bool(save_path):
+            with open(os.path.join(folder, name), "rb") as file:
+                write_bytes(save_path if name == "model.keras" else
+                            os.path.join(submission_directory, name), file.read())
         entry["submission_rows"] = dict(files)
+        entry["submission_files_run"] = dict(entry["submitted_run"])
     return entry
 
 
@@ -1896,6 +1932,16 @@ def check_options(options, task_names):
             not TASKS[name].eval_splits for name in task_names):
         raise GlueError("ax has no dev set to choose a run by; give one --learning_rate and "
                         "one --seed, or run mnli, which also writes AX.tsv")
+    seeds = [int(seed) for seed in options.seed]
+    clashes = [(seed, other) for seed in seeds for other in seeds
+               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
+               (other - seed) % RESTART_SEED_STEP == 0]
+    if len(set(seeds)) < len(seeds) or clashes:
+        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
+            "a seed repeats"
+        raise GlueError(f"--seed={','.join(options.seed)}: {clash} under --max_restarts="
+                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
+                        "other seeds")
     if options.data_dir and not os.path.isdir(options.data_dir):
         raise GlueError(f"--data_dir={options.data_dir}: no such folder")
     if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
@@ -1912,6 +1958,30 @@ def check_options(options, task_names):
         read_results(results_path(options))
     if task_names:
         check_downloads_possible(options, task_names)
+
+
+# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
+# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
+BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
+
+
+def bf16_hint(flags):
+    """One line for a CPU that computes bfloat16 fast (None for others)."""
+    for flag, name, speedup in BF16_SPEEDUPS:
+        if flag in flags:
+            return (f"This CPU has {name}: --mixed_precision=mixed_bfloat16 would train about "
+                    f"{speedup:g}x faster, with dev metrics within a point of float32 (the "
+                    "default stays float32, so that numbers do not change with the hardware)")
+    return None
+
+
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
+        for line in file:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def looks_like_path(preset):
@@ -2085,9 +2155,11 @@ def changed_settings(old, new):
 
 
 def files_complete(task, entry, submission_directory):
-    """Whether an earlier run wrote all this task's files, complete (true if none are kept)."""
+    """Whether the task's submission files are complete and the submitted run's (true if no
+    files are kept)."""
     rows = entry.get("submission_rows", {})
-    return not submission_directory or all(
+    return not submission_directory or entry.get("submission_files_run") == entry.get(
+        "submitted_run") and all(
         rows.get(output.file) is not None and
         count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
         for output in task.outputs)
@@ -2200,7 +2272,7 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
         options.evaluations_per_epoch, options.select_best_epoch, folder,
         strategy.extended.should_checkpoint) if eval_rows else None
     start = time.perf_counter()
-    skipped_steps = train(
+    skipped_steps, resumed_after = train(
         model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
         learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
         weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
@@ -2211,6 +2283,12 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
     evaluation_seconds = evaluations.seconds if evaluations else 0.0
     record["train_seconds"] = round(seconds_since(start) - evaluation_seconds, 2)
     record["train_examples"] = len(train_rows)
+    flops = training_flops(model, train_rows, options.epochs)
+    if flops and not resumed_after and record["train_seconds"] > 0:  # a resumed run did less
+        record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
+        rate = per_second(options.epochs * len(train_rows), record["train_seconds"], "ex")
+        say(f"{name}: train {rate}, {record['train_tflops_per_second']:.3f} TFLOP/s of "
+            "encoder matmuls")
     if options.mixed_precision == "mixed_float16":
         record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
     if evaluations:
@@ -2268,13 +2346,16 @@ class TaskRuns:
         self.settings = fingerprint(options)
         self.entry = summarized({"fingerprint": self.settings, "runs": list(kept_runs)})
         self.new = []  # runs trained (or loaded) by this process, in order
+        self.replace = options.overwrite  # the first record replaces what the file holds
 
     def record(self, run):
         if not any(run is new for new in self.new):
             self.new.append(run)
         self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
         if self.path:
-            record_run(self.path, self.task.name, self.settings, run, self.process_info)
+            record_run(self.path, self.task.name, self.settings, run, self.process_info,
+                       replace=self.replace)
+            self.replace = False
 
     def forget(self, run):
         """Drops a recorded run that is to be trained again."""
@@ -2325,17 +2406,21 @@ def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=Fal
             "replicas": strategy.num_replicas_in_sync}, writes)
         for learning_rate in dict.fromkeys(rate for rate, _ in asked_runs(options)):
             seeds = [seed for rate, seed in todo if rate == learning_rate]
-            best = runs.best_of_rate(learning_rate) if not seeds else None
-            if best and options.submission_directory and not test_files_complete(
-                    task, best, options.submission_directory):
-                seeds = [chain_seed(best)]  # its test predictions were lost: train it again
-                runs.forget(best)
-            if not seeds:
-                continue
             model = finetune_rate(task, options, strategy, runs, learning_rate, seeds,
                                   train_rows, eval_rows, weights_path, several)
             best = runs.best_of_rate(learning_rate)
-            if runs.is_new(best):
+            if best and not runs.is_new(best) and options.submission_directory and \
+                    not test_files_complete(task, best, options.submission_directory):
+                # An earlier process recorded it, but its test predictions were lost (a crash,
+                # or no --submission_directory): train it again (its checkpoint, if kept, makes
+                # that quick).
+                model = None
+                runs.forget(best)
+                model = finetune_rate(task, options, strategy, runs, learning_rate,
+                                      [chain_seed(best)], train_rows, eval_rows, weights_path,
+                                      several)
+                best = runs.best_of_rate(learning_rate)
+            if best and runs.is_new(best):
                 if best is not runs.new[-1]:  # its weights wait in the file
                     model = None  # only one model alive at a time
                     gc.collect()
@@ -2346,7 +2431,8 @@ def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=Fal
             model = None  # only one model alive at a time
             gc.collect()
     if path and options.submission_directory:
-        return submit_chosen_run(path, task, options.submission_directory)
+        return submit_chosen_run(path, task, options.submission_directory,
+                                 model_save_path(options, task, several_tasks))
     return runs.entry
 
 
@@ -2403,8 +2489,12 @@ def submit_candidate(task, options, runs, run, model, test_rows, writes, several
                 write_submission(os.path.join(folder, file), table)
         runs.record(run)
     save_path = model_save_path(options, task, several_tasks)
-    if writes and save_path and not options.finetuning_model_load_path and \
-            best_run(chosen_runs(runs.entry["runs"])) is run:
+    if not writes or not save_path or options.finetuning_model_load_path:
+        return
+    if options.submission_directory:  # the chosen run's is copied to `save_path` when chosen
+        write_atomically(os.path.join(run_folder(options.submission_directory, task, run),
+                                      "model.keras"), model.save)
+    elif best_run(chosen_runs(runs.entry["runs"])) is run:  # the chosen one, as far as known here
         write_atomically(save_path, model.save)
 
 
@@ -2511,6 +2601,10 @@ def main(argv):
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
         check_options(options, task_names)
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
+        on_cpu = not tf.config.list_physical_devices("GPU") and \
+            options.distribution_strategy != "tpu"
+        if task_names and on_cpu and not options.mixed_precision and bf16_hint(cpu_flags()):
+            say(bf16_hint(cpu_flags()))
         strategy = tf.distribute.get_strategy()
         if task_names:
             strategy = make_strategy(options.distribution_strategy, options.tpu,

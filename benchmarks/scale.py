@@ -15,13 +15,15 @@ BPE (RoBERTa), on one thread and on every core.
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import machine  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The official row counts.
@@ -241,18 +243,6 @@ def measure_tokenizing(data_dir, preset, threads):
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
-
-def machine():
-    lines = open("/proc/cpuinfo").read().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines
-                  if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")),
-                 [])
-    relevant = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                if flag in flags]
-    return (f"{platform.machine()}, {model} ({' '.join(relevant) or 'no AVX-512'}), "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}")
-
 
 def markdown(rows, tokenizing):
     lines = ["| task | rows (train / dev / test) | tokenize rows/s | train rows/s | "

@@ -174,10 +174,12 @@ def test_adding_a_learning_rate_runs_only_that_rate(tiny_preset, glue_data, tmp_
     entry = json.loads((tmp_path / "glue_results.json").read_text())["mrpc"]
     assert [run["learning_rate"] for run in entry["runs"]] == [5e-5, 1e-3]
     kept, added = entry["runs"]
-    best = glue.best_run([added, kept])  # whatever the order: ties go to the smaller rate
+    best = added if glue.run_score(added) > glue.run_score(kept) else kept  # ties: 5e-5
     assert entry["submitted_run"] == {"learning_rate": best["learning_rate"], "seed": 42}
     assert entry["validation"] == best["validation"]
     assert glue.files_complete(glue.TASKS["mrpc"], entry, str(tmp_path))
+    assert (tmp_path / "MRPC.tsv").read_text() == (
+        tmp_path / "runs" / "mrpc" / f"lr{best['learning_rate']:g}_seed42" / "MRPC.tsv").read_text()
 
     capsys.readouterr()
     run_glue(*args, "--learning_rate=1e-3")

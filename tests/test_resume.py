@@ -177,3 +177,17 @@ def test_resume_is_exact_under_mixed_float16_when_the_loss_scale_skips_steps(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from step 8" in resumed.stderr
     assert_same_training(out, reference)
+
+
+def test_resume_is_exact_under_mixed_bfloat16(tiny_preset, glue_data, tmp_path):
+    brain = ["--mixed_precision=mixed_bfloat16"]  # what CPUs with AMX or avx512_bf16 run fast
+    reference = tmp_path / "reference"
+    done = glue_command(tiny_preset, glue_data[0], reference, extra=brain)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "resumed"
+    killed = glue_command(tiny_preset, glue_data[0], out, interrupt="SIGKILL:9", extra=brain)
+    assert killed.returncode == -9
+    resumed = glue_command(tiny_preset, glue_data[0], out, extra=brain)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 8" in resumed.stderr
+    assert_same_training(out, reference)

@@ -68,6 +68,13 @@ def test_one_run_has_a_spread_of_zero():
     assert "accuracy 50.00 ± 0.00  (1 run)" in glue.format_results({"rte": entry})
 
 
+def test_restart_seeds_never_meet_asked_seeds(run_glue):
+    from conftest import error_of  # noqa: PLC0415
+    assert "1001 is a restart seed of 1" in error_of(
+        run_glue, "--task_name=rte", "--seed=1,1001", "--max_restarts=1")
+    assert "a seed repeats" in error_of(run_glue, "--task_name=rte", "--seed=3,3")
+
+
 def test_seeds_must_be_integers(run_glue):
     with pytest.raises(flags.IllegalFlagValueError, match="integers"):
         flags.FLAGS(["glue.py", "--seed=1,two"])
@@ -282,3 +289,64 @@ def test_two_processes_with_one_seed_each_add_up_to_one_with_both(glue_data, tin
     # Each process wrote its run's test predictions under runs/, none at the top but the chosen.
     assert sorted(os.listdir(shared / "runs" / "mrpc")) == ["lr0.01_seed1", "lr0.01_seed2"]
     assert sorted(name for name in os.listdir(shared) if name.endswith(".tsv")) == ["MRPC.tsv"]
+
+
+# --- Crashes between recording a run and writing its files --------------------------------------
+
+def test_a_crash_before_the_test_files_is_made_good_from_the_kept_checkpoint(
+        glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
+    out = tmp_path / "out"
+    args = ("--task_name=rte", "--seed=1,2", f"--preset={tiny_preset}",
+            f"--data_dir={glue_data[0]}", f"--submission_directory={out}",
+            f"--checkpoint_dir={tmp_path / 'checkpoints'}", *TINY)
+    real_predict_test, real_train = glue.predict_test, glue.train
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(glue, "predict_test", killed)
+    with pytest.raises(SystemExit):
+        run_glue(*args)
+    entry = entry_of(out)
+    assert [run["seed"] for run in entry["runs"]] == [1, 2]  # both recorded as they ended
+    assert "submission_rows" not in entry and not (out / "RTE.tsv").exists()
+
+    resumed = []
+
+    def train(*args, **kwargs):
+        result = real_train(*args, **kwargs)
+        resumed.append(result[1])
+        return result
+
+    monkeypatch.setattr(glue, "predict_test", real_predict_test)
+    monkeypatch.setattr(glue, "train", train)
+    run_glue(*args)
+    entry = entry_of(out)
+    best = entry["submitted_run"]
+    steps = glue.steps_per_epoch(glue.tokenize(
+        glue.load_split(glue_data[0], "rte", "train"), glue.TASKS["rte"],
+        tf_preprocess(tiny_preset)), 4)
+    assert resumed == [steps]  # only the best run, from its final checkpoint: nothing trained
+    assert entry["submission_files_run"] == best
+    assert (out / "RTE.tsv").read_text() == (
+        out / "runs" / "rte" / f"lr5e-05_seed{best['seed']}" / "RTE.tsv").read_text()
+    assert glue.files_complete(glue.TASKS["rte"], entry, str(out))
+    assert os.listdir(tmp_path / "checkpoints") == []  # the kept checkpoint went once used
+
+
+def test_files_of_another_run_are_not_complete(tmp_path):
+    (tmp_path / "RTE.tsv").write_text("index\tprediction\n0\tentailment\n")
+    entry = {"submitted_run": {"learning_rate": 2e-5, "seed": 2},
+             "submission_files_run": {"learning_rate": 2e-5, "seed": 1},
+             "submission_rows": {"RTE.tsv": 1}}
+    assert not glue.files_complete(glue.TASKS["rte"], entry, str(tmp_path))
+    entry["submission_files_run"] = entry["submitted_run"]
+    assert glue.files_complete(glue.TASKS["rte"], entry, str(tmp_path))
+
+
+def test_overwrite_replaces_the_recorded_runs(glue_data, tiny_preset, tmp_path, run_glue):
+    args = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            f"--submission_directory={tmp_path}", *TINY)
+    run_glue(*args, "--seed=1,2")
+    run_glue(*args, "--seed=3", "--overwrite")
+    assert [run["seed"] for run in entry_of(tmp_path)["runs"]] == [3]

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from absl import flags
 
 import glue
 
@@ -154,3 +155,25 @@ def test_the_prediction_step_is_traced_once_for_every_shape(mrpc_tokenized, tiny
     glue.predict(model, mrpc_tokenized, glue.TASKS["mrpc"], batch_size=3)  # widths vary, last is 1
     glue.predict(model, mrpc_tokenized, glue.TASKS["mrpc"], batch_size=5)
     assert model.predict_function.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("default_classifier", [True, False])
+def test_bfloat16_computes_the_encoder_in_bfloat16_and_logits_and_loss_in_float32(
+        mrpc_tokenized, tiny_preset, default_classifier):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    flags.FLAGS(["glue.py", f"--preset={tiny_preset}",
+                 f"--use_default_classifier={default_classifier}"])
+    try:
+        model = glue.make_finetuning_model(glue.load_pretrained_model(), 2)
+        glue.compile_for(model, glue.TASKS["mrpc"], glue.make_optimizer(1e-3, 10, 0.1, 0.01))
+        inputs, labels, _ = next(iter(glue.batch_by_length(
+            mrpc_tokenized, in_file_order(mrpc_tokenized), 4)))
+        encoded = glue.backbone_in(model)(inputs)["sequence_output"]
+        logits = model(inputs)
+        loss = model.compute_loss(x=inputs, y=labels, y_pred=logits)
+    finally:
+        flags.FLAGS.unparse_flags()
+        keras.mixed_precision.set_global_policy("float32")
+    assert encoded.dtype == tf.bfloat16
+    assert logits.dtype == tf.float32 and loss.dtype == tf.float32
+    assert all(weight.dtype == "float32" for weight in model.trainable_weights)
