@@ -197,7 +197,9 @@ def measure(args, contender):
                        "train_seconds": entry["train_seconds"],
                        "predict_examples": args.dev_rows + args.test_rows,
                        "predict_seconds": entry["predict_seconds"],
-                       "tokenize_seconds": entry["tokenize_seconds"], **entry["validation"]}
+                       "tokenize_seconds": entry["tokenize_seconds"], **entry["validation"],
+                       "train_tflops_per_second": submitted_run(entry).get(
+                           "train_tflops_per_second")}
         else:
             numbers = json.loads(stdout.strip().splitlines()[-1])
     return {**numbers, "wall_seconds": wall, "peak_memory_mb": usage.ru_maxrss / 1024,
@@ -205,12 +207,17 @@ def measure(args, contender):
             "predict_per_second": numbers["predict_examples"] / numbers["predict_seconds"]}
 
 
+def submitted_run(entry):
+    return next(run for run in entry["runs"] if {
+        "learning_rate": run["learning_rate"], "seed": run["seed"]} == entry["submitted_run"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
-COLUMNS = ("train_per_second", "predict_per_second", "tokenize_seconds", "wall_seconds",
-           "peak_memory_mb", "accuracy", "f1")
+COLUMNS = ("train_per_second", "train_tflops_per_second", "predict_per_second",
+           "tokenize_seconds", "wall_seconds", "peak_memory_mb", "accuracy", "f1")
 
 
 def medians(runs):
@@ -235,25 +242,34 @@ def machine():
 
 def markdown(summary, settings):
     lines = [f"Machine: {machine()}", "", f"Settings: {settings}", "",
-             "| contender | train ex/s | predict ex/s | tokenize s | wall s | peak MB | dev acc "
-             "| dev F1 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| contender | train ex/s | train TFLOP/s | predict ex/s | tokenize s | wall s | "
+             "peak MB | dev acc | dev F1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         tokenize = "in the clocks" if row["tokenize_seconds"] is None else \
             f"{row['tokenize_seconds']:.2f}"
-        lines.append(f"| {name} | {row['train_per_second']:.1f} | {row['predict_per_second']:.1f}"
+        tflops = "n/a" if row.get("train_tflops_per_second") is None else \
+            f"{row['train_tflops_per_second']:.3f}"
+        lines.append(f"| {name} | {row['train_per_second']:.1f} | {tflops} | "
+                     f"{row['predict_per_second']:.1f}"
                      f" | {tokenize} | {row['wall_seconds']:.0f} | {row['peak_memory_mb']:.0f} | "
                      f"{100 * row['accuracy']:.2f} | {100 * row['f1']:.2f} |")
-    ours = summary.get("glue.py")
-    if ours:
-        lines += ["", "| glue.py / peer | train ex/s | predict ex/s | peak memory |",
-                  "|---|---|---|---|"]
-        for name, row in summary.items():
-            if name != "glue.py":
-                lines.append(
-                    f"| {name} | {ours['train_per_second'] / row['train_per_second']:.2f}x | "
-                    f"{ours['predict_per_second'] / row['predict_per_second']:.2f}x | "
-                    f"{ours['peak_memory_mb'] / row['peak_memory_mb']:.2f}x |")
+    pairs = [(ours, peer) for ours in summary if ours.startswith("glue.py")
+             for peer in summary if not peer.startswith("glue.py") and
+             ours.endswith("bf16") == peer.endswith("bf16")]  # the same precision
+    if "glue.py" in summary and "glue.py-bf16" in summary:
+        pairs.insert(0, ("glue.py-bf16", "glue.py"))
+    if pairs:
+        lines += ["", "| ours / peer | train ex/s | predict ex/s | peer wall / our wall | "
+                  "peak memory |", "|---|---|---|---|---|"]
+        for ours, peer in pairs:
+            mine, theirs = summary[ours], summary[peer]
+            lines.append(
+                f"| {ours} / {peer} | "
+                f"{mine['train_per_second'] / theirs['train_per_second']:.2f}x | "
+                f"{mine['predict_per_second'] / theirs['predict_per_second']:.2f}x | "
+                f"{theirs['wall_seconds'] / mine['wall_seconds']:.2f} | "
+                f"{mine['peak_memory_mb'] / theirs['peak_memory_mb']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
