@@ -1075,16 +1075,16 @@ def steps_per_epoch(split, batch_size):
 def training_flops(model, split, epochs):
     """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
     backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
-    bucket's width. Per token, 2 FLOPs per weight of the encoder's dense layers (embeddings and
-    pooler left out); per attention layer, 4 x hidden x width FLOPs for the scores and their
-    sum. None for a model without a KerasHub backbone (or without `num_layers`/`hidden_dim`).
+    bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
+    (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
+    scores and their sum. None for a model without a KerasHub backbone (or without `num_layers`/`hidden_dim`).
     """
     backbone = backbone_in(model)
     layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
     if not layers or not hidden:
         return None
     dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
-                        if len(weight.shape) >= 2 and not any(
+                        if weight.path.endswith("kernel") and not any(
                             part in weight.path for part in ("embedding", "pool")))
     if split.lengths is None:
         widths = np.full(len(split), split.padded_length, np.float64)

@@ -177,3 +177,36 @@ def test_bfloat16_computes_the_encoder_in_bfloat16_and_logits_and_loss_in_float3
     assert encoded.dtype == tf.bfloat16
     assert logits.dtype == tf.float32 and loss.dtype == tf.float32
     assert all(weight.dtype == "float32" for weight in model.trainable_weights)
+
+
+def test_the_bfloat16_hint_names_the_instructions_and_the_measured_gain():
+    assert "AMX" in glue.bf16_hint({"avx512f", "avx512_bf16", "amx_bf16"})
+    assert "1.8x" in glue.bf16_hint({"amx_bf16"})
+    assert "1.3x" in glue.bf16_hint({"avx512_bf16"})
+    assert glue.bf16_hint({"avx2", "avx512f"}) is None
+
+
+def test_a_float32_run_on_a_bfloat16_cpu_says_so_once(glue_data, tiny_preset, run_glue,
+                                                      monkeypatch, capsys):
+    monkeypatch.setattr(glue, "cpu_flags", lambda: {"avx512_bf16"})
+    args = ("--task_name=wnli", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            "--epochs=1", "--batch_size=4", "--max_sequence_length=32")
+    run_glue(*args)
+    assert capsys.readouterr().out.count("--mixed_precision=mixed_bfloat16 would train") == 1
+    try:
+        run_glue(*args, "--mixed_precision=mixed_bfloat16")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert "would train" not in capsys.readouterr().out
+
+
+def test_training_flops_count_the_encoder_matmuls_at_the_batch_widths(mrpc_tokenized,
+                                                                      tiny_preset):
+    backbone = keras_hub.models.Backbone.from_preset(tiny_preset)  # 1 layer, hidden 8, ffn 16
+    model = glue.GlueClassifier(glue.sentence_encoder(backbone, "pooled"), num_classes=2)
+    # Per token: q, k, v and output projections (4 x 8 x 8) and the feedforward (2 x 8 x 16).
+    dense_weights = 4 * 8 * 8 + 2 * 8 * 16
+    widths = [-(-int(length) // 8) * 8 for length in mrpc_tokenized.lengths]
+    forward = sum(2 * dense_weights * width + 4 * 1 * 8 * width ** 2 for width in widths)
+    assert glue.training_flops(model, mrpc_tokenized, epochs=2) == pytest.approx(
+        3 * 2 * forward)
