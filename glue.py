@@ -61,7 +61,7 @@ flags.DEFINE_list(
     "task_name", ["mrpc"],
     "GLUE task(s), comma-separated: cola, sst2, mrpc, stsb, qqp, mnli (also predicts AX), "
     "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax; `all` for every task, `none` for none "
-    "(to only zip or validate).")
+    "(to choose again from the recorded runs, zip or validate).")
 flags.DEFINE_integer("batch_size", 32, "Training and prediction batch size.", lower_bound=1)
 flags.DEFINE_integer("epochs", 2, "Number of finetuning epochs.", lower_bound=1)
 flags.DEFINE_list("learning_rate", ["5e-5"],
