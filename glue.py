@@ -1077,7 +1077,8 @@ def training_flops(model, split, epochs):
     backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
     bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
     (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
-    scores and their sum. None for a model without a KerasHub backbone (or without `num_layers`/`hidden_dim`).
+    scores and their sum. None for a model without a KerasHub backbone (or without
+    `num_layers` and `hidden_dim`).
     """
     backbone = backbone_in(model)
     layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
@@ -1169,8 +1170,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.paths():
             return 0
         with np.load(self.paths()[-1]) as saved:
-            arrays = [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
-                                                           for name in saved.files))]
+            arrays = positional_arrays(saved)
             batches = int(saved["batches"]) if "batches" in saved.files else None
             evaluations = json.loads(str(saved["evaluations"])) \
                 if "evaluations" in saved.files else []
@@ -1220,6 +1220,12 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             signal.signal(signal.SIGTERM, previous)
 
 
+def positional_arrays(saved):
+    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
+    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
+                                                 for name in saved.files))]
+
+
 class DevEvaluations(keras.callbacks.Callback):
     """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
     evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
@@ -1241,7 +1247,7 @@ class DevEvaluations(keras.callbacks.Callback):
         # (and read the chief's after a resume).
         self.path = folder and os.path.join(folder, "best-evaluation.npz")
         self.records, self.batches, self.seconds = [], 0, 0.0
-        self.best_weights = None  # in memory, when there is no folder
+        self.best_weights = None  # in memory, when this process writes no file
 
     def resume(self, batches, records):
         self.batches, self.records = batches, records
@@ -1249,7 +1255,7 @@ class DevEvaluations(keras.callbacks.Callback):
     @property
     def best(self):
         """The index of the best evaluation so far (the first of equals)."""
-        scores = [task_score(dev_metrics(record)) or 0.0 for record in self.records]
+        scores = [run_score(record) for record in self.records]
         return scores.index(max(scores)) if scores else None
 
     def on_train_batch_end(self, batch, logs=None):
@@ -1290,7 +1296,7 @@ class DevEvaluations(keras.callbacks.Callback):
                 model.set_weights(self.best_weights)
             else:  # the file stays beside the checkpoint, which a crash could still resume
                 with np.load(self.path) as saved:
-                    model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+                    model.set_weights(positional_arrays(saved))
         self.best_weights = None
         return best
 
@@ -1477,6 +1483,11 @@ def best_run(runs):
     return max(counted_runs(runs), key=run_score)
 
 
+def submitted_of(runs):
+    """The run to submit: the best of the chosen learning rate's runs."""
+    return best_run(chosen_runs(runs))
+
+
 def chosen_runs(runs):
     """The counted runs of the learning rate with the best median task score over its seeds
     (the smallest rate of equals)."""
@@ -1520,7 +1531,7 @@ def summarized(entry):
     if not runs:
         return entry
     rate_runs = chosen_runs(runs)
-    submitted = max(rate_runs, key=run_score)
+    submitted = best_run(rate_runs)
     entry.update(dev_metrics(submitted))
     entry["submitted_run"] = {"learning_rate": submitted["learning_rate"],
                               "seed": submitted["seed"]}
@@ -2349,7 +2360,7 @@ class TaskRuns:
         self.replace = options.overwrite  # the first record replaces what the file holds
 
     def record(self, run):
-        if not any(run is new for new in self.new):
+        if not self.is_new(run):
             self.new.append(run)
         self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
         if self.path:
@@ -2494,7 +2505,7 @@ def submit_candidate(task, options, runs, run, model, test_rows, writes, several
     if options.submission_directory:  # the chosen run's is copied to `save_path` when chosen
         write_atomically(os.path.join(run_folder(options.submission_directory, task, run),
                                       "model.keras"), model.save)
-    elif best_run(chosen_runs(runs.entry["runs"])) is run:  # the chosen one, as far as known here
+    elif submitted_of(runs.entry["runs"]) is run:  # the chosen one, as far as known here
         write_atomically(save_path, model.save)
 
 
@@ -2533,7 +2544,7 @@ def run_tasks(task_names, options, strategy):
                 "skipped (--overwrite redoes it)")
             continue
         try:
-            if not todo and test_files_complete(task, best_run(chosen_runs(kept)),
+            if not todo and test_files_complete(task, submitted_of(kept),
                                                 options.submission_directory):
                 say(f"{name}: every asked run is recorded; submitting the chosen one anew")
                 if strategy.extended.should_checkpoint:
@@ -2603,8 +2614,10 @@ def main(argv):
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         on_cpu = not tf.config.list_physical_devices("GPU") and \
             options.distribution_strategy != "tpu"
-        if task_names and on_cpu and not options.mixed_precision and bf16_hint(cpu_flags()):
-            say(bf16_hint(cpu_flags()))
+        hint = bf16_hint(cpu_flags()) if task_names and on_cpu and \
+            not options.mixed_precision else None
+        if hint:
+            say(hint)
         strategy = tf.distribute.get_strategy()
         if task_names:
             strategy = make_strategy(options.distribution_strategy, options.tpu,

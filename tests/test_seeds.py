@@ -11,10 +11,11 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from absl import flags
 
 import glue
-from conftest import REPO
+from conftest import REPO, error_of
 
 TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
 
@@ -69,7 +70,6 @@ def test_one_run_has_a_spread_of_zero():
 
 
 def test_restart_seeds_never_meet_asked_seeds(run_glue):
-    from conftest import error_of  # noqa: PLC0415
     assert "1001 is a restart seed of 1" in error_of(
         run_glue, "--task_name=rte", "--seed=1,1001", "--max_restarts=1")
     assert "a seed repeats" in error_of(run_glue, "--task_name=rte", "--seed=3,3")
@@ -123,7 +123,6 @@ def test_the_best_evaluation_s_weights_predict_test(glue_data, tiny_preset, tmp_
 
 
 def tf_preprocess(preset):
-    import tensorflow as tf  # noqa: PLC0415
     flags.FLAGS(["glue.py", f"--preset={preset}", "--max_sequence_length=32"])
     try:
         return tf.function(glue.make_preprocess_fn())
@@ -249,7 +248,6 @@ def test_init_from_finetuned_end_to_end_is_recorded(glue_data, tiny_preset, tmp_
 
 
 def test_init_from_finetuned_must_be_a_keras_file(run_glue, tmp_path):
-    from conftest import error_of  # noqa: PLC0415
     assert "no such `.keras` file" in error_of(
         run_glue, "--task_name=rte", f"--init_from_finetuned={tmp_path / 'missing.keras'}")
 
