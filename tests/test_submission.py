@@ -4,6 +4,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import pandas as pd
@@ -11,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import glue
-from conftest import REAL_SUBMISSION, grow_test_files_to_official_size, write_glue_data
+from conftest import REAL_SUBMISSION, REPO, grow_test_files_to_official_size, write_glue_data
 
 needs_reference = pytest.mark.skipif(not os.path.isdir(REAL_SUBMISSION),
                                      reason="../shared/glue_reference_submission is not here")
@@ -123,6 +125,17 @@ def test_validate_submission_flag(tmp_path, run_glue, capsys):
         run_glue(f"--validate_submission={broken}")
     assert "1 problems" in str(exit_info.value.code)
     assert "QQP.tsv: 0 rows, the test set has 390965" in capsys.readouterr().out
+
+
+@needs_reference
+def test_the_command_line_exits_0_with_its_output_flushed():
+    # glue.py leaves with os._exit once main returns, past TensorFlow's slow native teardown:
+    # what it printed must still reach a pipe, which Python buffers.
+    result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"),
+                             f"--validate_submission={REAL_SUBMISSION}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.endswith("all 11 files pass\n")
 
 
 # --- Packaging ----------------------------------------------------------------------------------
