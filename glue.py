@@ -19,6 +19,7 @@ import fcntl
 import gc
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -128,18 +129,16 @@ flags.DEFINE_string("checkpoint_dir", None,
 flags.DEFINE_integer("checkpoint_every_steps", 0,
                      "Also checkpoint every this many training steps (0: only at epoch ends).",
                      lower_bound=0)
-flags.DEFINE_enum("distribution_strategy", "auto",
-                  ["auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu"],
-                  "How to spread training over devices: auto (mirrored when more than one GPU "
-                  "is visible, else one device), one_device, mirrored (every local GPU, or every "
-                  "CPU device when there is none), multi_worker_mirrored (several machines, "
-                  "cluster from the TF_CONFIG environment variable) or tpu (see --tpu). "
-                  "--batch_size is the global batch, split across replicas.")
-flags.DEFINE_string("tpu", None,
-                    "With --distribution_strategy=tpu: the TPU's name or grpc:// address "
-                    "(`local` on a TPU VM).")
+flags.DEFINE_string("distribution_strategy", "auto",
+                    "How to spread training over devices: auto (mirrored when more than one GPU "
+                    "is visible, else one device), one_device, mirrored (every local GPU, or "
+                    "every CPU device when there is none), multi_worker_mirrored (several "
+                    "machines, cluster from the TF_CONFIG environment variable), or "
+                    "tpu:<the TPU's name or grpc://host:port> (tpu:local on a TPU VM; plain tpu "
+                    "finds it from the environment). --batch_size is the global batch, split "
+                    "across replicas.")
 flags.DEFINE_integer("worker_timeout_seconds", 600,
-                     "multi_worker_mirrored and tpu: how long to wait for the other workers "
+                     "With multi_worker_mirrored or tpu: how long to wait for the other workers "
                      "(or the TPU) to answer at start, and at most for any one exchange; a "
                      "worker that dies is noticed within seconds.", lower_bound=1)
 flags.DEFINE_bool("overwrite", False,
@@ -151,6 +150,15 @@ flags.DEFINE_string("fill_missing_from", None,
                     "A sample submission (folder or zip) to copy the files of tasks not run from.")
 flags.DEFINE_string("validate_submission", None,
                     "Only check this submission folder or zip as the GLUE server would, and exit.")
+
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
+
+
+def strategy_and_tpu(value):
+    """`--distribution_strategy`'s strategy name, and the TPU named after `tpu:` (else None)."""
+    name, _, tpu = value.partition(":")
+    return name, tpu or None
 
 
 def _valid_learning_rates(values):
@@ -167,6 +175,10 @@ flags.register_validator(
     "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
 flags.register_validator("learning_rate", _valid_learning_rates,
                          "give positive numbers, comma-separated")
+flags.register_validator(
+    "distribution_strategy", lambda value: strategy_and_tpu(value)[0] in STRATEGIES and
+    (":" not in value or value.startswith("tpu:")),
+    "use auto, one_device, mirrored, multi_worker_mirrored, tpu or tpu:<name or grpc://host:port>")
 flags.register_validator("seed", lambda values: bool(values) and all(
     re.fullmatch(r"-?\d+", value.strip()) for value in values),
     "give integers, comma-separated")
@@ -516,6 +528,10 @@ def is_text_backbone(backbone):
 ### Custom code block starts ###
 # (1) Preprocessing: `preprocess_fn(feature, label)` turns a batch of examples into model inputs.
 # `feature` is a tuple of one or two string tensors (the task's sentences); `label` is passed on.
+# It must be traceable by `tf.function` (TensorFlow ops, no Python-side loops over rows), and
+# give every input of a batch a fixed length per row. glue.py trims the padding of the
+# token-aligned inputs (`token_ids`, `segment_ids`, `padding_mask`) and pads each batch again to
+# its own length; any other input passes untouched.
 def make_preprocess_fn():
     preprocessor = from_preset(
         keras_hub.models.TextClassifierPreprocessor, FLAGS.preset,
@@ -560,8 +576,9 @@ TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                      '"task": {"type": "worker", "index": 0}}')
 
 
-def make_strategy(name, tpu=None, worker_timeout_seconds=600):
-    """The strategy `--distribution_strategy=name` asks for, on the devices this process sees."""
+def make_strategy(value, worker_timeout_seconds=600):
+    """The strategy `--distribution_strategy=value` asks for, on the devices this process sees."""
+    name, tpu = strategy_and_tpu(value)
     if name == "multi_worker_mirrored":  # first: it must set up TensorFlow's runtime itself
         check_tf_config(os.environ.get("TF_CONFIG"))
         patch_keras_for_multi_worker()
@@ -577,8 +594,7 @@ def make_strategy(name, tpu=None, worker_timeout_seconds=600):
         return tf.distribute.OneDeviceStrategy(local_devices[0])
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(local_devices)
-    raise GlueError(f"unknown distribution strategy {name!r}; use auto, one_device, mirrored, "
-                    "multi_worker_mirrored or tpu")
+    raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
 
 
 def check_tf_config(text):
@@ -643,6 +659,7 @@ def patch_keras_for_multi_worker():
     from keras.src.backend.tensorflow import trainer  # noqa: PLC0415
     if getattr(trainer, "patched_for_multi_worker", False):
         return
+    check_keras_internals(trainer)
     reduce_per_replica = trainer.reduce_per_replica
 
     def first_replica(value):
@@ -671,17 +688,47 @@ def patch_keras_for_multi_worker():
     trainer.patched_for_multi_worker = True
 
 
+# The private Keras functions the multi-worker patch replaces or calls, with the parameters it
+# was written against, and the Keras versions it was checked on.
+PATCHED_KERAS_VERSIONS = ("3.15.",)
+PATCHED_KERAS_FUNCTIONS = {
+    "reduce_per_replica": ("values", "strategy", "reduction"),
+    "TensorFlowTrainer._maybe_symbolic_build": ("self", "iterator", "data_batch"),
+    "_collective_all_reduce_multi_worker": ("strategy",),
+}
+
+
+def check_keras_internals(trainer, version=keras.__version__):
+    """Fails with one line unless Keras is a version the multi-worker patch was written for,
+    with the private functions it replaces as it knew them: a newer Keras may have fixed the
+    bug, or moved what the patch relies on."""
+    changed = []
+    for path, parameters in PATCHED_KERAS_FUNCTIONS.items():
+        function = trainer
+        for part in path.split("."):
+            function = getattr(function, part, None)
+        if function is None or tuple(inspect.signature(function).parameters) != parameters:
+            changed.append(path)
+    if not version.startswith(PATCHED_KERAS_VERSIONS) or changed:
+        raise GlueError(
+            f"--distribution_strategy=multi_worker_mirrored patches private functions of Keras "
+            f"{', '.join(PATCHED_KERAS_VERSIONS)}x, and this is Keras {version}"
+            f"{' (changed: ' + ', '.join(changed) + ')' if changed else ''}; install the "
+            "Keras of requirements.txt (pip install -r requirements.txt)")
+
+
 def tpu_strategy(tpu, timeout_seconds):
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
         with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
-                      f"within --worker_timeout_seconds={timeout_seconds}; check --tpu"):
+                      f"within --worker_timeout_seconds={timeout_seconds}; check the address in "
+                      "--distribution_strategy=tpu:<address>"):
             tf.config.experimental_connect_to_cluster(resolver)
             tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
         raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
-                        "pass --tpu=<TPU name or grpc://host:port>, or --tpu=local on a TPU "
-                        "VM") from None
+                        "pass --distribution_strategy=tpu:<TPU name or grpc://host:port>, or "
+                        "tpu:local on a TPU VM") from None
     return tf.distribute.TPUStrategy(resolver)
 
 
@@ -1115,8 +1162,9 @@ def model_inputs(batches, with_labels):
     tf.distribute: every batch is split across replicas and workers (each worker reads the
     whole, identically ordered stream), so all of them take the same number of steps.
 
-    Boolean tensors (KerasHub's padding masks) become int32: under a strategy, Keras averages
-    the first batch across replicas, which booleans cannot do.
+    Boolean token-aligned inputs (KerasHub's padding masks) become int32: under a strategy, Keras
+    averages the first batch across replicas, which booleans cannot do. A custom block's other
+    inputs pass as they are.
 
     tf.data's autotuning is off: the pipeline's few threads are set (PIPELINE_THREADS), and an
     autotuned iterator at times took 10 to 50 s to be destroyed at the end of an epoch (its
@@ -1125,11 +1173,14 @@ def model_inputs(batches, with_labels):
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     options.autotune.enabled = False
 
-    def cast(tensor):
-        return tf.cast(tensor, tf.int32) if tensor.dtype == tf.bool else tensor
+    def cast(inputs):
+        if not isinstance(inputs, dict):
+            return inputs
+        return {name: tf.cast(value, tf.int32) if name in TOKEN_ALIGNED and
+                value.dtype == tf.bool else value for name, value in inputs.items()}
 
-    return batches.map(lambda inputs, labels, idx: tf.nest.map_structure(
-        cast, (inputs, labels) if with_labels else inputs)).with_options(options)
+    return batches.map(lambda inputs, labels, idx: (cast(inputs), labels) if with_labels
+                       else cast(inputs)).with_options(options)
 
 
 # ================================================================================================
@@ -1373,9 +1424,10 @@ def predict(model, split, task, batch_size, label=None):
 def trace_for_every_length(model, batches):
     """Traces Keras' prediction step once, for batches of every size and length.
 
-    Left to itself, Keras traces it for the first batch's exact shape, again for the second
-    batch's, and once more when the batch size changes (the last batch), before its graph fits
-    every shape: a second or so per split."""
+    Left to itself, Keras traces it for the first batch's exact shape, then again for a shape
+    that fits every batch. This relies on Keras' private one-step signature (a list of one
+    batch), and it still pays: `benchmarks/tracing.py` measured the first prediction of MRPC dev
+    at 2.72 s against 3.62 s, later ones alike (Keras 3.15, AMD EPYC, benchmarks/RESULTS.md)."""
     model.make_predict_function()
     spec = model.distribute_strategy.experimental_distribute_dataset(batches).element_spec
     model.predict_function.get_concrete_function([spec])
@@ -1642,8 +1694,9 @@ def read_submission(path):
 
 
 def validate_submission(contents):
-    """Checks what the GLUE server checks. Returns `(errors, warnings)`, one line each."""
-    errors, warnings = [], []
+    """Checks what the GLUE server checks. Returns `(errors, notices)`, one line each; notices
+    do not fail a submission."""
+    errors, notices = [], []
     for name in sorted(contents):
         if name in SUBMISSION_FILES:
             continue
@@ -1655,14 +1708,14 @@ def validate_submission(contents):
         if name not in contents:
             errors.append(f"{name}: missing; all 11 files are needed")
             continue
-        file_errors, file_warnings = validate_submission_file(name, contents[name], expected)
+        file_errors, file_notices = validate_submission_file(name, contents[name], expected)
         if len(file_errors) > SHOWN_PROBLEMS_PER_FILE:
             hidden = len(file_errors) - SHOWN_PROBLEMS_PER_FILE
             file_errors = file_errors[:SHOWN_PROBLEMS_PER_FILE] + [
                 f"{name}: ... and {hidden} more problems"]
         errors += file_errors
-        warnings += file_warnings
-    return errors, warnings
+        notices += file_notices
+    return errors, notices
 
 
 def validate_submission_file(name, data, expected):
@@ -1703,11 +1756,11 @@ def validate_submission_file(name, data, expected):
             errors.append(f"{name}, line {number}: {problem}")
     if len(lines) - 1 != expected.rows:
         errors.append(f"{name}: {len(lines) - 1} rows, the test set has {expected.rows}")
-    warnings = []
+    notices = []
     if out_of_range:
         warnings.append(f"{name}: {len(out_of_range)} scores outside [0, 5] (first on line "
                         f"{out_of_range[0]}); the server accepts them")
-    return errors, warnings
+    return errors, notices
 
 
 def check_prediction(task, prediction):
@@ -1740,8 +1793,8 @@ def fill_missing_files(directory, source):
 def make_submission_zip(directory):
     """Validates `directory`'s 11 files and zips them; never writes a zip that would fail."""
     contents = read_submission(directory)
-    errors, warnings = validate_submission(contents)
-    for line in warnings + errors:
+    errors, notices = validate_submission(contents)
+    for line in notices + errors:
         print(line)
     if errors:
         raise GlueError(f"{len(errors)} problems in {directory} (listed above); no zip written. "
@@ -2600,8 +2653,8 @@ def main(argv):
     options = options_from_flags()
     try:
         if options.validate_submission:
-            errors, warnings = validate_submission(read_submission(options.validate_submission))
-            for line in warnings + errors:
+            errors, notices = validate_submission(read_submission(options.validate_submission))
+            for line in notices + errors:
                 print(line)
             if errors:
                 raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
@@ -2613,14 +2666,14 @@ def main(argv):
         check_options(options, task_names)
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         on_cpu = not tf.config.list_physical_devices("GPU") and \
-            options.distribution_strategy != "tpu"
+            strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
         hint = bf16_hint(cpu_flags()) if task_names and on_cpu and \
             not options.mixed_precision else None
         if hint:
             say(hint)
         strategy = tf.distribute.get_strategy()
         if task_names:
-            strategy = make_strategy(options.distribution_strategy, options.tpu,
+            strategy = make_strategy(options.distribution_strategy,
                                      options.worker_timeout_seconds)
             logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
                          options.distribution_strategy, type(strategy).__name__,

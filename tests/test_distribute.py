@@ -207,14 +207,15 @@ def test_an_unreachable_tpu_is_waited_for_a_bounded_time(tiny_preset, learnable_
     start = time.monotonic()
     result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--task_name=sst2",
                              f"--preset={tiny_preset}", f"--data_dir={learnable_data}",
-                             "--distribution_strategy=tpu", "--tpu=grpc://127.0.0.1:9",
+                             "--distribution_strategy=tpu:grpc://127.0.0.1:9",
                              "--worker_timeout_seconds=5"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0
     assert time.monotonic() - start < 60
     assert result.stderr.strip().splitlines()[-1] == (
         "glue.py: error: the TPU grpc://127.0.0.1:9 did not answer within "
-        "--worker_timeout_seconds=5; check --tpu")
+        "--worker_timeout_seconds=5; check the address in "
+        "--distribution_strategy=tpu:<address>")
 
 
 WORKERS = {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]}
@@ -266,5 +267,26 @@ def test_one_device_and_auto_on_a_cpu_machine_use_one_replica():
 
 
 def test_an_unknown_strategy_is_one_clear_line():
-    with pytest.raises(glue.GlueError, match="unknown distribution strategy 'horovod'; use auto"):
+    with pytest.raises(glue.GlueError, match="unknown distribution strategy 'horovod'; use one "
+                                             "of auto, one_device"):
         glue.make_strategy("horovod")
+
+
+def test_the_tpu_address_is_read_from_the_strategy_flag():
+    assert glue.strategy_and_tpu("tpu:grpc://10.0.0.2:8470") == ("tpu", "grpc://10.0.0.2:8470")
+    assert glue.strategy_and_tpu("tpu") == ("tpu", None)
+    assert glue.strategy_and_tpu("mirrored") == ("mirrored", None)
+
+
+def test_the_keras_patch_refuses_a_keras_it_was_not_written_for():
+    from keras.src.backend.tensorflow import trainer
+    glue.check_keras_internals(trainer)  # the installed Keras: the one it was written for
+    with pytest.raises(glue.GlueError, match=r"this is Keras 3\.16\.0; install the Keras of"):
+        glue.check_keras_internals(trainer, version="3.16.0")
+
+    class Moved:  # a Keras whose private trainer functions changed
+        reduce_per_replica = staticmethod(lambda values, strategy: values)
+        TensorFlowTrainer = trainer.TensorFlowTrainer
+    with pytest.raises(glue.GlueError, match=r"\(changed: reduce_per_replica, "
+                                             r"_collective_all_reduce_multi_worker\)"):
+        glue.check_keras_internals(Moved)

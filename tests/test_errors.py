@@ -35,7 +35,8 @@ def replace_line(path, number, text):
     (["--epochs=0"], "--epochs=0"),
     (["--max_sequence_length=-5"], "--max_sequence_length=-5"),
     (["--data_dir=/no/such/folder"], "--data_dir=/no/such/folder: no such folder"),
-    (["--distribution_strategy=horovod"], "value should be one of <auto|one_device|mirrored|"),
+    (["--distribution_strategy=horovod"], "use auto, one_device, mirrored, multi_worker_mirrored"),
+    (["--distribution_strategy=mirrored:2"], "tpu:<name or grpc://host:port>"),
     (["--worker_timeout_seconds=0"], "--worker_timeout_seconds=0"),
 ])
 def test_bad_flags_exit_with_one_clear_line(args, expected):
