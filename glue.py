@@ -764,6 +764,15 @@ def sentence_encoder(backbone, pooling=None):
     return keras.Model(inputs=inputs, outputs=vector, name=f"{pooling}_encoder")
 
 
+def quiet_expected_warnings():
+    """--pooling=cls or mean leaves the backbone's pooler unused, and Keras warns at every trace
+    that its variables get no gradient. That is expected, so it is not shown; a missing gradient
+    for any other variable (a real mistake in a custom block) still is."""
+    warnings.filterwarnings(
+        "ignore", r"Gradients do not exist for variables \[('pooled_dense/(kernel|bias)'(, )?)+\] ",
+        UserWarning)
+
+
 def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as a Keras model)
     """The default finetuning head: dropout and a dense layer over one vector per example.
 
@@ -1703,7 +1712,7 @@ def validate_submission(contents):
         if os.path.basename(name) in SUBMISSION_FILES:
             errors.append(f"{name}: must sit at the top level of the zip")
         else:
-            warnings.append(f"{name}: not a GLUE submission file; the server ignores it")
+            notices.append(f"{name}: not a GLUE submission file; the server ignores it")
     for name, expected in sorted(SUBMISSION_FILES.items()):
         if name not in contents:
             errors.append(f"{name}: missing; all 11 files are needed")
@@ -1758,8 +1767,8 @@ def validate_submission_file(name, data, expected):
         errors.append(f"{name}: {len(lines) - 1} rows, the test set has {expected.rows}")
     notices = []
     if out_of_range:
-        warnings.append(f"{name}: {len(out_of_range)} scores outside [0, 5] (first on line "
-                        f"{out_of_range[0]}); the server accepts them")
+        notices.append(f"{name}: {len(out_of_range)} scores outside [0, 5] (first on line "
+                       f"{out_of_range[0]}); the server accepts them")
     return errors, notices
 
 
@@ -2651,6 +2660,7 @@ def options_from_flags():
 def main(argv):
     del argv
     options = options_from_flags()
+    quiet_expected_warnings()
     try:
         if options.validate_submission:
             errors, notices = validate_submission(read_submission(options.validate_submission))

@@ -159,12 +159,22 @@ def test_no_network_fails_fast_with_a_data_dir_hint(tiny_preset, run_glue, monke
     def unreachable(*args, **kwargs):
         raise OSError("network is unreachable")
     monkeypatch.setattr(glue.socket, "create_connection", unreachable)
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # nothing prepared there
+    # Nothing prepared there. tensorflow-datasets read TFDS_DATA_DIR when it was imported, so
+    # setting the variable now would change nothing: its default folder is this constant.
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         run_glue("--task_name=rte", f"--preset={tiny_preset}")
     message = str(exit_info.value.code)
     assert "cannot download glue/rte" in message and "--data_dir" in message
     assert "\n" not in message
+
+
+def test_label_names_are_tfds_own_in_its_order():
+    # A label id means the same class whichever source it came from: tfds' GLUE builders fix
+    # the order (their info needs no download). STS-B is a regression: no names.
+    for name, task in glue.TASKS.items():
+        feature = tfds.builder(task.tfds_name).info.features["label"]
+        assert list(task.label_names) == list(getattr(feature, "names", [])), name
 
 
 def test_quotes_inside_sentences_survive(glue_data):

@@ -85,6 +85,7 @@ def assert_same_as_one_device(out, one_device):
     assert dev_accuracy(out) == pytest.approx(dev_accuracy(one_device), abs=0.1)
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_devices_matches_one_device(one_device, tiny_preset, learnable_data,
                                                       tmp_path):
     out = str(tmp_path / "mirrored")
@@ -98,6 +99,7 @@ def test_mirrored_over_two_devices_matches_one_device(one_device, tiny_preset, l
     assert_same_as_one_device(out, one_device)
 
 
+@pytest.mark.slow
 def test_the_own_classifier_block_runs_unchanged_under_mirrored(tiny_preset, learnable_data,
                                                                   tmp_path):
     # Custom block 3 makes new layers (variables): they must land on both replicas.
@@ -152,6 +154,7 @@ def finish(workers, timeout=TIMEOUT):
     return codes, logs
 
 
+@pytest.mark.slow
 def test_two_workers_train_together_and_only_the_chief_writes(one_device, tiny_preset,
                                                                learnable_data, tmp_path):
     outs = [str(tmp_path / f"out{index}") for index in range(2)]
@@ -167,6 +170,7 @@ def test_two_workers_train_together_and_only_the_chief_writes(one_device, tiny_p
     assert_same_as_one_device(outs[0], one_device)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_others_with_one_line(tiny_preset, learnable_data, tmp_path):
     out = str(tmp_path / "out")
     args = ("--distribution_strategy=multi_worker_mirrored", f"--checkpoint_dir={tmp_path}/ck")
@@ -188,6 +192,7 @@ def test_a_killed_worker_fails_the_others_with_one_line(tiny_preset, learnable_d
     assert not os.path.exists(os.path.join(out, "SST-2.tsv"))
 
 
+@pytest.mark.slow
 def test_a_worker_that_never_comes_is_waited_for_a_bounded_time(tiny_preset, learnable_data,
                                                                  tmp_path):
     command = glue_command("glue.py", tiny_preset, learnable_data, str(tmp_path / "out"),
@@ -203,6 +208,7 @@ def test_a_worker_that_never_comes_is_waited_for_a_bounded_time(tiny_preset, lea
         "--worker_timeout_seconds=5; start glue.py on every worker")
 
 
+@pytest.mark.slow
 def test_an_unreachable_tpu_is_waited_for_a_bounded_time(tiny_preset, learnable_data, tmp_path):
     start = time.monotonic()
     result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--task_name=sst2",

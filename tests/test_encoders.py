@@ -1,6 +1,7 @@
 """Any KerasHub text encoder through the default custom blocks, and the pooling choices."""
 
 import json
+import warnings
 
 import keras
 import keras_hub
@@ -49,6 +50,7 @@ def family_presets(tmp_path_factory, tiny_preset):
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.slow
 def test_each_family_finetunes_end_to_end_through_the_default_blocks(
         family, family_presets, glue_data, tmp_path, run_glue):
     data_dir, counts = glue_data
@@ -61,12 +63,27 @@ def test_each_family_finetunes_end_to_end_through_the_default_blocks(
 
 
 @pytest.mark.parametrize("pooling", ["pooled", "cls", "mean"])
-def test_pooling_flag_end_to_end(pooling, tiny_preset, glue_data, tmp_path, run_glue):
+def test_pooling_flag_end_to_end(pooling, tiny_preset, glue_data, tmp_path, run_glue, recwarn):
     model_path = tmp_path / "model.keras"
     run_glue("--task_name=stsb", f"--pooling={pooling}", f"--preset={tiny_preset}",
              f"--data_dir={glue_data[0]}", f"--finetuning_model_save_path={model_path}", *TINY)
     model = keras.models.load_model(model_path, compile=False)
     assert model.get_layer(f"{pooling}_encoder") is not None
+    # cls and mean leave BERT's pooler without a gradient: expected, so glue.py keeps it quiet.
+    assert not [warning for warning in recwarn if "Gradients do not exist" in str(warning.message)]
+
+
+def test_only_the_unused_pooler_s_missing_gradients_are_quiet():
+    def warned(names):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            glue.quiet_expected_warnings()
+            warnings.warn(f"Gradients do not exist for variables {names} when minimizing the "
+                          "loss. If using `model.compile()`, did you forget to provide a `loss` "
+                          "argument?", UserWarning)
+        return len(caught)
+    assert warned(['pooled_dense/kernel', 'pooled_dense/bias']) == 0
+    assert warned(['pooled_dense/kernel', 'head/kernel']) == 1  # a real mistake still shows
 
 
 def encode(preset, pairs):

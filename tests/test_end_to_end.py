@@ -121,6 +121,7 @@ def test_rows_follow_the_index_column_not_the_file_order(glue_data, tiny_preset,
     assert table["index"].tolist() == sorted(file_order)
 
 
+@pytest.mark.slow
 def test_saved_model_reloads_and_predicts_the_same(glue_data, tiny_preset, tmp_path, run_glue):
     data_dir, _ = glue_data
     model_path = tmp_path / "mrpc.keras"
@@ -137,6 +138,7 @@ def test_saved_model_reloads_and_predicts_the_same(glue_data, tiny_preset, tmp_p
             (tmp_path / "loaded" / "MRPC.tsv").read_text())
 
 
+@pytest.mark.slow
 def test_ax_predicts_with_a_saved_mnli_model(glue_data, tiny_preset, tmp_path, run_glue):
     data_dir, counts = glue_data
     model_path = tmp_path / "mnli.keras"
@@ -159,6 +161,7 @@ def test_own_classifier_block_is_used_without_the_default_head(glue_data, tiny_p
     check_submission(tmp_path / "STS-B.tsv", glue.TASKS["stsb"], counts["stsb"]["test"])
 
 
+@pytest.mark.slow
 def test_results_merge_across_runs_and_results_path(glue_data, tiny_preset, tmp_path, run_glue):
     data_dir, _ = glue_data
     results_path = tmp_path / "all_results.json"
@@ -172,6 +175,7 @@ def test_results_merge_across_runs_and_results_path(glue_data, tiny_preset, tmp_
     assert not any(name.endswith(".tsv") for name in os.listdir(tmp_path))  # no submission dir
 
 
+@pytest.mark.slow
 def test_same_seed_same_predictions(glue_data, tiny_preset, tmp_path, run_glue):
     data_dir, _ = glue_data
     for run in ("first", "second"):

@@ -28,16 +28,21 @@ def replace_line(path, number, text):
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
+# Each case starts a glue.py process (5 s of imports): three run in the quick suite.
+SLOW = pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["--task_name=squad"], "each name must be all, none, or a GLUE task"),
     (["--learning_rate=2e-5,fast"], "give positive numbers"),
     (["--batch_size=0"], "--batch_size=0"),
-    (["--epochs=0"], "--epochs=0"),
-    (["--max_sequence_length=-5"], "--max_sequence_length=-5"),
-    (["--data_dir=/no/such/folder"], "--data_dir=/no/such/folder: no such folder"),
-    (["--distribution_strategy=horovod"], "use auto, one_device, mirrored, multi_worker_mirrored"),
-    (["--distribution_strategy=mirrored:2"], "tpu:<name or grpc://host:port>"),
-    (["--worker_timeout_seconds=0"], "--worker_timeout_seconds=0"),
+    pytest.param(["--epochs=0"], "--epochs=0", marks=SLOW),
+    pytest.param(["--max_sequence_length=-5"], "--max_sequence_length=-5", marks=SLOW),
+    pytest.param(["--data_dir=/no/such/folder"], "--data_dir=/no/such/folder: no such folder",
+                 marks=SLOW),
+    pytest.param(["--distribution_strategy=horovod"],
+                 "use auto, one_device, mirrored, multi_worker_mirrored", marks=SLOW),
+    pytest.param(["--distribution_strategy=mirrored:2"], "tpu:<name or grpc://host:port>",
+                 marks=SLOW),
+    pytest.param(["--worker_timeout_seconds=0"], "--worker_timeout_seconds=0", marks=SLOW),
 ])
 def test_bad_flags_exit_with_one_clear_line(args, expected):
     result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), *args],

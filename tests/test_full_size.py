@@ -28,6 +28,7 @@ def nothing_may_run(monkeypatch):
 
 # --- Progress -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_progress_lines_reach_a_log_file(tiny_preset, glue_data, tmp_path):
     log = tmp_path / "log.txt"
     with open(log, "w") as file:  # not a terminal
@@ -136,6 +137,7 @@ def trainings(monkeypatch):
     return rates
 
 
+@pytest.mark.slow
 def test_changed_settings_redo_a_completed_task(tiny_preset, glue_data, tmp_path, run_glue,
                                                 trainings, capsys):
     out = tmp_path / "out"
@@ -164,6 +166,7 @@ def test_changed_settings_redo_a_completed_task(tiny_preset, glue_data, tmp_path
         "preset"] == same_shape
 
 
+@pytest.mark.slow
 def test_adding_a_learning_rate_runs_only_that_rate(tiny_preset, glue_data, tmp_path, run_glue,
                                                     trainings, capsys):
     args = ("--task_name=mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",

@@ -66,6 +66,7 @@ def run_folders(out):
     return sorted(glob.glob(str(out / "checkpoints" / "stsb_lr5e-05_seed42_*")))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
         tiny_preset, glue_data, tmp_path, uninterrupted):
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6")
@@ -82,6 +83,7 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
     assert not os.path.exists(folder)  # cleaned up once done
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_data, tmp_path,
                                                            uninterrupted):
     stopped = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGTERM:7")
@@ -113,6 +115,7 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_preset, glue_data, tmp_pa
     assert "is a checkpoint of another model or setting" in str(exit_info.value.code)
 
 
+@pytest.mark.slow
 def test_concurrent_runs_into_one_submission_directory_keep_both_results(
         tiny_preset, glue_data, tmp_path):
     commands = [[sys.executable, os.path.join(REPO, "glue.py"), f"--task_name={task}",
@@ -143,6 +146,7 @@ def test_merges_from_many_writers_at_once_lose_nothing(tmp_path):
     assert len([name for name in results if name.startswith("task")]) == 60
 
 
+@pytest.mark.slow
 def test_a_checkpoint_made_with_another_batch_size_is_not_resumed(tiny_preset, glue_data,
                                                                   tmp_path):
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:3")
@@ -157,6 +161,7 @@ def test_a_checkpoint_made_with_another_batch_size_is_not_resumed(tiny_preset, g
     assert os.listdir(old_folder) == ["step-000000002.npz"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact_under_mixed_float16_when_the_loss_scale_skips_steps(
         tiny_preset, glue_data, tmp_path):
     # A huge first loss scale overflows float16: the loss-scale optimizer skips those steps
@@ -179,6 +184,7 @@ def test_resume_is_exact_under_mixed_float16_when_the_loss_scale_skips_steps(
     assert_same_training(out, reference)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_under_mixed_bfloat16(tiny_preset, glue_data, tmp_path):
     brain = ["--mixed_precision=mixed_bfloat16"]  # what CPUs with AMX or avx512_bf16 run fast
     reference = tmp_path / "reference"

@@ -34,6 +34,7 @@ def options_for(*args):
 
 # --- Seeds --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_three_seeds_give_three_runs_and_their_median(glue_data, tiny_preset, tmp_path, run_glue,
                                                       capsys):
     run_glue("--task_name=rte", "--seed=1,2,3", f"--preset={tiny_preset}",
@@ -84,6 +85,7 @@ def test_seeds_must_be_integers(run_glue):
 # --- The best evaluation ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("select_best_epoch", [True, False])
+@pytest.mark.slow
 def test_the_best_evaluation_s_weights_predict_test(glue_data, tiny_preset, tmp_path, run_glue,
                                                     monkeypatch, select_best_epoch):
     """Dev accuracy is scripted to peak at the second of three epochs: with best-epoch
@@ -199,6 +201,7 @@ def test_a_collapsed_run_is_marked(glue_data, tiny_preset, tmp_path, run_glue, m
     assert "(1 run, 1 collapsed)" in out
 
 
+@pytest.mark.slow
 def test_a_collapsed_run_is_restarted_with_seed_plus_1000(glue_data, tiny_preset, tmp_path,
                                                           run_glue, monkeypatch):
     force_first_run_to_collapse(monkeypatch)
@@ -237,6 +240,7 @@ def test_init_from_finetuned_takes_its_encoder_and_a_new_head(tiny_preset, tmp_p
     assert model.output.shape[-1] == 1  # STS-B's own head
 
 
+@pytest.mark.slow
 def test_init_from_finetuned_end_to_end_is_recorded(glue_data, tiny_preset, tmp_path, run_glue):
     model_path = tmp_path / "mnli.keras"
     run_glue("--task_name=mnli", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
@@ -268,6 +272,7 @@ def comparable(entry):
             "glue_task_score": entry["glue_task_score"]}
 
 
+@pytest.mark.slow
 def test_two_processes_with_one_seed_each_add_up_to_one_with_both(glue_data, tiny_preset,
                                                                     tmp_path):
     common = ("--task_name=mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
@@ -291,6 +296,7 @@ def test_two_processes_with_one_seed_each_add_up_to_one_with_both(glue_data, tin
 
 # --- Crashes between recording a run and writing its files --------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_before_the_test_files_is_made_good_from_the_kept_checkpoint(
         glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
     out = tmp_path / "out"
@@ -342,6 +348,7 @@ def test_files_of_another_run_are_not_complete(tmp_path):
     assert glue.files_complete(glue.TASKS["rte"], entry, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_recorded_runs(glue_data, tiny_preset, tmp_path, run_glue):
     args = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
             f"--submission_directory={tmp_path}", *TINY)

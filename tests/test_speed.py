@@ -134,6 +134,7 @@ def test_predictions_go_shortest_first_in_padded_batches(mrpc_tokenized):
     assert widths == [-(-lengths[order][i + 3] // 8) * 8 for i in range(0, 16, 4)]
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_float32_logits_and_jit_compile_runs(glue_data, tiny_preset,
                                                                    tmp_path, run_glue):
     model_path = tmp_path / "model.keras"
@@ -186,6 +187,7 @@ def test_the_bfloat16_hint_names_the_instructions_and_the_measured_gain():
     assert glue.bf16_hint({"avx2", "avx512f"}) is None
 
 
+@pytest.mark.slow
 def test_a_float32_run_on_a_bfloat16_cpu_says_so_once(glue_data, tiny_preset, run_glue,
                                                       monkeypatch, capsys):
     monkeypatch.setattr(glue, "cpu_flags", lambda: {"avx512_bf16"})

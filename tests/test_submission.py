@@ -180,6 +180,7 @@ def official_size_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_all_tasks_in_one_command_give_a_valid_zip(official_size_data, tiny_preset, tmp_path,
                                                    run_glue, capsys):
     run_glue("--task_name=all", f"--preset={tiny_preset}", f"--data_dir={official_size_data}",
@@ -207,6 +208,7 @@ def fail_for(task_name, error, monkeypatch):
     monkeypatch.setattr(glue, "train", train)
 
 
+@pytest.mark.slow
 def test_a_crash_then_a_rerun_skips_finished_tasks(glue_data, tiny_preset, tmp_path, run_glue,
                                                    monkeypatch, capsys):
     args = ("--task_name=rte,mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
@@ -234,6 +236,7 @@ def test_a_crash_then_a_rerun_skips_finished_tasks(glue_data, tiny_preset, tmp_p
     assert "already complete" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_one_failing_task_does_not_stop_the_others(glue_data, tiny_preset, tmp_path, run_glue,
                                                    monkeypatch, capsys):
     fail_for("cola", RuntimeError("out of memory"), monkeypatch)
@@ -248,6 +251,7 @@ def test_one_failing_task_does_not_stop_the_others(glue_data, tiny_preset, tmp_p
         "glue_score", "stsb", "wnli"]
 
 
+@pytest.mark.slow
 def test_several_tasks_save_one_model_each(glue_data, tiny_preset, tmp_path, run_glue):
     run_glue("--task_name=wnli,rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
              f"--finetuning_model_save_path={tmp_path / 'model.keras'}", *TINY)
@@ -307,6 +311,7 @@ class StandInModel:
             self.run = tuple(json.loads(file.read()))
 
 
+@pytest.mark.slow
 def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
         glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
     dev_accuracy = {(2e-5, 1): 0.60, (2e-5, 2): 0.90, (2e-5, 3): 0.61,  # median 0.61, best 0.90
@@ -353,6 +358,7 @@ def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
     assert len(seen_data) == 6 and all(data is seen_data[0] for data in seen_data)  # tokenized once
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_records_every_value(glue_data, tiny_preset, tmp_path, run_glue):
     run_glue("--task_name=mrpc", "--learning_rate=1e-3,5e-5", f"--preset={tiny_preset}",
              f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)
