@@ -152,6 +152,19 @@ flags.DEFINE_string("validate_submission", None,
                     "Only check this submission folder or zip as the GLUE server would, and exit.")
 
 
+# `--help` lists the flags by purpose, in this order (absl alone would sort them by name).
+HELP_GROUPS = {
+    "Task and data": ("task_name", "data_dir", "max_sequence_length"),
+    "Model": ("preset", "pooling", "use_default_classifier", "init_from_finetuned",
+              "finetuning_model_load_path"),
+    "Training": ("epochs", "batch_size", "learning_rate", "seed", "warmup_ratio",
+                 "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
+                 "max_restarts", "mixed_precision", "jit_compile"),
+    "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
+               "overwrite", "make_submission_zip", "fill_missing_from", "validate_submission"),
+    "Scale-out and resuming": ("checkpoint_dir", "checkpoint_every_steps",
+                               "distribution_strategy", "worker_timeout_seconds"),
+}
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
@@ -2704,6 +2717,33 @@ def main(argv):
         sys.exit(f"glue.py: {stop}")
 
 
+HELP_ARGUMENTS = ("--help", "-help", "-?", "--helpshort")
+
+
+def parse_flags(argv):
+    """absl's flag parsing, except that --help shows glue.py's flags grouped by purpose."""
+    if any(argument in HELP_ARGUMENTS for argument in argv[1:]):
+        print(grouped_help(FLAGS))
+        sys.exit(0)
+    return app.parse_flags_with_usage(argv)
+
+
+def grouped_help(flag_values):
+    """The text of --help: the usage line, then every group of HELP_GROUPS, each flag with its
+    help and default, wrapped as absl wraps them."""
+    lines = ["\n\n".join(__doc__.strip().split("\n\n")[:2]), ""]
+    for title, names in HELP_GROUPS.items():
+        lines.append(f"{title}:")
+        for name in names:
+            flag = flag_values[name]
+            default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+            lines.append(flags.text_wrap(f"--{name}: {flag.help}{default}", indent="      ",
+                                         firstline_indent="  "))
+        lines.append("")
+    lines.append("absl's own flags: --helpfull.")
+    return "\n".join(lines)
+
+
 def main_then_exit(argv):
     """`main`, then an immediate exit once everything is written and flushed: TensorFlow's
     native teardown would take another 1.5 s, 5% of a short run (benchmarks/RESULTS.md).
@@ -2715,4 +2755,4 @@ def main_then_exit(argv):
 
 
 if __name__ == "__main__":
-    app.run(main_then_exit)
+    app.run(main_then_exit, flags_parser=parse_flags)
