@@ -52,33 +52,58 @@ import sklearn.metrics  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+
 # ================================================================================================
-# Flags
+# Flags, grouped as --help shows them
 # ================================================================================================
 
 FLAGS = flags.FLAGS
 
+# Task and data
 flags.DEFINE_list(
     "task_name", ["mrpc"],
     "GLUE task(s), comma-separated: cola, sst2, mrpc, stsb, qqp, mnli (also predicts AX), "
     "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax; `all` for every task, `none` for none "
     "(to choose again from the recorded runs, zip or validate).")
-flags.DEFINE_integer("batch_size", 32, "Training and prediction batch size.", lower_bound=1)
+flags.DEFINE_string("data_dir", None,
+                    "Local folder in the standard glue_data/ layout (CoLA/, MRPC/, ...). "
+                    "Default: load GLUE through tensorflow-datasets.")
+flags.DEFINE_integer("max_sequence_length", 128,
+                     "Longest tokenized input; longer pairs are truncated.", lower_bound=1)
+
+# Model
+flags.DEFINE_string("preset", "bert_tiny_en_uncased",
+                    "KerasHub preset id, local KerasHub preset directory, or local Hugging "
+                    "Face-format model folder.")
+flags.DEFINE_enum("pooling", None, ["pooled", "cls", "mean"],
+                  "How GlueClassifier gets one vector per example: the backbone's pooled output, "
+                  "the first token's vector, or the mean over real tokens. Default: pooled where "
+                  "the backbone has a pooler (BERT, ALBERT, ELECTRA), else cls.")
+flags.DEFINE_bool("use_default_classifier", True,
+                  "Wrap the pretrained model in GlueClassifier; false uses the model built in "
+                  "the third custom code block.")
+flags.DEFINE_string("init_from_finetuned", None,
+                    "Start from the encoder of a model finetuned on another task (a `.keras` "
+                    "file from --finetuning_model_save_path, typically MNLI), with a new head.")
+flags.DEFINE_string("finetuning_model_load_path", None,
+                    "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
+                    "predict. The preprocessing still comes from --preset.")
+
+# Training
 flags.DEFINE_integer("epochs", 2, "Number of finetuning epochs.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 32, "Training and prediction batch size.", lower_bound=1)
 flags.DEFINE_list("learning_rate", ["5e-5"],
                   "Peak learning rate of AdamW. A comma list (2e-5,3e-5,5e-5) finetunes once per "
                   "value and keeps the best on the dev set.")
+flags.DEFINE_list("seed", ["42"],
+                  "Random seed for weights, dropout and data order. A comma list (1,2,3,4,5) "
+                  "finetunes once per seed and learning rate; results give the median and "
+                  "spread over seeds, and the learning rate is chosen by its median.")
 flags.DEFINE_float("warmup_ratio", 0.1,
                    "Fraction of training steps spent warming the learning rate up from 0; "
                    "it then decays linearly to 0.", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay (not applied to biases and "
                    "layer-norm weights).", lower_bound=0.0)
-flags.DEFINE_integer("max_sequence_length", 128,
-                     "Longest tokenized input; longer pairs are truncated.", lower_bound=1)
-flags.DEFINE_list("seed", ["42"],
-                  "Random seed for weights, dropout and data order. A comma list (1,2,3,4,5) "
-                  "finetunes once per seed and learning rate; results give the median and "
-                  "spread over seeds, and the learning rate is chosen by its median.")
 flags.DEFINE_float("clip_norm", 1.0, "Clip the gradients' global norm to this (0: no clipping), "
                    "as BERT and the Hugging Face Trainer do.", lower_bound=0.0)
 flags.DEFINE_integer("evaluations_per_epoch", 1,
@@ -90,37 +115,31 @@ flags.DEFINE_bool("select_best_epoch", True,
 flags.DEFINE_integer("max_restarts", 0,
                      "Train a collapsed run (every dev prediction the same) again, up to this "
                      "many times, with seed + 1000 * k.", lower_bound=0)
-flags.DEFINE_string("init_from_finetuned", None,
-                    "Start from the encoder of a model finetuned on another task (a `.keras` "
-                    "file from --finetuning_model_save_path, typically MNLI), with a new head.")
-flags.DEFINE_string("preset", "bert_tiny_en_uncased",
-                    "KerasHub preset id, local KerasHub preset directory, or local Hugging "
-                    "Face-format model folder.")
-flags.DEFINE_string("data_dir", None,
-                    "Local folder in the standard glue_data/ layout (CoLA/, MRPC/, ...). "
-                    "Default: load GLUE through tensorflow-datasets.")
-flags.DEFINE_string("submission_directory", None,
-                    "Folder for the task's leaderboard .tsv file(s). Default: write none.")
-flags.DEFINE_string("results_path", None,
-                    "JSON file that collects dev metrics across runs. Default: "
-                    "<submission_directory>/glue_results.json when a submission directory is set.")
-flags.DEFINE_enum("pooling", None, ["pooled", "cls", "mean"],
-                  "How GlueClassifier gets one vector per example: the backbone's pooled output, "
-                  "the first token's vector, or the mean over real tokens. Default: pooled where "
-                  "the backbone has a pooler (BERT, ALBERT, ELECTRA), else cls.")
-flags.DEFINE_bool("use_default_classifier", True,
-                  "Wrap the pretrained model in GlueClassifier; false uses the model built in "
-                  "the third custom code block.")
-flags.DEFINE_string("finetuning_model_save_path", None,
-                    "Save the finetuned model to this `.keras` file.")
-flags.DEFINE_string("finetuning_model_load_path", None,
-                    "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
-                    "predict. The preprocessing still comes from --preset.")
 flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
                   "Compute in 16-bit floats with float32 weights (GPUs: mixed_float16 or "
                   "mixed_bfloat16; TPUs: mixed_bfloat16). Logits and loss stay float32.")
 flags.DEFINE_bool("jit_compile", False,
                   "Compile training and prediction with XLA (GPUs, TPUs).")
+
+# Output
+flags.DEFINE_string("submission_directory", None,
+                    "Folder for the task's leaderboard .tsv file(s). Default: write none.")
+flags.DEFINE_string("results_path", None,
+                    "JSON file that collects dev metrics across runs. Default: "
+                    "<submission_directory>/glue_results.json when a submission directory is set.")
+flags.DEFINE_string("finetuning_model_save_path", None,
+                    "Save the finetuned model to this `.keras` file.")
+flags.DEFINE_bool("overwrite", False,
+                  "Redo tasks whose submission files and results are already complete.")
+flags.DEFINE_bool("make_submission_zip", False,
+                  "After the tasks, validate the submission directory and write "
+                  "submission.zip with the 11 leaderboard files.")
+flags.DEFINE_string("fill_missing_from", None,
+                    "A sample submission (folder or zip) to copy the files of tasks not run from.")
+flags.DEFINE_string("validate_submission", None,
+                    "Only check this submission folder or zip as the GLUE server would, and exit.")
+
+# Scale-out and resuming
 flags.DEFINE_string("checkpoint_dir", None,
                     "Keep the training state here (a folder per run: task, learning rate, seed "
                     "and settings) at each epoch's end and every --checkpoint_every_steps; the "
@@ -141,16 +160,6 @@ flags.DEFINE_integer("worker_timeout_seconds", 600,
                      "With multi_worker_mirrored or tpu: how long to wait for the other workers "
                      "(or the TPU) to answer at start, and at most for any one exchange; a "
                      "worker that dies is noticed within seconds.", lower_bound=1)
-flags.DEFINE_bool("overwrite", False,
-                  "Redo tasks whose submission files and results are already complete.")
-flags.DEFINE_bool("make_submission_zip", False,
-                  "After the tasks, validate the submission directory and write "
-                  "submission.zip with the 11 leaderboard files.")
-flags.DEFINE_string("fill_missing_from", None,
-                    "A sample submission (folder or zip) to copy the files of tasks not run from.")
-flags.DEFINE_string("validate_submission", None,
-                    "Only check this submission folder or zip as the GLUE server would, and exit.")
-
 
 # `--help` lists the flags by purpose, in this order (absl alone would sort them by name).
 HELP_GROUPS = {
@@ -197,13 +206,118 @@ flags.register_validator("seed", lambda values: bool(values) and all(
     "give integers, comma-separated")
 
 
-class GlueError(Exception):
-    """Bad input that deserves one clear line, not a traceback."""
+# ================================================================================================
+# Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
+# Below them: the pieces they call.
+# ================================================================================================
 
 
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
+### Custom code block starts ###
+# (1) Preprocessing: `preprocess_fn(feature, label)` turns a batch of examples into model inputs.
+# `feature` is a tuple of one or two string tensors (the task's sentences); `label` is passed on.
+# It must be traceable by `tf.function` (TensorFlow ops, no Python-side loops over rows), and
+# give every input of a batch a fixed length per row. glue.py trims the padding of the
+# token-aligned inputs (`token_ids`, `segment_ids`, `padding_mask`) and pads each batch again to
+# its own length; any other input passes untouched.
+def make_preprocess_fn():
+    preprocessor = from_preset(
+        keras_hub.models.TextClassifierPreprocessor, FLAGS.preset,
+        sequence_length=FLAGS.max_sequence_length)
+
+    def preprocess_fn(feature, label):
+        # `x=` matters: a positional tuple would be read as (x, y).
+        return preprocessor(x=feature), label
+
+    return preprocess_fn
+### Custom code block ends ###
+
+
+### Custom code block starts ###
+# (2) Load the pretrained model.
+def load_pretrained_model():
+    return from_preset(keras_hub.models.Backbone, FLAGS.preset)
+### Custom code block ends ###
+
+
+### Custom code block starts ###
+# (3) Make the finetuning model: inputs as produced by `preprocess_fn`, outputs `num_outputs`
+# logits per example (one score for STS-B regression).
+def make_finetuning_model(pretrained_model, num_outputs):
+    if FLAGS.use_default_classifier:
+        # GlueClassifier wants a model giving one vector per example.
+        encoder = sentence_encoder(pretrained_model, FLAGS.pooling)
+        return GlueClassifier(backbone=encoder, num_classes=num_outputs)
+    # Your own classifier; this example puts a hidden layer over the mean of the token vectors.
+    encoder = sentence_encoder(pretrained_model, "mean")
+    hidden = keras.layers.Dense(256, activation="gelu")(encoder.output)
+    logits = keras.layers.Dense(num_outputs, dtype="float32")(hidden)
+    return keras.Model(inputs=encoder.input, outputs=logits)
+### Custom code block ends ###
+
+
+def from_preset(cls, preset, **kwargs):
+    """`cls.from_preset`, with one clear line when the preset cannot be had or is no text model."""
+    try:
+        return cls.from_preset(preset, **kwargs)
+    except Exception as error:  # KerasHub raises many types: unknown id, no network, bad files.
+        raise GlueError(explain_preset_failure(preset, error)) from None
+
+
+def sentence_encoder(backbone, pooling=None):
+    """Wraps a KerasHub text backbone into a model giving one vector per example.
+
+    `pooling`: "pooled" (the backbone's pooler, BERT-style), "cls" (the first token's vector,
+    as RoBERTa-style classifiers read it) or "mean" (the average over real tokens, for
+    checkpoints whose pooler was never trained). None picks pooled where there is a pooler.
+    """
+    if not is_text_backbone(backbone):
+        raise GlueError(f"{type(backbone).__name__} is not a KerasHub text backbone (no "
+                        "token_ids input); adapt the custom code blocks to your model")
+    inputs = backbone.input
+    outputs = backbone(inputs)
+    has_pooler = isinstance(outputs, dict) and "pooled_output" in outputs
+    sequence = outputs["sequence_output"] if isinstance(outputs, dict) else outputs
+    pooling = pooling or ("pooled" if has_pooler else "cls")
+    if pooling == "pooled" and not has_pooler:
+        raise GlueError(f"--pooling=pooled: {type(backbone).__name__} has no pooled output; "
+                        "use --pooling=cls or --pooling=mean")
+    if pooling == "pooled":
+        vector = outputs["pooled_output"]
+    elif pooling == "cls":
+        vector = sequence[:, 0, :]
+    else:  # padding positions must not dilute the mean
+        vector = keras.layers.GlobalAveragePooling1D()(sequence, mask=inputs["padding_mask"])
+    return keras.Model(inputs=inputs, outputs=vector, name=f"{pooling}_encoder")
+
+
+def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as a Keras model)
+    """The default finetuning head: dropout and a dense layer over one vector per example.
+
+    `backbone` maps the model inputs to a `(batch, hidden)` tensor. The logits are float32 even
+    under mixed precision, so the loss stays numerically stable.
+    """
+    inputs = backbone.input
+    hidden = keras.layers.Dropout(dropout)(backbone(inputs))
+    logits = keras.layers.Dense(
+        num_classes, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+        dtype="float32", name="logits")(hidden)
+    return keras.Model(inputs=inputs, outputs=logits, name="glue_classifier")
+
+
+def is_text_backbone(backbone):
+    return isinstance(backbone.input, dict) and "token_ids" in backbone.input
+
+
+def explain_preset_failure(preset, error):
+    try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
+        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
+    except Exception:
+        backbone = None
+    if backbone is not None and not is_text_backbone(backbone):
+        return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
+                "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
+    return (f"cannot load preset {preset!r} ({first_line(error)}); download it where you have "
+            "network and pass --preset=<local dir>")
 
 
 # ================================================================================================
@@ -267,7 +381,6 @@ BINARY = ("0", "1")
 ENTAILMENT_2 = ("entailment", "not_entailment")
 ENTAILMENT_3 = ("entailment", "neutral", "contradiction")
 SENTENCE_PAIR = ("sentence1", "sentence2")
-
 MNLI_M = SubmissionFile("mnli", "test_matched", "MNLI-m.tsv", 9796)
 MNLI_MM = SubmissionFile("mnli", "test_mismatched", "MNLI-mm.tsv", 9847)
 AX = SubmissionFile("ax", "test", "AX.tsv", 1104)
@@ -355,10 +468,35 @@ METRICS = {
     "spearmanr": lambda labels, predictions: scipy.stats.spearmanr(labels, predictions)[0],
 }
 
+
 # ================================================================================================
-# Data loading. Both sources yield tfds-style examples: the task's text features as strings,
+# Loading. Both sources yield tfds-style examples: the task's text features as strings,
 # `label` (class id, float score for STS-B, -1 on test splits) and `idx`.
 # ================================================================================================
+
+
+def load_task_data(task, options):
+    """Opens every split the task needs, dev and test first, checking files and labels before
+    any training."""
+    def load(dataset, split):
+        return load_split(options.data_dir, dataset, split)
+
+    eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
+    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
+    train_examples = None
+    if not options.finetuning_model_load_path:
+        train_examples = load(task.training_data, "train")
+    return train_examples, eval_examples, test_examples
+
+
+def load_split(data_dir, dataset, split):
+    if data_dir:
+        examples = read_local_split(data_dir, dataset, split)
+    else:
+        examples = load_tfds_split(dataset, split)
+    if count(examples) == 0:
+        raise GlueError(f"the {dataset} {split} split is empty")
+    return examples
 
 
 def read_local_split(data_dir, dataset, split):
@@ -464,6 +602,17 @@ def parse_label(task, text):
     return label
 
 
+def load_tfds_split(dataset, split):
+    builder = tfds.builder(TASKS[dataset].tfds_name)
+    if not builder.is_prepared():
+        problem = download_problem(builder)
+        if problem:
+            raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to "
+                            "read local GLUE files instead")
+        builder.download_and_prepare()
+    return builder.as_dataset(split=split)
+
+
 def download_problem(builder):
     """Why `builder`'s data cannot be had, or None: prepared already, or its host answers."""
     if builder.is_prepared():
@@ -478,27 +627,6 @@ def download_problem(builder):
     return None
 
 
-def load_tfds_split(dataset, split):
-    builder = tfds.builder(TASKS[dataset].tfds_name)
-    if not builder.is_prepared():
-        problem = download_problem(builder)
-        if problem:
-            raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to "
-                            "read local GLUE files instead")
-        builder.download_and_prepare()
-    return builder.as_dataset(split=split)
-
-
-def load_split(data_dir, dataset, split):
-    if data_dir:
-        examples = read_local_split(data_dir, dataset, split)
-    else:
-        examples = load_tfds_split(dataset, split)
-    if count(examples) == 0:
-        raise GlueError(f"the {dataset} {split} split is empty")
-    return examples
-
-
 def count(examples):
     known = int(examples.cardinality())
     return known if known >= 0 else int(examples.reduce(0, lambda total, _: total + 1))
@@ -510,432 +638,7 @@ def features_and_label(task):
 
 
 # ================================================================================================
-# Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
-# ================================================================================================
-
-
-def from_preset(cls, preset, **kwargs):
-    """`cls.from_preset`, with one clear line when the preset cannot be had or is no text model."""
-    try:
-        return cls.from_preset(preset, **kwargs)
-    except Exception as error:  # KerasHub raises many types: unknown id, no network, bad files.
-        raise GlueError(explain_preset_failure(preset, error)) from None
-
-
-def explain_preset_failure(preset, error):
-    try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
-        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
-    except Exception:
-        backbone = None
-    if backbone is not None and not is_text_backbone(backbone):
-        return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
-                "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
-    return (f"cannot load preset {preset!r} ({first_line(error)}); download it where you have "
-            "network and pass --preset=<local dir>")
-
-
-def is_text_backbone(backbone):
-    return isinstance(backbone.input, dict) and "token_ids" in backbone.input
-
-
-### Custom code block starts ###
-# (1) Preprocessing: `preprocess_fn(feature, label)` turns a batch of examples into model inputs.
-# `feature` is a tuple of one or two string tensors (the task's sentences); `label` is passed on.
-# It must be traceable by `tf.function` (TensorFlow ops, no Python-side loops over rows), and
-# give every input of a batch a fixed length per row. glue.py trims the padding of the
-# token-aligned inputs (`token_ids`, `segment_ids`, `padding_mask`) and pads each batch again to
-# its own length; any other input passes untouched.
-def make_preprocess_fn():
-    preprocessor = from_preset(
-        keras_hub.models.TextClassifierPreprocessor, FLAGS.preset,
-        sequence_length=FLAGS.max_sequence_length)
-
-    def preprocess_fn(feature, label):
-        # `x=` matters: a positional tuple would be read as (x, y).
-        return preprocessor(x=feature), label
-
-    return preprocess_fn
-### Custom code block ends ###
-
-
-### Custom code block starts ###
-# (2) Load the pretrained model.
-def load_pretrained_model():
-    return from_preset(keras_hub.models.Backbone, FLAGS.preset)
-### Custom code block ends ###
-
-
-### Custom code block starts ###
-# (3) Make the finetuning model: inputs as produced by `preprocess_fn`, outputs `num_outputs`
-# logits per example (one score for STS-B regression).
-def make_finetuning_model(pretrained_model, num_outputs):
-    if FLAGS.use_default_classifier:
-        # GlueClassifier wants a model giving one vector per example.
-        encoder = sentence_encoder(pretrained_model, FLAGS.pooling)
-        return GlueClassifier(backbone=encoder, num_classes=num_outputs)
-    # Your own classifier; this example puts a hidden layer over the mean of the token vectors.
-    encoder = sentence_encoder(pretrained_model, "mean")
-    hidden = keras.layers.Dense(256, activation="gelu")(encoder.output)
-    logits = keras.layers.Dense(num_outputs, dtype="float32")(hidden)
-    return keras.Model(inputs=encoder.input, outputs=logits)
-### Custom code block ends ###
-
-# ================================================================================================
-# Devices: one tf.distribute strategy for the whole run. The custom code blocks and the optimizer
-# run inside its scope; Keras splits each global batch across its replicas.
-# ================================================================================================
-
-TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                     '"task": {"type": "worker", "index": 0}}')
-
-
-def make_strategy(value, worker_timeout_seconds=600):
-    """The strategy `--distribution_strategy=value` asks for, on the devices this process sees."""
-    name, tpu = strategy_and_tpu(value)
-    if name == "multi_worker_mirrored":  # first: it must set up TensorFlow's runtime itself
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        patch_keras_for_multi_worker()
-        return multi_worker_strategy(worker_timeout_seconds)
-    if name == "tpu":
-        return tpu_strategy(tpu, worker_timeout_seconds)
-    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
-    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
-    if name == "auto":
-        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
-            tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(local_devices[0])
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(local_devices)
-    raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
-
-
-def check_tf_config(text):
-    """Fails with one line unless `text` is a TF_CONFIG that names this worker in its cluster."""
-    fix = f"set TF_CONFIG on every worker, for example {TF_CONFIG_EXAMPLE}"
-    if not text:
-        raise GlueError(f"multi_worker_mirrored reads the cluster from TF_CONFIG, which is not "
-                        f"set; {fix}")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise GlueError(f"TF_CONFIG is not valid JSON ({error}); {fix}") from None
-    cluster = config.get("cluster") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not cluster or any(
-            job not in ("chief", "worker") or not isinstance(addresses, list) or not addresses or
-            not all(isinstance(address, str) and ":" in address for address in addresses)
-            for job, addresses in cluster.items()):
-        raise GlueError("TF_CONFIG: `cluster` must map `worker` (and optionally `chief`) to "
-                        f"lists of host:port addresses; {fix}")
-    task = config.get("task")
-    if not isinstance(task, dict) or task.get("type") not in cluster or \
-            not isinstance(task.get("index"), int) or \
-            not 0 <= task["index"] < len(cluster[task["type"]]):
-        raise GlueError(f"TF_CONFIG: `task` must name a job of the cluster and this worker's "
-                        f"index in it, got {task!r}; {fix}")
-
-
-def multi_worker_strategy(timeout_seconds):
-    # Later, a dead worker stops sending heartbeats and TensorFlow fails the others within
-    # seconds; a hung one trips the time limit on each exchange.
-    with watchdog(timeout_seconds, "the workers in TF_CONFIG did not all start within "
-                  f"--worker_timeout_seconds={timeout_seconds}; start glue.py on every worker"):
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=timeout_seconds))
-
-
-@contextlib.contextmanager
-def watchdog(seconds, message):
-    """Ends this process with `message` unless the block is done within `seconds`.
-
-    For TensorFlow's waits for other machines, which last forever by default, hold the GIL (so
-    no Python thread could step in) and ignore SIGTERM: a separate process kills this one."""
-    code = ("import os, select, signal, sys\n"
-            "if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:\n"
-            "    print('glue.py: error: ' + sys.argv[3], file=sys.stderr, flush=True)\n"
-            "    os.kill(int(sys.argv[1]), signal.SIGKILL)\n")
-    guard = subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(seconds),
-                              message], stdin=subprocess.PIPE)
-    try:
-        yield
-    finally:
-        guard.stdin.close()  # the guard sees end-of-file and leaves quietly
-        guard.wait()
-
-
-def patch_keras_for_multi_worker():
-    """Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras
-    #20329, #20585): it averages the first batch with one `strategy.reduce` over the whole input
-    structure, and averages scalar logs along an axis they lack. These two replacements make the
-    same reductions one tensor at a time. Nothing changes for the other strategies."""
-    from keras.src.backend.tensorflow import trainer  # noqa: PLC0415
-    if getattr(trainer, "patched_for_multi_worker", False):
-        return
-    check_keras_internals(trainer)
-    reduce_per_replica = trainer.reduce_per_replica
-
-    def first_replica(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return value.values[0]
-        return value
-
-    def mean_per_tensor(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or \
-                not trainer._collective_all_reduce_multi_worker(strategy):
-            return reduce_per_replica(values, strategy, reduction)
-        return tf.nest.map_structure(lambda value: strategy.reduce(
-            "MEAN", value, axis=0 if first_replica(value).shape.rank else None), values)
-
-    def build_from_first_replica(model, iterator=None, data_batch=None):
-        if model._distribute_strategy is None:
-            return
-        for _, _, batches in iterator or ():
-            data_batch = tf.nest.map_structure(first_replica, next(batches))
-            break
-        with model.distribute_strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    trainer.reduce_per_replica = mean_per_tensor
-    trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_first_replica
-    trainer.patched_for_multi_worker = True
-
-
-# The private Keras functions the multi-worker patch replaces or calls, with the parameters it
-# was written against, and the Keras versions it was checked on.
-PATCHED_KERAS_VERSIONS = ("3.15.",)
-PATCHED_KERAS_FUNCTIONS = {
-    "reduce_per_replica": ("values", "strategy", "reduction"),
-    "TensorFlowTrainer._maybe_symbolic_build": ("self", "iterator", "data_batch"),
-    "_collective_all_reduce_multi_worker": ("strategy",),
-}
-
-
-def check_keras_internals(trainer, version=keras.__version__):
-    """Fails with one line unless Keras is a version the multi-worker patch was written for,
-    with the private functions it replaces as it knew them: a newer Keras may have fixed the
-    bug, or moved what the patch relies on."""
-    changed = []
-    for path, parameters in PATCHED_KERAS_FUNCTIONS.items():
-        function = trainer
-        for part in path.split("."):
-            function = getattr(function, part, None)
-        if function is None or tuple(inspect.signature(function).parameters) != parameters:
-            changed.append(path)
-    if not version.startswith(PATCHED_KERAS_VERSIONS) or changed:
-        raise GlueError(
-            f"--distribution_strategy=multi_worker_mirrored patches private functions of Keras "
-            f"{', '.join(PATCHED_KERAS_VERSIONS)}x, and this is Keras {version}"
-            f"{' (changed: ' + ', '.join(changed) + ')' if changed else ''}; install the "
-            "Keras of requirements.txt (pip install -r requirements.txt)")
-
-
-def tpu_strategy(tpu, timeout_seconds):
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
-                      f"within --worker_timeout_seconds={timeout_seconds}; check the address in "
-                      "--distribution_strategy=tpu:<address>"):
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as error:
-        raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
-                        "pass --distribution_strategy=tpu:<TPU name or grpc://host:port>, or "
-                        "tpu:local on a TPU VM") from None
-    return tf.distribute.TPUStrategy(resolver)
-
-
-# ================================================================================================
-# Model
-# ================================================================================================
-
-
-def sentence_encoder(backbone, pooling=None):
-    """Wraps a KerasHub text backbone into a model giving one vector per example.
-
-    `pooling`: "pooled" (the backbone's pooler, BERT-style), "cls" (the first token's vector,
-    as RoBERTa-style classifiers read it) or "mean" (the average over real tokens, for
-    checkpoints whose pooler was never trained). None picks pooled where there is a pooler.
-    """
-    if not is_text_backbone(backbone):
-        raise GlueError(f"{type(backbone).__name__} is not a KerasHub text backbone (no "
-                        "token_ids input); adapt the custom code blocks to your model")
-    inputs = backbone.input
-    outputs = backbone(inputs)
-    has_pooler = isinstance(outputs, dict) and "pooled_output" in outputs
-    sequence = outputs["sequence_output"] if isinstance(outputs, dict) else outputs
-    pooling = pooling or ("pooled" if has_pooler else "cls")
-    if pooling == "pooled" and not has_pooler:
-        raise GlueError(f"--pooling=pooled: {type(backbone).__name__} has no pooled output; "
-                        "use --pooling=cls or --pooling=mean")
-    if pooling == "pooled":
-        vector = outputs["pooled_output"]
-    elif pooling == "cls":
-        vector = sequence[:, 0, :]
-    else:  # padding positions must not dilute the mean
-        vector = keras.layers.GlobalAveragePooling1D()(sequence, mask=inputs["padding_mask"])
-    return keras.Model(inputs=inputs, outputs=vector, name=f"{pooling}_encoder")
-
-
-def quiet_expected_warnings():
-    """--pooling=cls or mean leaves the backbone's pooler unused, and Keras warns at every trace
-    that its variables get no gradient. That is expected, so it is not shown; a missing gradient
-    for any other variable (a real mistake in a custom block) still is."""
-    warnings.filterwarnings(
-        "ignore", r"Gradients do not exist for variables \[('pooled_dense/(kernel|bias)'(, )?)+\] ",
-        UserWarning)
-
-
-def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as a Keras model)
-    """The default finetuning head: dropout and a dense layer over one vector per example.
-
-    `backbone` maps the model inputs to a `(batch, hidden)` tensor. The logits are float32 even
-    under mixed precision, so the loss stays numerically stable.
-    """
-    inputs = backbone.input
-    hidden = keras.layers.Dropout(dropout)(backbone(inputs))
-    logits = keras.layers.Dense(
-        num_classes, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        dtype="float32", name="logits")(hidden)
-    return keras.Model(inputs=inputs, outputs=logits, name="glue_classifier")
-
-
-@keras.saving.register_keras_serializable(package="glue")
-class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """BERT's schedule: linear warmup from 0 to the peak, then linear decay to 0."""
-
-    def __init__(self, peak_learning_rate, warmup_steps, total_steps):
-        self.peak_learning_rate = peak_learning_rate
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-
-    def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
-        warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
-        decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
-        return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
-
-    def get_config(self):
-        return {"peak_learning_rate": self.peak_learning_rate,
-                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
-
-
-def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0):
-    """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
-    Keras clips before it sums the replicas' gradients, so with several replicas each
-    replica's share of the batch is clipped on its own."""
-    schedule = WarmupLinearDecay(learning_rate, int(total_steps * warmup_ratio), total_steps)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
-                                       global_clipnorm=clip_norm or None)
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
-def compile_for(model, task, optimizer, jit_compile=False):
-    if task.is_regression:
-        loss = keras.losses.MeanSquaredError()
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
-
-
-# ================================================================================================
-# Progress: lines that a person at a terminal, or tailing a log file, can follow
-# ================================================================================================
-
-PROGRESS_SECONDS = 60  # a progress line at least this often,
-PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps
-
-
-def say(line):
-    """Progress and summary lines: stdout, flushed, so that a log file shows them as they come."""
-    print(line, flush=True)
-
-
-def clock(seconds):
-    """`12.3s`, `8m18s` or `2h05m`."""
-    if seconds < 60:
-        return f"{max(seconds, 0):.1f}s"
-    minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def per_second(amount, seconds, unit):
-    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
-
-
-class Progress:
-    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
-    steps: at least every 5% of them and every PROGRESS_SECONDS. Phases shorter than
-    `quiet_below` steps skip the 5% lines (they are over in seconds with most models), but
-    never the minute's. `start`: steps done before (resume)."""
-
-    def __init__(self, label, total, *, start=0, quiet_below=0, unit="ex"):
-        self.label, self.total, self.start, self.unit = label, total, start, unit
-        self.quiet = total < quiet_below
-        self.started = self.last_time = time.perf_counter()
-        self.last_step = start
-
-    def update(self, step, examples, details=lambda: ""):
-        now = time.perf_counter()
-        due = (not self.quiet and step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
-               or now - self.last_time >= PROGRESS_SECONDS)
-        if not due or step >= self.total:
-            return
-        self.last_step, self.last_time = step, now
-        elapsed = now - self.started
-        remaining = elapsed / (step - self.start) * (self.total - step)
-        say(f"{self.label}  step {step}/{self.total}  {details()}"
-            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
-            f"ETA {clock(remaining)}")
-
-    def summary(self, amount, noun="rows", details=""):
-        seconds = time.perf_counter() - self.started
-        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
-            f"({per_second(amount, seconds, noun)}){details}")
-
-
-class TrainingProgress(keras.callbacks.Callback):
-    """A header per epoch, progress lines with the running loss, and a summary per epoch."""
-
-    def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
-        super().__init__()
-        self.label, self.epochs, self.steps = label, epochs, steps_per_epoch
-        self.batch_size, self.num_examples = batch_size, num_examples
-        self.resumed_steps = 0  # steps of the coming epoch trained before a resume
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.progress = Progress(f"{self.label}  epoch {epoch + 1}/{self.epochs}", self.steps,
-                                 start=self.resumed_steps)
-        resumed = f", resuming after step {self.resumed_steps}" if self.resumed_steps else ""
-        say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
-                             lambda: f"loss {float(logs['loss']):.4f}  ")
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = f", loss {float(logs['loss']):.4f}" if logs else ""
-        if self.resumed_steps:  # a part of an epoch: count its steps, not its examples
-            self.progress.summary(self.steps - self.resumed_steps, "steps", loss)
-        else:
-            self.progress.summary(self.num_examples, "ex", loss)
-        self.resumed_steps = 0
-
-
-class PredictionProgress(keras.callbacks.Callback):
-    def __init__(self, progress, batch_size):
-        super().__init__()
-        self.progress, self.batch_size = progress, batch_size
-
-    def on_predict_batch_end(self, batch, logs=None):
-        self.progress.update(batch + 1, (batch + 1) * self.batch_size)
-
-
-# ================================================================================================
-# Tokenized splits and their batches
+# Tokenized splits and their batches: each split is tokenized once, then batched by length
 # ================================================================================================
 
 # Batches hold examples of similar length, padded to a multiple of 8 tokens: within 7 of their
@@ -972,6 +675,21 @@ class TokenizedSplit:
 
     def __len__(self):
         return len(self.labels)
+
+
+def tokenize_task_data(data, task, preprocess_fn):
+    """Tokenizes every split `load_task_data` opened, dev and test first: a bad line in them
+    then fails within seconds, not after the training split."""
+    train_examples, eval_examples, test_examples = data
+
+    def tokenize_each(splits):
+        return {name: tokenize(examples, task, preprocess_fn, name)
+                for name, examples in splits.items()}
+
+    eval_rows, test_rows = tokenize_each(eval_examples), tokenize_each(test_examples)
+    train_rows = None if train_examples is None else tokenize(train_examples, task,
+                                                              preprocess_fn, "train")
+    return train_rows, eval_rows, test_rows
 
 
 def tokenize(examples, task, preprocess_fn, split_name=""):
@@ -1141,30 +859,6 @@ def steps_per_epoch(split, batch_size):
     return int(sum(math.ceil(rows / batch_size) for rows in buckets))
 
 
-def training_flops(model, split, epochs):
-    """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
-    backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
-    bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
-    (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
-    scores and their sum. None for a model without a KerasHub backbone (or without
-    `num_layers` and `hidden_dim`).
-    """
-    backbone = backbone_in(model)
-    layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
-    if not layers or not hidden:
-        return None
-    dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
-                        if weight.path.endswith("kernel") and not any(
-                            part in weight.path for part in ("embedding", "pool")))
-    if split.lengths is None:
-        widths = np.full(len(split), split.padded_length, np.float64)
-    else:
-        all_widths = np.array(bucket_widths(split), np.float64)
-        widths = all_widths[np.searchsorted(all_widths, split.lengths)]
-    forward = 2 * dense_weights * widths.sum() + 4 * layers * hidden * (widths ** 2).sum()
-    return 3 * epochs * float(forward)
-
-
 def shortest_first(split):
     """The row order that sorts the split by length (stable): batches of near-equal lengths
     waste the least on padding."""
@@ -1206,97 +900,187 @@ def model_inputs(batches, with_labels):
 
 
 # ================================================================================================
-# Train, evaluate, predict
+# Train, evaluate, predict: one run, from the model the custom code blocks make to its dev
+# metrics and test predictions.
 # ================================================================================================
 
 
-class Preempted(BaseException):
-    """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
+def initial_model(task, options):
+    """The model finetuning starts from: the custom code blocks' model, with the encoder of
+    `--init_from_finetuned` in place of the pretrained one when given."""
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    if options.init_from_finetuned:
+        finetuned = keras.models.load_model(options.init_from_finetuned, compile=False)
+        copy_encoder(finetuned, model, options.init_from_finetuned)
+    return model
 
 
-class TrainingCheckpoints(keras.callbacks.Callback):
-    """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
-    step boundary after a SIGTERM; `restore` returns the number of batches to resume after.
+def copy_encoder(source, target, source_path):
+    """Sets the weights of `target`'s KerasHub backbone to those of `source`'s."""
+    source_encoder, target_encoder = backbone_in(source), backbone_in(target)
+    if source_encoder is None or target_encoder is None:
+        holder = source_path if source_encoder is None else "the custom code blocks' model"
+        raise GlueError(f"--init_from_finetuned: {holder} holds no KerasHub backbone to take "
+                        "the encoder from")
+    weights = source_encoder.get_weights()
+    if [weight.shape for weight in weights] != [tuple(variable.shape)
+                                                for variable in target_encoder.weights]:
+        raise GlueError(f"--init_from_finetuned={source_path}: its encoder "
+                        f"({type(source_encoder).__name__}) differs from the --preset's "
+                        f"({type(target_encoder).__name__}); give the preset it was finetuned "
+                        "from")
+    target_encoder.set_weights(weights)
 
-    The state is every model variable (dropout seeds included, which Keras' weight files leave
-    out), every optimizer variable, and the number of batches trained. That count, not the
-    optimizer's step, says where to resume: under mixed_float16 the loss-scale optimizer does
-    not count the steps it skips. One file per checkpoint, written atomically.
+
+def backbone_in(model):
+    """The KerasHub backbone inside a model, however deep (None if there is none)."""
+    for layer in model.layers:
+        if isinstance(layer, keras_hub.models.Backbone):
+            return layer
+        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
+            return backbone_in(layer)
+    return None
+
+
+def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name):
+    """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
+    whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
+    live on its replicas."""
+    keras.utils.set_random_seed(seed)
+    start = time.perf_counter()
+    record = {"learning_rate": learning_rate, "seed": seed}
+
+    def evaluate_model(model):
+        return evaluate(model, eval_rows, task, options.batch_size, name)
+
+    if options.finetuning_model_load_path:
+        model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
+        model.jit_compile = options.jit_compile
+        record["load_seconds"] = seconds_since(start)
+        start = time.perf_counter()
+        metrics, collapsed = evaluate_model(model)
+        record.update(metrics, collapsed=collapsed, dev_predict_seconds=seconds_since(start))
+        return model, record
+    model = initial_model(task, options)
+    record["load_seconds"] = seconds_since(start)
+    folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
+    evaluations = DevEvaluations(
+        evaluate_model, steps_per_epoch(train_rows, options.batch_size), options.epochs,
+        options.evaluations_per_epoch, options.select_best_epoch, folder,
+        strategy.extended.should_checkpoint) if eval_rows else None
+    start = time.perf_counter()
+    skipped_steps, resumed_after = train(
+        model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
+        learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
+        weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
+        evaluations=evaluations, checkpoint_dir=folder,
+        checkpoint_every_steps=options.checkpoint_every_steps,
+        write_checkpoints=strategy.extended.should_checkpoint,
+        jit_compile=options.jit_compile, label=name)
+    evaluation_seconds = evaluations.seconds if evaluations else 0.0
+    record["train_seconds"] = round(seconds_since(start) - evaluation_seconds, 2)
+    record["train_examples"] = len(train_rows)
+    flops = training_flops(model, train_rows, options.epochs)
+    if flops and not resumed_after and record["train_seconds"] > 0:  # a resumed run did less
+        record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
+        rate = per_second(options.epochs * len(train_rows), record["train_seconds"], "ex")
+        say(f"{name}: train {rate}, {record['train_tflops_per_second']:.3f} TFLOP/s of "
+            "encoder matmuls")
+    if options.mixed_precision == "mixed_float16":
+        record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
+    if evaluations:
+        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
+        record.update(dev_metrics(reported), collapsed=reported["collapsed"],
+                      best_epoch=evaluations.records[evaluations.best]["epoch"],
+                      evaluations=evaluations.records,
+                      dev_predict_seconds=round(evaluation_seconds, 2))
+    return model, record
+
+
+def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0):
+    """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
+    Keras clips before it sums the replicas' gradients, so with several replicas each
+    replica's share of the batch is clipped on its own."""
+    schedule = WarmupLinearDecay(learning_rate, int(total_steps * warmup_ratio), total_steps)
+    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
+                                       global_clipnorm=clip_norm or None)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+@keras.saving.register_keras_serializable(package="glue")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """BERT's schedule: linear warmup from 0 to the peak, then linear decay to 0."""
+
+    def __init__(self, peak_learning_rate, warmup_steps, total_steps):
+        self.peak_learning_rate = peak_learning_rate
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
+        decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
+
+    def get_config(self):
+        return {"peak_learning_rate": self.peak_learning_rate,
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def compile_for(model, task, optimizer, jit_compile=False):
+    if task.is_regression:
+        loss = keras.losses.MeanSquaredError()
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
+
+
+def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
+          weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
+          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None):
+    """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
+    skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
+    batches were trained before a resume (0: none).
+
+    `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
+    resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
+    step boundary, after a checkpoint.
     """
-
-    def __init__(self, directory, every_steps=0, write=True, evaluations=None):
-        super().__init__()
-        self.directory = directory
-        self.every_steps = every_steps
-        self.write = write  # under multi-worker training only the chief writes; all read
-        self.evaluations = evaluations  # the run's dev evaluations so far, saved alongside
-        self.sigterm_received = False
-        self.batches = 0  # batches trained, in all epochs
-
-    def paths(self):
-        return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
-
-    def state(self, model):
-        return model.variables + model.optimizer.variables
-
-    def restore(self, model):
-        if not self.paths():
-            return 0
-        with np.load(self.paths()[-1]) as saved:
-            arrays = positional_arrays(saved)
-            batches = int(saved["batches"]) if "batches" in saved.files else None
-            evaluations = json.loads(str(saved["evaluations"])) \
-                if "evaluations" in saved.files else []
-        state = self.state(model)
-        if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
-            raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
-                            "delete it or pass another --checkpoint_dir")
-        for variable, array in zip(state, arrays):
-            variable.assign(array)
-        self.batches = batches
-        if self.evaluations:
-            self.evaluations.resume(batches, evaluations)
-        return batches
-
-    def save(self):
-        if not self.write:
-            return
-        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
-        arrays = [np.asarray(variable) for variable in self.state(self.model)]
-        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
-        write_atomically(path, lambda temporary: np.savez(
-            temporary, *arrays, batches=np.array(self.batches),
-            evaluations=np.array(evaluations)))
-        for older in self.paths():
-            if older != path:
-                os.remove(older)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if self.sigterm_received or (self.every_steps and self.batches % self.every_steps == 0):
-            self.save()
-        if self.sigterm_received:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.sigterm_received:
-            self.save()
-
-    @contextlib.contextmanager
-    def stopping_on_sigterm(self):
-        """While active, SIGTERM asks training to stop at the next step boundary."""
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(
-            self, "sigterm_received", True))
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def positional_arrays(saved):
-    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
-    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
-                                                 for name in saved.files))]
+    steps = steps_per_epoch(split, batch_size)
+    compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
+                                            weight_decay, clip_norm), jit_compile)
+    # Made now, the optimizer's variables spare `fit` a second trace of the training step.
+    model.optimizer.build(model.trainable_variables)
+    checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
+                                      write_checkpoints and bool(checkpoint_dir), evaluations)
+    done = checkpoints.restore(model) if checkpoint_dir else 0
+    if done:
+        logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
+    progress = TrainingProgress(label or task.name, epochs, steps, batch_size, len(split))
+    with checkpoints.stopping_on_sigterm():
+        for epoch in range(done // steps, epochs):
+            # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
+            # batches as an uninterrupted one; it skips those it has already trained on. Only
+            # the row indices are shuffled, never the rows themselves.
+            progress.resumed_steps = max(done - epoch * steps, 0)
+            order = tf.data.Dataset.range(len(split)).shuffle(len(split), seed=seed + epoch)
+            batches = (batch_by_length(split, order, batch_size)
+                       .skip(progress.resumed_steps)
+                       .apply(tf.data.experimental.assert_cardinality(
+                           steps - progress.resumed_steps))
+                       .apply(lambda batches: model_inputs(batches, with_labels=True))
+                       .prefetch(PIPELINE_THREADS))
+            # The evaluations come before the checkpoint, which then holds them.
+            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
+                      callbacks=[*filter(None, [evaluations]), checkpoints, progress])
+            if checkpoints.sigterm_received:
+                raise Preempted(
+                    f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
+                    f"the checkpoint is in {checkpoint_dir}: run the same command again to "
+                    "resume")
+    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
+    return epochs * steps - int(model.optimizer.iterations.numpy()), done
 
 
 class DevEvaluations(keras.callbacks.Callback):
@@ -1374,51 +1158,20 @@ class DevEvaluations(keras.callbacks.Callback):
         return best
 
 
-def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
-          weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
-          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None):
-    """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
-    skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
-    batches were trained before a resume (0: none).
+def positional_arrays(saved):
+    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
+    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
+                                                 for name in saved.files))]
 
-    `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
-    resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
-    step boundary, after a checkpoint.
-    """
-    steps = steps_per_epoch(split, batch_size)
-    compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
-                                            weight_decay, clip_norm), jit_compile)
-    # Made now, the optimizer's variables spare `fit` a second trace of the training step.
-    model.optimizer.build(model.trainable_variables)
-    checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
-                                      write_checkpoints and bool(checkpoint_dir), evaluations)
-    done = checkpoints.restore(model) if checkpoint_dir else 0
-    if done:
-        logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
-    progress = TrainingProgress(label or task.name, epochs, steps, batch_size, len(split))
-    with checkpoints.stopping_on_sigterm():
-        for epoch in range(done // steps, epochs):
-            # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
-            # batches as an uninterrupted one; it skips those it has already trained on. Only
-            # the row indices are shuffled, never the rows themselves.
-            progress.resumed_steps = max(done - epoch * steps, 0)
-            order = tf.data.Dataset.range(len(split)).shuffle(len(split), seed=seed + epoch)
-            batches = (batch_by_length(split, order, batch_size)
-                       .skip(progress.resumed_steps)
-                       .apply(tf.data.experimental.assert_cardinality(
-                           steps - progress.resumed_steps))
-                       .apply(lambda batches: model_inputs(batches, with_labels=True))
-                       .prefetch(PIPELINE_THREADS))
-            # The evaluations come before the checkpoint, which then holds them.
-            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
-                      callbacks=[*filter(None, [evaluations]), checkpoints, progress])
-            if checkpoints.sigterm_received:
-                raise Preempted(
-                    f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
-                    f"the checkpoint is in {checkpoint_dir}: run the same command again to "
-                    "resume")
-    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
-    return epochs * steps - int(model.optimizer.iterations.numpy()), done
+
+def evaluate(model, eval_rows, task, batch_size, name):
+    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
+    metrics, predicted = {}, []
+    for split, rows in eval_rows.items():
+        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
+        metrics[split] = compute_metrics(task, labels, predictions)
+        predicted.append(predictions)
+    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
 
 
 def predict(model, split, task, batch_size, label=None):
@@ -1455,12 +1208,35 @@ def trace_for_every_length(model, batches):
     model.predict_function.get_concrete_function([spec])
 
 
+def predict_test(model, test_rows, task, batch_size, name):
+    """Every submission table, computed before any is written: a failure never leaves a
+    partial submission."""
+    tables = {}
+    for file, rows in test_rows.items():
+        idx, _, predictions = predict(model, rows, task, batch_size, f"{name}  predict {file}")
+        tables[file] = submission_table(task, idx, predictions)
+    return tables
+
+
 def compute_metrics(task, labels, predictions):
     """The task's official GLUE metrics, as fractions; None where undefined (constant input)."""
     with warnings.catch_warnings():  # a constant input is reported as None instead
         warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
         values = {name: float(METRICS[name](labels, predictions)) for name in task.metrics}
     return {name: value if math.isfinite(value) else None for name, value in values.items()}
+
+
+def is_collapsed(predictions):
+    """Whether a model gave every dev example the same class (STS-B: the same score)."""
+    return len(predictions) > 1 and float(np.ptp(predictions)) <= COLLAPSED_SPREAD
+
+
+COLLAPSED_SPREAD = 1e-3  # STS-B scores (0 to 5) closer together than this count as one
+
+
+# ================================================================================================
+# Scores: a run's, a learning rate's over its seeds, a task's, and the GLUE average
+# ================================================================================================
 
 
 def dev_metrics(entry):
@@ -1473,6 +1249,10 @@ def task_score(splits):
     dev splits (MNLI: of matched and mismatched accuracy). An undefined metric counts as 0."""
     values = [value or 0.0 for metrics in splits.values() for value in metrics.values()]
     return sum(values) / len(values) if values else None
+
+
+def entry_score(entry):
+    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
 
 
 def glue_score(results):
@@ -1495,18 +1275,6 @@ def glue_score(results):
     if not scores:
         return None
     return {"average": sum(scores.values()) / len(scores), "tasks": scores}
-
-
-def entry_score(entry):
-    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
-
-
-def is_collapsed(predictions):
-    """Whether a model gave every dev example the same class (STS-B: the same score)."""
-    return len(predictions) > 1 and float(np.ptp(predictions)) <= COLLAPSED_SPREAD
-
-
-COLLAPSED_SPREAD = 1e-3  # STS-B scores (0 to 5) closer together than this count as one
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1644,12 +1412,1064 @@ def with_run(entry, run, settings):
 
 
 # ================================================================================================
-# Submission files: writing, validating, zipping. Every file is written to a temporary file
-# beside it, then renamed, so an interrupted run never leaves a half-written file behind.
+# Writing the submission file and the results table
 # ================================================================================================
 
 SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
 SUBMISSION_HEADER = "index\tprediction"
+
+
+def submission_table(task, idx, predictions):
+    """The leaderboard rows: `index<TAB>prediction`, one per test example, ordered by index."""
+    if len(np.unique(idx)) != len(idx):
+        raise GlueError(f"{task.name}: the test split repeats example indices; check its data")
+    if task.is_regression:
+        spelled = [f"{score:.3f}" for score in predictions]
+    else:
+        spelled = [task.submission_labels[label] for label in predictions]
+    table = pd.DataFrame({"index": idx, "prediction": spelled})
+    return table.sort_values("index", kind="stable")
+
+
+def write_submission(path, table):
+    write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
+
+
+def format_results(results):
+    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
+    the median ± sample standard deviation over the chosen learning rate's runs."""
+    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
+    for task_name, entry in sorted(results.items()):
+        if task_name not in TASKS:
+            continue
+        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
+        summary = entry.get("seed_summary", {}).get(rate)
+        for split, metrics in dev_metrics(entry).items():
+            if summary:
+                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
+                shown += f"  ({runs_text(summary)})"
+            else:  # an entry of one run, as older versions wrote
+                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
+            lines.append(f"{task_name:<16} {split:<22} {shown}")
+    score = glue_score(results)
+    if not score:
+        return ""  # no dev metrics to show (AX has none)
+    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
+                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
+    return "\n".join(lines)
+
+
+def percent(value):
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def spread_text(name, values):
+    if not values["runs"]:
+        return f"{name} n/a"
+    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
+
+
+def runs_text(summary):
+    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
+    text = f"{runs} run{'s' * (runs != 1)}"
+    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
+                 for values in metrics.values()} - {runs}
+    if undefined:
+        text += f"; a metric is undefined in {runs - min(undefined)}"
+    return text + (f", {collapsed} collapsed" if collapsed else "")
+
+
+# ================================================================================================
+# Main. One task: tokenize once; finetune each run, evaluating it on dev as it trains;
+# predict test with each learning rate's best run; submit the chosen one. Then the
+# next task, past a failed one, and the zip.
+# ================================================================================================
+
+
+def main(argv):
+    del argv
+    options = options_from_flags()
+    quiet_expected_warnings()
+    try:
+        if options.validate_submission:
+            errors, notices = validate_submission(read_submission(options.validate_submission))
+            for line in notices + errors:
+                print(line)
+            if errors:
+                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
+            print(f"{options.validate_submission}: all 11 files pass")
+            return
+        task_names = expand_task_names(options.task_name)
+        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
+            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
+        check_options(options, task_names)
+        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
+        on_cpu = not tf.config.list_physical_devices("GPU") and \
+            strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
+        hint = bf16_hint(cpu_flags()) if task_names and on_cpu and \
+            not options.mixed_precision else None
+        if hint:
+            say(hint)
+        strategy = tf.distribute.get_strategy()
+        if task_names:
+            strategy = make_strategy(options.distribution_strategy,
+                                     options.worker_timeout_seconds)
+            logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
+                         options.distribution_strategy, type(strategy).__name__,
+                         strategy.num_replicas_in_sync)
+        results, failures = run_tasks(task_names, options, strategy)
+        if not task_names and results_path(options):
+            resubmit_recorded(options)
+        if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
+            report_and_package(options, results)
+        if len(task_names) == 1 and failures:
+            raise GlueError(failures[task_names[0]])
+        if failures:
+            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
+                            f"{', '.join(failures)} (reasons above)")
+    except GlueError as error:
+        sys.exit(f"glue.py: error: {error}")
+    except Preempted as stop:
+        sys.exit(f"glue.py: {stop}")
+
+
+def run_tasks(task_names, options, strategy):
+    """Runs each task, going on past failures. Returns (this run's results, failures).
+
+    A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
+    path = results_path(options)
+    results, failures = {}, {}
+    for name in task_names:
+        task = TASKS[name]
+        previous = read_results(path).get(name)
+        kept, todo = plan_runs(task, options, previous)
+        if not todo and files_complete(task, previous, options.submission_directory):
+            say(f"{name}: already complete in {results_path(options)} with these settings, "
+                "skipped (--overwrite redoes it)")
+            continue
+        try:
+            if not todo and test_files_complete(task, submitted_of(kept),
+                                                options.submission_directory):
+                say(f"{name}: every asked run is recorded; submitting the chosen one anew")
+                if strategy.extended.should_checkpoint:
+                    results[name] = submit_chosen_run(path, task, options.submission_directory)
+            else:  # with nothing to train, it trains again rate's best runs that lack test files
+                results[name] = run_task(task, options, strategy, kept, todo,
+                                         several_tasks=len(task_names) > 1)
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+            resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
+            worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
+            raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
+                            f"({type(error).__name__}); start glue.py again on every worker "
+                            f"with the same command{resume}") from None
+        except GlueError as error:
+            failures[name] = str(error)
+        except Exception as error:  # a crash in one task must not lose the others' results
+            logging.exception("%s crashed", name)
+            failures[name] = f"{type(error).__name__}: {error}"
+        if name in failures and len(task_names) > 1:
+            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+    return results, failures
+
+
+def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=False):
+    """Does the task's asked runs with work left (`todo`, default all), each with its
+    restarts, recording each as it ends; predicts test with each learning rate's best run;
+    then submits the chosen run. Returns the task's entry.
+
+    Only one model is alive at a time: the rate's best run's weights wait on disk, and so does
+    its checkpoint until its test predictions are written. Under multi-worker training every
+    worker runs this; only the chief writes."""
+    todo = asked_runs(options) if todo is None else todo
+    writes = strategy.extended.should_checkpoint
+    path = results_path(options) if writes else None
+    several = len(asked_runs(options)) > 1 or options.max_restarts > 0
+    with strategy.scope(), best_weights_file(options, several) as weights_path:
+        # The custom code blocks run in the scope too: they may create variables. The preset's
+        # preprocessing loads first, so that a preset that cannot be had fails in seconds.
+        preprocess_fn = tf.function(make_preprocess_fn())
+        start = time.perf_counter()
+        train_rows, eval_rows, test_rows = tokenize_task_data(
+            load_task_data(task, options), task, preprocess_fn)
+        release_freed_memory()
+        runs = TaskRuns(task, options, kept_runs, path, {
+            "flags": vars(options), "tokenize_seconds": seconds_since(start),
+            "replicas": strategy.num_replicas_in_sync}, writes)
+        for learning_rate in dict.fromkeys(rate for rate, _ in asked_runs(options)):
+            seeds = [seed for rate, seed in todo if rate == learning_rate]
+            model = finetune_rate(task, options, strategy, runs, learning_rate, seeds,
+                                  train_rows, eval_rows, weights_path, several)
+            best = runs.best_of_rate(learning_rate)
+            if best and not runs.is_new(best) and options.submission_directory and \
+                    not test_files_complete(task, best, options.submission_directory):
+                # An earlier process recorded it, but its test predictions were lost (a crash,
+                # or no --submission_directory): train it again (its checkpoint, if kept, makes
+                # that quick).
+                model = None
+                runs.forget(best)
+                model = finetune_rate(task, options, strategy, runs, learning_rate,
+                                      [chain_seed(best)], train_rows, eval_rows, weights_path,
+                                      several)
+                best = runs.best_of_rate(learning_rate)
+            if best and runs.is_new(best):
+                if best is not runs.new[-1]:  # its weights wait in the file
+                    model = None  # only one model alive at a time
+                    gc.collect()
+                    model = model_with_weights(weights_path, task, options)
+                submit_candidate(task, options, runs, best, model, test_rows, writes,
+                                 several_tasks, several)
+            runs.delete_checkpoints(options, keep=None)
+            model = None  # only one model alive at a time
+            gc.collect()
+    if path and options.submission_directory:
+        return submit_chosen_run(path, task, options.submission_directory,
+                                 model_save_path(options, task, several_tasks))
+    return runs.entry
+
+
+def finetune_rate(task, options, strategy, runs, learning_rate, seeds, train_rows, eval_rows,
+                  weights_path, several):
+    """Finetunes one learning rate's asked seeds, restarting collapsed runs; returns the last
+    model. The weights of the rate's best run so far wait at `weights_path`, and its
+    checkpoint stays (a crash before its test predictions then costs no training)."""
+    model = None
+    for seed in seeds:
+        chain = chain_of(runs.entry["runs"], learning_rate, seed)
+        while needs_run(chain, options.max_restarts):
+            model = None  # only one model alive at a time
+            gc.collect()
+            restart = len(chain)
+            run_seed = seed + RESTART_SEED_STEP * restart
+            name = run_name(task, learning_rate, run_seed, several)
+            model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
+                                  run_seed, strategy, name)
+            if restart:
+                run["restart_of"] = seed
+            chain.append(run)
+            report_run(name, run, needs_run(chain, options.max_restarts))
+            runs.record(run)
+            best = runs.best_of_rate(learning_rate)
+            if weights_path and best is run:
+                write_atomically(weights_path, model.save_weights)
+            runs.delete_checkpoints(options, keep=best)
+    return model
+
+
+def submit_candidate(task, options, runs, run, model, test_rows, writes, several_tasks,
+                     several_runs):
+    """A learning rate's best run may be submitted: its test predictions go to `runs/` in the
+    submission folder, and its model to --finetuning_model_save_path while it is the chosen
+    one."""
+    if options.submission_directory:
+        start = time.perf_counter()
+        tables = predict_test(model, test_rows, task, options.batch_size,
+                              run_name(task, run["learning_rate"], run["seed"], several_runs))
+        run["test_predict_seconds"] = seconds_since(start)
+        run["test_files"] = {file: len(table) for file, table in tables.items()}
+        if writes:
+            folder = run_folder(options.submission_directory, task, run)
+            for file, table in tables.items():
+                write_submission(os.path.join(folder, file), table)
+        runs.record(run)
+    save_path = model_save_path(options, task, several_tasks)
+    if not writes or not save_path or options.finetuning_model_load_path:
+        return
+    if options.submission_directory:  # the chosen run's is copied to `save_path` when chosen
+        write_atomically(os.path.join(run_folder(options.submission_directory, task, run),
+                                      "model.keras"), model.save)
+    elif submitted_of(runs.entry["runs"]) is run:  # the chosen one, as far as known here
+        write_atomically(save_path, model.save)
+
+
+def model_with_weights(weights_path, task, options):
+    """The custom code blocks' model, with the weights saved at `weights_path`."""
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    model.jit_compile = options.jit_compile
+    model.load_weights(weights_path)
+    return model
+
+
+class TaskRuns:
+    """A task's runs as this process records them: in its results entry (in memory, and, with
+    a results path, merged into the file run by run under its lock)."""
+
+    def __init__(self, task, options, kept_runs, path, process_info, writes=True):
+        self.task, self.path, self.process_info, self.writes = task, path, process_info, writes
+        self.settings = fingerprint(options)
+        self.entry = summarized({"fingerprint": self.settings, "runs": list(kept_runs)})
+        self.new = []  # runs trained (or loaded) by this process, in order
+        self.replace = options.overwrite  # the first record replaces what the file holds
+
+    def record(self, run):
+        if not self.is_new(run):
+            self.new.append(run)
+        self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
+        if self.path:
+            record_run(self.path, self.task.name, self.settings, run, self.process_info,
+                       replace=self.replace)
+            self.replace = False
+
+    def forget(self, run):
+        """Drops a recorded run that is to be trained again."""
+        self.entry = summarized({**self.entry, "runs": [
+            other for other in self.entry["runs"] if other is not run]})
+
+    def best_of_rate(self, learning_rate):
+        rate_runs = [run for run in self.entry["runs"] if run["learning_rate"] == learning_rate]
+        return best_run(rate_runs) if rate_runs else None
+
+    def is_new(self, run):
+        return any(run is new for new in self.new)
+
+    def delete_checkpoints(self, options, keep):
+        """Frees the disk of the recorded runs' checkpoints (such runs are never resumed),
+        except `keep`'s."""
+        if not self.writes:
+            return
+        for run in self.new:
+            folder = checkpoint_dir(options, self.task, run["learning_rate"], run["seed"],
+                                    self.settings)
+            if folder and run is not keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def report_run(name, run, restarts_left):
+    """The log line of a finished run, and a warning if it collapsed."""
+    shown = "  ".join(f"{split} {metric} {percent(value)}"
+                      for split, metrics in dev_metrics(run).items()
+                      for metric, value in metrics.items())
+    at = f" (best evaluation at epoch {run['best_epoch']})" if "best_epoch" in run else ""
+    say(f"{name}: {shown or 'trained (no dev set)'}{at}")
+    if run.get("collapsed"):
+        then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
+                "counted as it is in the summary (--max_restarts gives it another try)")
+        say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
+
+
+def resubmit_recorded(options):
+    """`--task_name=none`: every recorded task's summary and submission files made anew from
+    its recorded runs (after a job array's runs have all been recorded, say)."""
+    path = results_path(options)
+    for name, entry in read_results(path).items():
+        if name in TASKS and isinstance(entry, dict) and entry.get("runs"):
+            submit_chosen_run(path, TASKS[name], options.submission_directory)
+
+
+def report_and_package(options, results):
+    """Prints the results table, then fills and zips the submission if asked to."""
+    table = format_results(read_results(results_path(options)) or results)
+    if table:
+        print(table)
+    if options.fill_missing_from:
+        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
+        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
+    if options.make_submission_zip:
+        print(f"Wrote {make_submission_zip(options.submission_directory)}")
+
+
+# Nothing below needs editing to bring your own model
+
+
+# ================================================================================================
+# Checking the options before any work: one clear line, before anything is read or trained
+# ================================================================================================
+
+
+class GlueError(Exception):
+    """Bad input that deserves one clear line, not a traceback."""
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def expand_task_names(names):
+    """`all`, `none` and comma lists to task names, each once, in order."""
+    expanded = []
+    for name in names:
+        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
+            if task_name not in expanded:
+                expanded.append(task_name)
+    return expanded
+
+
+def check_options(options, task_names):
+    """Fails on bad combinations and paths before any data is read or any minute spent."""
+    for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
+        path = getattr(options, name)
+        if path and not path.endswith(".keras"):
+            raise GlueError(f"--{name}={path}: the path must end in `.keras`")
+    if options.finetuning_model_load_path:
+        if not os.path.isfile(options.finetuning_model_load_path):
+            raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
+                            " no such file")
+        if len(task_names) != 1 or len(options.learning_rate) != 1 or len(options.seed) != 1:
+            raise GlueError("--finetuning_model_load_path takes one task, one --seed and no "
+                            "learning-rate sweep (nothing is trained)")
+        if options.init_from_finetuned:
+            raise GlueError("--init_from_finetuned starts a finetuning, and "
+                            "--finetuning_model_load_path skips it: give one of them")
+    if options.init_from_finetuned and (not options.init_from_finetuned.endswith(".keras") or
+                                        not os.path.isfile(options.init_from_finetuned)):
+        raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
+                        "file; give a model saved by --finetuning_model_save_path")
+    if len(options.learning_rate) * len(options.seed) > 1 and any(
+            not TASKS[name].eval_splits for name in task_names):
+        raise GlueError("ax has no dev set to choose a run by; give one --learning_rate and "
+                        "one --seed, or run mnli, which also writes AX.tsv")
+    seeds = [int(seed) for seed in options.seed]
+    clashes = [(seed, other) for seed in seeds for other in seeds
+               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
+               (other - seed) % RESTART_SEED_STEP == 0]
+    if len(set(seeds)) < len(seeds) or clashes:
+        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
+            "a seed repeats"
+        raise GlueError(f"--seed={','.join(options.seed)}: {clash} under --max_restarts="
+                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
+                        "other seeds")
+    if options.data_dir and not os.path.isdir(options.data_dir):
+        raise GlueError(f"--data_dir={options.data_dir}: no such folder")
+    if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
+        raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
+                        "folder, a Hugging Face model folder, or a KerasHub preset id")
+    if (options.make_submission_zip or options.fill_missing_from) and \
+            not options.submission_directory:
+        raise GlueError("--make_submission_zip and --fill_missing_from need "
+                        "--submission_directory")
+    if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
+        raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
+    check_output_paths(options)
+    if results_path(options):
+        read_results(results_path(options))
+    if task_names:
+        check_downloads_possible(options, task_names)
+
+
+def check_output_paths(options):
+    """Every folder the run will write to exists or can be made, and takes a file."""
+    folders = [("submission_directory", options.submission_directory),
+               ("checkpoint_dir", options.checkpoint_dir)]
+    for flag, path in [("results_path", results_path(options)),
+                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
+        if path and os.path.isdir(path):
+            raise GlueError(f"--{flag}={path} is a folder; give a file path")
+        folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
+    for flag, folder in folders:
+        if folder:
+            check_writable_folder(flag, folder)
+
+
+def check_writable_folder(flag, folder):
+    """`folder` exists, or can be made, and takes files. Nothing is made now: under
+    multi-worker training only the chief writes."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
+                        "is made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
+
+
+def check_downloads_possible(options, task_names):
+    """Offline, fails at once, naming everything that cannot be downloaded and the flags that
+    fix it: tensorflow-datasets would retry for minutes first."""
+    problem = None
+    if not options.data_dir:
+        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
+        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
+        problem = next(filter(None, map(download_problem, builders)), None)
+    if not problem:
+        return
+    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
+        try:
+            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
+        except Exception as error:  # KerasHub raises many types: no network, unknown id
+            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
+                            "Pass --data_dir=<folder in the glue_data/ layout> and "
+                            "--preset=<local preset or model folder>") from None
+    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
+                    "local GLUE files instead")
+
+
+def looks_like_path(preset):
+    return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
+
+
+def task_datasets(task):
+    """The GLUE datasets a task reads: its training data and those of its test files."""
+    return {task.training_data} | {output.dataset for output in task.outputs}
+
+
+def results_path(options):
+    if options.results_path or not options.submission_directory:
+        return options.results_path
+    return os.path.join(options.submission_directory, "glue_results.json")
+
+
+def model_save_path(options, task, several_tasks):
+    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
+    path = options.finetuning_model_save_path
+    if path and several_tasks:
+        return f"{path.removesuffix('.keras')}_{task.name}.keras"
+    return path
+
+
+def quiet_expected_warnings():
+    """--pooling=cls or mean leaves the backbone's pooler unused, and Keras warns at every trace
+    that its variables get no gradient. That is expected, so it is not shown; a missing gradient
+    for any other variable (a real mistake in a custom block) still is."""
+    warnings.filterwarnings(
+        "ignore", r"Gradients do not exist for variables \[('pooled_dense/(kernel|bias)'(, )?)+\] ",
+        UserWarning)
+
+
+# ================================================================================================
+# Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
+# fingerprint holds every other setting that shapes its models and numbers: results and
+# checkpoints are only reused, and runs from several processes only merged, under the same one.
+# ================================================================================================
+
+FINGERPRINT_FLAGS = ("preset", "max_sequence_length", "epochs", "batch_size", "warmup_ratio",
+                     "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
+                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile",
+                     "init_from_finetuned", "finetuning_model_load_path")
+
+
+def fingerprint(options):
+    settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
+    if looks_like_path(options.preset):
+        settings["preset"] = os.path.abspath(os.path.expanduser(options.preset))
+    for name in ("init_from_finetuned", "finetuning_model_load_path"):
+        if getattr(options, name):
+            settings[name] = os.path.abspath(getattr(options, name))
+    settings["data"] = os.path.abspath(options.data_dir) if options.data_dir else "tfds"
+    return settings
+
+
+def fingerprint_id(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def asked_runs(options):
+    """The (learning rate, seed) pairs asked for, rate by rate; no learning rate when nothing
+    is trained."""
+    seeds = [int(seed) for seed in options.seed]
+    if options.finetuning_model_load_path:
+        return [(None, seeds[0])]
+    return [(float(rate), seed) for rate in options.learning_rate for seed in seeds]
+
+
+def run_key(run):
+    return run["learning_rate"], run["seed"]
+
+
+def chain_of(runs, learning_rate, seed):
+    """The recorded runs of an asked (learning rate, seed): the run, then its restarts."""
+    return [run for run in sorted(runs, key=run_order)
+            if run["learning_rate"] == learning_rate and chain_seed(run) == seed]
+
+
+def needs_run(chain, max_restarts):
+    """Whether an asked run has work left: not run yet, or collapsed with restarts left."""
+    return not chain or (bool(chain[-1].get("collapsed")) and len(chain) - 1 < max_restarts)
+
+
+RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
+
+
+def run_name(task, learning_rate, seed, several):
+    """How progress lines name a run."""
+    if not several:
+        return task.name
+    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
+
+
+def describe_run(run):
+    rate = "no training" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
+    return f"{rate}, seed {run['seed']}"
+
+
+def checkpoint_dir(options, task, learning_rate, seed, settings):
+    """Where one run keeps its training state (None: nowhere); never shared with another run."""
+    if not options.checkpoint_dir or learning_rate is None:
+        return None
+    return os.path.join(options.checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
+                                                f"{fingerprint_id(settings)}")
+
+
+def plan_runs(task, options, previous):
+    """`(runs kept from the results, asked runs with work left)` for a task; prints why when it
+    is redone.
+
+    Recorded runs are kept when they were made with the same fingerprint, by this process or
+    another. What a task with nothing left to train needs, `run_tasks` decides."""
+    asked, settings = asked_runs(options), fingerprint(options)
+    if options.overwrite or not previous or not previous.get("runs"):
+        return [], asked
+    if previous.get("fingerprint") != settings:
+        say(f"{task.name}: redone, the recorded results were made with other settings "
+            f"({changed_settings(previous.get('fingerprint'), settings)})")
+        return [], asked
+    kept = previous["runs"]
+    return kept, [pair for pair in asked
+                  if needs_run(chain_of(kept, *pair), options.max_restarts)]
+
+
+def changed_settings(old, new):
+    if not old:
+        return "by an older glue.py"
+    return ", ".join(f"{name} {old.get(name)!r} -> {new.get(name)!r}"
+                     for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name))
+
+
+def files_complete(task, entry, submission_directory):
+    """Whether the task's submission files are complete and the submitted run's (true if no
+    files are kept)."""
+    rows = entry.get("submission_rows", {})
+    return not submission_directory or entry.get("submission_files_run") == entry.get(
+        "submitted_run") and all(
+        rows.get(output.file) is not None and
+        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
+        for output in task.outputs)
+
+
+def test_files_complete(task, run, submission_directory):
+    """Whether a run's test predictions wait, complete, under `runs/`."""
+    files, folder = run.get("test_files", {}), run_folder(submission_directory, task, run)
+    return all(files.get(output.file) is not None and
+               count_rows(os.path.join(folder, output.file)) == files[output.file]
+               for output in task.outputs)
+
+
+def seconds_since(start):
+    return round(time.perf_counter() - start, 2)
+
+
+# ================================================================================================
+# Devices: one tf.distribute strategy for the whole run. The custom code blocks and the optimizer
+# run inside its scope; Keras splits each global batch across its replicas.
+# ================================================================================================
+
+TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                     '"task": {"type": "worker", "index": 0}}')
+
+
+def make_strategy(value, worker_timeout_seconds=600):
+    """The strategy `--distribution_strategy=value` asks for, on the devices this process sees."""
+    name, tpu = strategy_and_tpu(value)
+    if name == "multi_worker_mirrored":  # first: it must set up TensorFlow's runtime itself
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        patch_keras_for_multi_worker()
+        return multi_worker_strategy(worker_timeout_seconds)
+    if name == "tpu":
+        return tpu_strategy(tpu, worker_timeout_seconds)
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
+            tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(local_devices[0])
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(local_devices)
+    raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def check_tf_config(text):
+    """Fails with one line unless `text` is a TF_CONFIG that names this worker in its cluster."""
+    fix = f"set TF_CONFIG on every worker, for example {TF_CONFIG_EXAMPLE}"
+    if not text:
+        raise GlueError(f"multi_worker_mirrored reads the cluster from TF_CONFIG, which is not "
+                        f"set; {fix}")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise GlueError(f"TF_CONFIG is not valid JSON ({error}); {fix}") from None
+    cluster = config.get("cluster") if isinstance(config, dict) else None
+    if not isinstance(cluster, dict) or not cluster or any(
+            job not in ("chief", "worker") or not isinstance(addresses, list) or not addresses or
+            not all(isinstance(address, str) and ":" in address for address in addresses)
+            for job, addresses in cluster.items()):
+        raise GlueError("TF_CONFIG: `cluster` must map `worker` (and optionally `chief`) to "
+                        f"lists of host:port addresses; {fix}")
+    task = config.get("task")
+    if not isinstance(task, dict) or task.get("type") not in cluster or \
+            not isinstance(task.get("index"), int) or \
+            not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise GlueError(f"TF_CONFIG: `task` must name a job of the cluster and this worker's "
+                        f"index in it, got {task!r}; {fix}")
+
+
+def multi_worker_strategy(timeout_seconds):
+    # Later, a dead worker stops sending heartbeats and TensorFlow fails the others within
+    # seconds; a hung one trips the time limit on each exchange.
+    with watchdog(timeout_seconds, "the workers in TF_CONFIG did not all start within "
+                  f"--worker_timeout_seconds={timeout_seconds}; start glue.py on every worker"):
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                timeout_seconds=timeout_seconds))
+
+
+@contextlib.contextmanager
+def watchdog(seconds, message):
+    """Ends this process with `message` unless the block is done within `seconds`.
+
+    For TensorFlow's waits for other machines, which last forever by default, hold the GIL (so
+    no Python thread could step in) and ignore SIGTERM: a separate process kills this one."""
+    code = ("import os, select, signal, sys\n"
+            "if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:\n"
+            "    print('glue.py: error: ' + sys.argv[3], file=sys.stderr, flush=True)\n"
+            "    os.kill(int(sys.argv[1]), signal.SIGKILL)\n")
+    guard = subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(seconds),
+                              message], stdin=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        guard.stdin.close()  # the guard sees end-of-file and leaves quietly
+        guard.wait()
+
+
+def patch_keras_for_multi_worker():
+    """Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras
+    #20329, #20585): it averages the first batch with one `strategy.reduce` over the whole input
+    structure, and averages scalar logs along an axis they lack. These two replacements make the
+    same reductions one tensor at a time. Nothing changes for the other strategies."""
+    from keras.src.backend.tensorflow import trainer  # noqa: PLC0415
+    if getattr(trainer, "patched_for_multi_worker", False):
+        return
+    check_keras_internals(trainer)
+    reduce_per_replica = trainer.reduce_per_replica
+
+    def first_replica(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return value.values[0]
+        return value
+
+    def mean_per_tensor(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or \
+                not trainer._collective_all_reduce_multi_worker(strategy):
+            return reduce_per_replica(values, strategy, reduction)
+        return tf.nest.map_structure(lambda value: strategy.reduce(
+            "MEAN", value, axis=0 if first_replica(value).shape.rank else None), values)
+
+    def build_from_first_replica(model, iterator=None, data_batch=None):
+        if model._distribute_strategy is None:
+            return
+        for _, _, batches in iterator or ():
+            data_batch = tf.nest.map_structure(first_replica, next(batches))
+            break
+        with model.distribute_strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    trainer.reduce_per_replica = mean_per_tensor
+    trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_first_replica
+    trainer.patched_for_multi_worker = True
+
+
+# The private Keras functions the multi-worker patch replaces or calls, with the parameters it
+# was written against, and the Keras versions it was checked on.
+PATCHED_KERAS_VERSIONS = ("3.15.",)
+
+PATCHED_KERAS_FUNCTIONS = {
+    "reduce_per_replica": ("values", "strategy", "reduction"),
+    "TensorFlowTrainer._maybe_symbolic_build": ("self", "iterator", "data_batch"),
+    "_collective_all_reduce_multi_worker": ("strategy",),
+}
+
+
+def check_keras_internals(trainer, version=keras.__version__):
+    """Fails with one line unless Keras is a version the multi-worker patch was written for,
+    with the private functions it replaces as it knew them: a newer Keras may have fixed the
+    bug, or moved what the patch relies on."""
+    changed = []
+    for path, parameters in PATCHED_KERAS_FUNCTIONS.items():
+        function = trainer
+        for part in path.split("."):
+            function = getattr(function, part, None)
+        if function is None or tuple(inspect.signature(function).parameters) != parameters:
+            changed.append(path)
+    if not version.startswith(PATCHED_KERAS_VERSIONS) or changed:
+        raise GlueError(
+            f"--distribution_strategy=multi_worker_mirrored patches private functions of Keras "
+            f"{', '.join(PATCHED_KERAS_VERSIONS)}x, and this is Keras {version}"
+            f"{' (changed: ' + ', '.join(changed) + ')' if changed else ''}; install the "
+            "Keras of requirements.txt (pip install -r requirements.txt)")
+
+
+def tpu_strategy(tpu, timeout_seconds):
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
+                      f"within --worker_timeout_seconds={timeout_seconds}; check the address in "
+                      "--distribution_strategy=tpu:<address>"):
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
+                        "pass --distribution_strategy=tpu:<TPU name or grpc://host:port>, or "
+                        "tpu:local on a TPU VM") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+# ================================================================================================
+# Checkpoints: resuming exactly after a crash or preemption
+# ================================================================================================
+
+
+class Preempted(BaseException):
+    """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
+
+
+class TrainingCheckpoints(keras.callbacks.Callback):
+    """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
+    step boundary after a SIGTERM; `restore` returns the number of batches to resume after.
+
+    The state is every model variable (dropout seeds included, which Keras' weight files leave
+    out), every optimizer variable, and the number of batches trained. That count, not the
+    optimizer's step, says where to resume: under mixed_float16 the loss-scale optimizer does
+    not count the steps it skips. One file per checkpoint, written atomically.
+    """
+
+    def __init__(self, directory, every_steps=0, write=True, evaluations=None):
+        super().__init__()
+        self.directory = directory
+        self.every_steps = every_steps
+        self.write = write  # under multi-worker training only the chief writes; all read
+        self.evaluations = evaluations  # the run's dev evaluations so far, saved alongside
+        self.sigterm_received = False
+        self.batches = 0  # batches trained, in all epochs
+
+    def paths(self):
+        return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
+
+    def state(self, model):
+        return model.variables + model.optimizer.variables
+
+    def restore(self, model):
+        if not self.paths():
+            return 0
+        with np.load(self.paths()[-1]) as saved:
+            arrays = positional_arrays(saved)
+            batches = int(saved["batches"]) if "batches" in saved.files else None
+            evaluations = json.loads(str(saved["evaluations"])) \
+                if "evaluations" in saved.files else []
+        state = self.state(model)
+        if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
+            raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
+                            "delete it or pass another --checkpoint_dir")
+        for variable, array in zip(state, arrays):
+            variable.assign(array)
+        self.batches = batches
+        if self.evaluations:
+            self.evaluations.resume(batches, evaluations)
+        return batches
+
+    def save(self):
+        if not self.write:
+            return
+        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
+        arrays = [np.asarray(variable) for variable in self.state(self.model)]
+        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
+        write_atomically(path, lambda temporary: np.savez(
+            temporary, *arrays, batches=np.array(self.batches),
+            evaluations=np.array(evaluations)))
+        for older in self.paths():
+            if older != path:
+                os.remove(older)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.sigterm_received or (self.every_steps and self.batches % self.every_steps == 0):
+            self.save()
+        if self.sigterm_received:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.sigterm_received:
+            self.save()
+
+    @contextlib.contextmanager
+    def stopping_on_sigterm(self):
+        """While active, SIGTERM asks training to stop at the next step boundary."""
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(
+            self, "sigterm_received", True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def best_weights_file(options, several):
+    """A path for the best run's weights while several runs are done (None for one run): in
+    the checkpoint folder if there is one, else in a temporary folder; deleted afterwards."""
+    if not several:
+        yield None
+        return
+    if options.checkpoint_dir:
+        os.makedirs(options.checkpoint_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".best-weights-", dir=options.checkpoint_dir) as folder:
+        yield os.path.join(folder, "best.weights.h5")
+
+
+def release_freed_memory():
+    """Hands the memory freed by tokenizing (many small batches, on several threads) back to
+    the system; glibc keeps it otherwise, and the process would stay that much larger."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# ================================================================================================
+# Progress: lines that a person at a terminal, or tailing a log file, can follow; speed
+# ================================================================================================
+
+PROGRESS_SECONDS = 60  # a progress line at least this often,
+PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps
+
+
+def say(line):
+    """Progress and summary lines: stdout, flushed, so that a log file shows them as they come."""
+    print(line, flush=True)
+
+
+def clock(seconds):
+    """`12.3s`, `8m18s` or `2h05m`."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def per_second(amount, seconds, unit):
+    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
+
+
+class Progress:
+    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
+    steps: at least every 5% of them and every PROGRESS_SECONDS. Phases shorter than
+    `quiet_below` steps skip the 5% lines (they are over in seconds with most models), but
+    never the minute's. `start`: steps done before (resume)."""
+
+    def __init__(self, label, total, *, start=0, quiet_below=0, unit="ex"):
+        self.label, self.total, self.start, self.unit = label, total, start, unit
+        self.quiet = total < quiet_below
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start
+
+    def update(self, step, examples, details=lambda: ""):
+        now = time.perf_counter()
+        due = (not self.quiet and step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
+               or now - self.last_time >= PROGRESS_SECONDS)
+        if not due or step >= self.total:
+            return
+        self.last_step, self.last_time = step, now
+        elapsed = now - self.started
+        remaining = elapsed / (step - self.start) * (self.total - step)
+        say(f"{self.label}  step {step}/{self.total}  {details()}"
+            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"ETA {clock(remaining)}")
+
+    def summary(self, amount, noun="rows", details=""):
+        seconds = time.perf_counter() - self.started
+        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
+            f"({per_second(amount, seconds, noun)}){details}")
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """A header per epoch, progress lines with the running loss, and a summary per epoch."""
+
+    def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
+        super().__init__()
+        self.label, self.epochs, self.steps = label, epochs, steps_per_epoch
+        self.batch_size, self.num_examples = batch_size, num_examples
+        self.resumed_steps = 0  # steps of the coming epoch trained before a resume
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = Progress(f"{self.label}  epoch {epoch + 1}/{self.epochs}", self.steps,
+                                 start=self.resumed_steps)
+        resumed = f", resuming after step {self.resumed_steps}" if self.resumed_steps else ""
+        say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
+                             lambda: f"loss {float(logs['loss']):.4f}  ")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = f", loss {float(logs['loss']):.4f}" if logs else ""
+        if self.resumed_steps:  # a part of an epoch: count its steps, not its examples
+            self.progress.summary(self.steps - self.resumed_steps, "steps", loss)
+        else:
+            self.progress.summary(self.num_examples, "ex", loss)
+        self.resumed_steps = 0
+
+
+class PredictionProgress(keras.callbacks.Callback):
+    def __init__(self, progress, batch_size):
+        super().__init__()
+        self.progress, self.batch_size = progress, batch_size
+
+    def on_predict_batch_end(self, batch, logs=None):
+        self.progress.update(batch + 1, (batch + 1) * self.batch_size)
+
+
+def training_flops(model, split, epochs):
+    """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
+    backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
+    bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
+    (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
+    scores and their sum. None for a model without a KerasHub backbone (or without
+    `num_layers` and `hidden_dim`).
+    """
+    backbone = backbone_in(model)
+    layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
+    if not layers or not hidden:
+        return None
+    dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
+                        if weight.path.endswith("kernel") and not any(
+                            part in weight.path for part in ("embedding", "pool")))
+    if split.lengths is None:
+        widths = np.full(len(split), split.padded_length, np.float64)
+    else:
+        all_widths = np.array(bucket_widths(split), np.float64)
+        widths = all_widths[np.searchsorted(all_widths, split.lengths)]
+    forward = 2 * dense_weights * widths.sum() + 4 * layers * hidden * (widths ** 2).sum()
+    return 3 * epochs * float(forward)
+
+
+# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
+# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
+BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
+
+
+def bf16_hint(flags):
+    """One line for a CPU that computes bfloat16 fast (None for others)."""
+    for flag, name, speedup in BF16_SPEEDUPS:
+        if flag in flags:
+            return (f"This CPU has {name}: --mixed_precision=mixed_bfloat16 would train about "
+                    f"{speedup:g}x faster, with dev metrics within a point of float32 (the "
+                    "default stays float32, so that numbers do not change with the hardware)")
+    return None
+
+
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
+        for line in file:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# ================================================================================================
+# Submission files: validating, zipping. Every file is written to a temporary file
+# beside it, then renamed, so an interrupted run never leaves a half-written file behind.
+# ================================================================================================
+
 SHOWN_PROBLEMS_PER_FILE = 10
 
 
@@ -1673,22 +2493,6 @@ def write_bytes(path, data):
         with open(temporary, "wb") as file:
             file.write(data)
     write_atomically(path, write)
-
-
-def submission_table(task, idx, predictions):
-    """The leaderboard rows: `index<TAB>prediction`, one per test example, ordered by index."""
-    if len(np.unique(idx)) != len(idx):
-        raise GlueError(f"{task.name}: the test split repeats example indices; check its data")
-    if task.is_regression:
-        spelled = [f"{score:.3f}" for score in predictions]
-    else:
-        spelled = [task.submission_labels[label] for label in predictions]
-    table = pd.DataFrame({"index": idx, "prediction": spelled})
-    return table.sort_values("index", kind="stable")
-
-
-def write_submission(path, table):
-    write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
 
 
 def count_rows(path):
@@ -1833,7 +2637,7 @@ def make_submission_zip(directory):
 
 
 # ================================================================================================
-# Results JSON: one entry per task, merged across runs, plus the GLUE score.
+# Results JSON: one entry per task, merged across runs under a lock, plus the GLUE score.
 # ================================================================================================
 
 
@@ -1935,786 +2739,15 @@ def run_folder(submission_directory, task, run):
                         f"lr{rate_label(run['learning_rate'])}_seed{run['seed']}")
 
 
-def format_results(results):
-    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
-    the median ± sample standard deviation over the chosen learning rate's runs."""
-    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
-    for task_name, entry in sorted(results.items()):
-        if task_name not in TASKS:
-            continue
-        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
-        summary = entry.get("seed_summary", {}).get(rate)
-        for split, metrics in dev_metrics(entry).items():
-            if summary:
-                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
-                shown += f"  ({runs_text(summary)})"
-            else:  # an entry of one run, as older versions wrote
-                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
-            lines.append(f"{task_name:<16} {split:<22} {shown}")
-    score = glue_score(results)
-    if not score:
-        return ""  # no dev metrics to show (AX has none)
-    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
-                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
-    return "\n".join(lines)
-
-
-def percent(value):
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def spread_text(name, values):
-    if not values["runs"]:
-        return f"{name} n/a"
-    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
-
-
-def runs_text(summary):
-    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
-    text = f"{runs} run{'s' * (runs != 1)}"
-    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
-                 for values in metrics.values()} - {runs}
-    if undefined:
-        text += f"; a metric is undefined in {runs - min(undefined)}"
-    return text + (f", {collapsed} collapsed" if collapsed else "")
-
-
 # ================================================================================================
-# Main: run the tasks, keep going past a failed one, then zip.
+# Command line
 # ================================================================================================
-
-
-def expand_task_names(names):
-    """`all`, `none` and comma lists to task names, each once, in order."""
-    expanded = []
-    for name in names:
-        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
-            if task_name not in expanded:
-                expanded.append(task_name)
-    return expanded
-
-
-def check_options(options, task_names):
-    """Fails on bad combinations and paths before any data is read or any minute spent."""
-    for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
-        path = getattr(options, name)
-        if path and not path.endswith(".keras"):
-            raise GlueError(f"--{name}={path}: the path must end in `.keras`")
-    if options.finetuning_model_load_path:
-        if not os.path.isfile(options.finetuning_model_load_path):
-            raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
-                            " no such file")
-        if len(task_names) != 1 or len(options.learning_rate) != 1 or len(options.seed) != 1:
-            raise GlueError("--finetuning_model_load_path takes one task, one --seed and no "
-                            "learning-rate sweep (nothing is trained)")
-        if options.init_from_finetuned:
-            raise GlueError("--init_from_finetuned starts a finetuning, and "
-                            "--finetuning_model_load_path skips it: give one of them")
-    if options.init_from_finetuned and (not options.init_from_finetuned.endswith(".keras") or
-                                        not os.path.isfile(options.init_from_finetuned)):
-        raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
-                        "file; give a model saved by --finetuning_model_save_path")
-    if len(options.learning_rate) * len(options.seed) > 1 and any(
-            not TASKS[name].eval_splits for name in task_names):
-        raise GlueError("ax has no dev set to choose a run by; give one --learning_rate and "
-                        "one --seed, or run mnli, which also writes AX.tsv")
-    seeds = [int(seed) for seed in options.seed]
-    clashes = [(seed, other) for seed in seeds for other in seeds
-               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
-               (other - seed) % RESTART_SEED_STEP == 0]
-    if len(set(seeds)) < len(seeds) or clashes:
-        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
-            "a seed repeats"
-        raise GlueError(f"--seed={','.join(options.seed)}: {clash} under --max_restarts="
-                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
-                        "other seeds")
-    if options.data_dir and not os.path.isdir(options.data_dir):
-        raise GlueError(f"--data_dir={options.data_dir}: no such folder")
-    if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
-        raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
-                        "folder, a Hugging Face model folder, or a KerasHub preset id")
-    if (options.make_submission_zip or options.fill_missing_from) and \
-            not options.submission_directory:
-        raise GlueError("--make_submission_zip and --fill_missing_from need "
-                        "--submission_directory")
-    if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
-        raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
-    check_output_paths(options)
-    if results_path(options):
-        read_results(results_path(options))
-    if task_names:
-        check_downloads_possible(options, task_names)
-
-
-# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
-# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
-BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
-
-
-def bf16_hint(flags):
-    """One line for a CPU that computes bfloat16 fast (None for others)."""
-    for flag, name, speedup in BF16_SPEEDUPS:
-        if flag in flags:
-            return (f"This CPU has {name}: --mixed_precision=mixed_bfloat16 would train about "
-                    f"{speedup:g}x faster, with dev metrics within a point of float32 (the "
-                    "default stays float32, so that numbers do not change with the hardware)")
-    return None
-
-
-def cpu_flags():
-    """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
-        for line in file:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def looks_like_path(preset):
-    return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
-
-
-def check_output_paths(options):
-    """Every folder the run will write to exists or can be made, and takes a file."""
-    folders = [("submission_directory", options.submission_directory),
-               ("checkpoint_dir", options.checkpoint_dir)]
-    for flag, path in [("results_path", results_path(options)),
-                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
-        if path and os.path.isdir(path):
-            raise GlueError(f"--{flag}={path} is a folder; give a file path")
-        folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
-    for flag, folder in folders:
-        if folder:
-            check_writable_folder(flag, folder)
-
-
-def check_writable_folder(flag, folder):
-    """`folder` exists, or can be made, and takes files. Nothing is made now: under
-    multi-worker training only the chief writes."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
-                        "is made if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
-
-
-def check_downloads_possible(options, task_names):
-    """Offline, fails at once, naming everything that cannot be downloaded and the flags that
-    fix it: tensorflow-datasets would retry for minutes first."""
-    problem = None
-    if not options.data_dir:
-        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
-        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
-        problem = next(filter(None, map(download_problem, builders)), None)
-    if not problem:
-        return
-    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
-        try:
-            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
-        except Exception as error:  # KerasHub raises many types: no network, unknown id
-            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
-                            "Pass --data_dir=<folder in the glue_data/ layout> and "
-                            "--preset=<local preset or model folder>") from None
-    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
-                    "local GLUE files instead")
-
-
-def task_datasets(task):
-    """The GLUE datasets a task reads: its training data and those of its test files."""
-    return {task.training_data} | {output.dataset for output in task.outputs}
-
-
-def results_path(options):
-    if options.results_path or not options.submission_directory:
-        return options.results_path
-    return os.path.join(options.submission_directory, "glue_results.json")
-
-
-def model_save_path(options, task, several_tasks):
-    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
-    path = options.finetuning_model_save_path
-    if path and several_tasks:
-        return f"{path.removesuffix('.keras')}_{task.name}.keras"
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
-# fingerprint holds every other setting that shapes its models and numbers: results and
-# checkpoints are only reused, and runs from several processes only merged, under the same one.
-# ------------------------------------------------------------------------------------------------
-
-FINGERPRINT_FLAGS = ("preset", "max_sequence_length", "epochs", "batch_size", "warmup_ratio",
-                     "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile",
-                     "init_from_finetuned", "finetuning_model_load_path")
-
-
-def fingerprint(options):
-    settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
-    if looks_like_path(options.preset):
-        settings["preset"] = os.path.abspath(os.path.expanduser(options.preset))
-    for name in ("init_from_finetuned", "finetuning_model_load_path"):
-        if getattr(options, name):
-            settings[name] = os.path.abspath(getattr(options, name))
-    settings["data"] = os.path.abspath(options.data_dir) if options.data_dir else "tfds"
-    return settings
-
-
-def fingerprint_id(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def asked_runs(options):
-    """The (learning rate, seed) pairs asked for, rate by rate; no learning rate when nothing
-    is trained."""
-    seeds = [int(seed) for seed in options.seed]
-    if options.finetuning_model_load_path:
-        return [(None, seeds[0])]
-    return [(float(rate), seed) for rate in options.learning_rate for seed in seeds]
-
-
-def run_key(run):
-    return run["learning_rate"], run["seed"]
-
-
-def chain_of(runs, learning_rate, seed):
-    """The recorded runs of an asked (learning rate, seed): the run, then its restarts."""
-    return [run for run in sorted(runs, key=run_order)
-            if run["learning_rate"] == learning_rate and chain_seed(run) == seed]
-
-
-def needs_run(chain, max_restarts):
-    """Whether an asked run has work left: not run yet, or collapsed with restarts left."""
-    return not chain or (bool(chain[-1].get("collapsed")) and len(chain) - 1 < max_restarts)
-
-
-RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
-
-
-def run_name(task, learning_rate, seed, several):
-    """How progress lines name a run."""
-    if not several:
-        return task.name
-    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
-
-
-def describe_run(run):
-    rate = "no training" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
-    return f"{rate}, seed {run['seed']}"
-
-
-def checkpoint_dir(options, task, learning_rate, seed, settings):
-    """Where one run keeps its training state (None: nowhere); never shared with another run."""
-    if not options.checkpoint_dir or learning_rate is None:
-        return None
-    return os.path.join(options.checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
-                                                f"{fingerprint_id(settings)}")
-
-
-def plan_runs(task, options, previous):
-    """`(runs kept from the results, asked runs with work left)` for a task; prints why when it
-    is redone.
-
-    Recorded runs are kept when they were made with the same fingerprint, by this process or
-    another. What a task with nothing left to train needs, `run_tasks` decides."""
-    asked, settings = asked_runs(options), fingerprint(options)
-    if options.overwrite or not previous or not previous.get("runs"):
-        return [], asked
-    if previous.get("fingerprint") != settings:
-        say(f"{task.name}: redone, the recorded results were made with other settings "
-            f"({changed_settings(previous.get('fingerprint'), settings)})")
-        return [], asked
-    kept = previous["runs"]
-    return kept, [pair for pair in asked
-                  if needs_run(chain_of(kept, *pair), options.max_restarts)]
-
-
-def changed_settings(old, new):
-    if not old:
-        return "by an older glue.py"
-    return ", ".join(f"{name} {old.get(name)!r} -> {new.get(name)!r}"
-                     for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name))
-
-
-def files_complete(task, entry, submission_directory):
-    """Whether the task's submission files are complete and the submitted run's (true if no
-    files are kept)."""
-    rows = entry.get("submission_rows", {})
-    return not submission_directory or entry.get("submission_files_run") == entry.get(
-        "submitted_run") and all(
-        rows.get(output.file) is not None and
-        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
-        for output in task.outputs)
-
-
-def test_files_complete(task, run, submission_directory):
-    """Whether a run's test predictions wait, complete, under `runs/`."""
-    files, folder = run.get("test_files", {}), run_folder(submission_directory, task, run)
-    return all(files.get(output.file) is not None and
-               count_rows(os.path.join(folder, output.file)) == files[output.file]
-               for output in task.outputs)
-
-
-# ------------------------------------------------------------------------------------------------
-# One task: tokenize once; finetune each run, evaluating it on dev as it trains; predict test
-# with each learning rate's best run; submit the chosen one.
-# ------------------------------------------------------------------------------------------------
-
-
-def load_task_data(task, options):
-    """Opens every split the task needs, dev and test first, checking files and labels before
-    any training."""
-    def load(dataset, split):
-        return load_split(options.data_dir, dataset, split)
-
-    eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
-    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
-    train_examples = None
-    if not options.finetuning_model_load_path:
-        train_examples = load(task.training_data, "train")
-    return train_examples, eval_examples, test_examples
-
-
-def tokenize_task_data(data, task, preprocess_fn):
-    """Tokenizes every split `load_task_data` opened, dev and test first: a bad line in them
-    then fails within seconds, not after the training split."""
-    train_examples, eval_examples, test_examples = data
-
-    def tokenize_each(splits):
-        return {name: tokenize(examples, task, preprocess_fn, name)
-                for name, examples in splits.items()}
-
-    eval_rows, test_rows = tokenize_each(eval_examples), tokenize_each(test_examples)
-    train_rows = None if train_examples is None else tokenize(train_examples, task,
-                                                              preprocess_fn, "train")
-    return train_rows, eval_rows, test_rows
-
-
-def initial_model(task, options):
-    """The model finetuning starts from: the custom code blocks' model, with the encoder of
-    `--init_from_finetuned` in place of the pretrained one when given."""
-    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-    if options.init_from_finetuned:
-        finetuned = keras.models.load_model(options.init_from_finetuned, compile=False)
-        copy_encoder(finetuned, model, options.init_from_finetuned)
-    return model
-
-
-def copy_encoder(source, target, source_path):
-    """Sets the weights of `target`'s KerasHub backbone to those of `source`'s."""
-    source_encoder, target_encoder = backbone_in(source), backbone_in(target)
-    if source_encoder is None or target_encoder is None:
-        holder = source_path if source_encoder is None else "the custom code blocks' model"
-        raise GlueError(f"--init_from_finetuned: {holder} holds no KerasHub backbone to take "
-                        "the encoder from")
-    weights = source_encoder.get_weights()
-    if [weight.shape for weight in weights] != [tuple(variable.shape)
-                                                for variable in target_encoder.weights]:
-        raise GlueError(f"--init_from_finetuned={source_path}: its encoder "
-                        f"({type(source_encoder).__name__}) differs from the --preset's "
-                        f"({type(target_encoder).__name__}); give the preset it was finetuned "
-                        "from")
-    target_encoder.set_weights(weights)
-
-
-def backbone_in(model):
-    """The KerasHub backbone inside a model, however deep (None if there is none)."""
-    for layer in model.layers:
-        if isinstance(layer, keras_hub.models.Backbone):
-            return layer
-        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
-            return backbone_in(layer)
-    return None
-
-
-def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name):
-    """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
-    whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
-    live on its replicas."""
-    keras.utils.set_random_seed(seed)
-    start = time.perf_counter()
-    record = {"learning_rate": learning_rate, "seed": seed}
-
-    def evaluate_model(model):
-        return evaluate(model, eval_rows, task, options.batch_size, name)
-
-    if options.finetuning_model_load_path:
-        model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
-        model.jit_compile = options.jit_compile
-        record["load_seconds"] = seconds_since(start)
-        start = time.perf_counter()
-        metrics, collapsed = evaluate_model(model)
-        record.update(metrics, collapsed=collapsed, dev_predict_seconds=seconds_since(start))
-        return model, record
-    model = initial_model(task, options)
-    record["load_seconds"] = seconds_since(start)
-    folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
-    evaluations = DevEvaluations(
-        evaluate_model, steps_per_epoch(train_rows, options.batch_size), options.epochs,
-        options.evaluations_per_epoch, options.select_best_epoch, folder,
-        strategy.extended.should_checkpoint) if eval_rows else None
-    start = time.perf_counter()
-    skipped_steps, resumed_after = train(
-        model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
-        learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
-        weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
-        evaluations=evaluations, checkpoint_dir=folder,
-        checkpoint_every_steps=options.checkpoint_every_steps,
-        write_checkpoints=strategy.extended.should_checkpoint,
-        jit_compile=options.jit_compile, label=name)
-    evaluation_seconds = evaluations.seconds if evaluations else 0.0
-    record["train_seconds"] = round(seconds_since(start) - evaluation_seconds, 2)
-    record["train_examples"] = len(train_rows)
-    flops = training_flops(model, train_rows, options.epochs)
-    if flops and not resumed_after and record["train_seconds"] > 0:  # a resumed run did less
-        record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
-        rate = per_second(options.epochs * len(train_rows), record["train_seconds"], "ex")
-        say(f"{name}: train {rate}, {record['train_tflops_per_second']:.3f} TFLOP/s of "
-            "encoder matmuls")
-    if options.mixed_precision == "mixed_float16":
-        record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
-    if evaluations:
-        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
-        record.update(dev_metrics(reported), collapsed=reported["collapsed"],
-                      best_epoch=evaluations.records[evaluations.best]["epoch"],
-                      evaluations=evaluations.records,
-                      dev_predict_seconds=round(evaluation_seconds, 2))
-    return model, record
-
-
-def evaluate(model, eval_rows, task, batch_size, name):
-    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
-    metrics, predicted = {}, []
-    for split, rows in eval_rows.items():
-        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
-        metrics[split] = compute_metrics(task, labels, predictions)
-        predicted.append(predictions)
-    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
-
-
-def predict_test(model, test_rows, task, batch_size, name):
-    """Every submission table, computed before any is written: a failure never leaves a
-    partial submission."""
-    tables = {}
-    for file, rows in test_rows.items():
-        idx, _, predictions = predict(model, rows, task, batch_size, f"{name}  predict {file}")
-        tables[file] = submission_table(task, idx, predictions)
-    return tables
-
-
-def seconds_since(start):
-    return round(time.perf_counter() - start, 2)
-
-
-def report_run(name, run, restarts_left):
-    """The log line of a finished run, and a warning if it collapsed."""
-    shown = "  ".join(f"{split} {metric} {percent(value)}"
-                      for split, metrics in dev_metrics(run).items()
-                      for metric, value in metrics.items())
-    at = f" (best evaluation at epoch {run['best_epoch']})" if "best_epoch" in run else ""
-    say(f"{name}: {shown or 'trained (no dev set)'}{at}")
-    if run.get("collapsed"):
-        then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
-                "counted as it is in the summary (--max_restarts gives it another try)")
-        say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
-
-
-class TaskRuns:
-    """A task's runs as this process records them: in its results entry (in memory, and, with
-    a results path, merged into the file run by run under its lock)."""
-
-    def __init__(self, task, options, kept_runs, path, process_info, writes=True):
-        self.task, self.path, self.process_info, self.writes = task, path, process_info, writes
-        self.settings = fingerprint(options)
-        self.entry = summarized({"fingerprint": self.settings, "runs": list(kept_runs)})
-        self.new = []  # runs trained (or loaded) by this process, in order
-        self.replace = options.overwrite  # the first record replaces what the file holds
-
-    def record(self, run):
-        if not self.is_new(run):
-            self.new.append(run)
-        self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
-        if self.path:
-            record_run(self.path, self.task.name, self.settings, run, self.process_info,
-                       replace=self.replace)
-            self.replace = False
-
-    def forget(self, run):
-        """Drops a recorded run that is to be trained again."""
-        self.entry = summarized({**self.entry, "runs": [
-            other for other in self.entry["runs"] if other is not run]})
-
-    def best_of_rate(self, learning_rate):
-        rate_runs = [run for run in self.entry["runs"] if run["learning_rate"] == learning_rate]
-        return best_run(rate_runs) if rate_runs else None
-
-    def is_new(self, run):
-        return any(run is new for new in self.new)
-
-    def delete_checkpoints(self, options, keep):
-        """Frees the disk of the recorded runs' checkpoints (such runs are never resumed),
-        except `keep`'s."""
-        if not self.writes:
-            return
-        for run in self.new:
-            folder = checkpoint_dir(options, self.task, run["learning_rate"], run["seed"],
-                                    self.settings)
-            if folder and run is not keep:
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=False):
-    """Does the task's asked runs with work left (`todo`, default all), each with its
-    restarts, recording each as it ends; predicts test with each learning rate's best run;
-    then submits the chosen run. Returns the task's entry.
-
-    Only one model is alive at a time: the rate's best run's weights wait on disk, and so does
-    its checkpoint until its test predictions are written. Under multi-worker training every
-    worker runs this; only the chief writes."""
-    todo = asked_runs(options) if todo is None else todo
-    writes = strategy.extended.should_checkpoint
-    path = results_path(options) if writes else None
-    several = len(asked_runs(options)) > 1 or options.max_restarts > 0
-    with strategy.scope(), best_weights_file(options, several) as weights_path:
-        # The custom code blocks run in the scope too: they may create variables. The preset's
-        # preprocessing loads first, so that a preset that cannot be had fails in seconds.
-        preprocess_fn = tf.function(make_preprocess_fn())
-        start = time.perf_counter()
-        train_rows, eval_rows, test_rows = tokenize_task_data(
-            load_task_data(task, options), task, preprocess_fn)
-        release_freed_memory()
-        runs = TaskRuns(task, options, kept_runs, path, {
-            "flags": vars(options), "tokenize_seconds": seconds_since(start),
-            "replicas": strategy.num_replicas_in_sync}, writes)
-        for learning_rate in dict.fromkeys(rate for rate, _ in asked_runs(options)):
-            seeds = [seed for rate, seed in todo if rate == learning_rate]
-            model = finetune_rate(task, options, strategy, runs, learning_rate, seeds,
-                                  train_rows, eval_rows, weights_path, several)
-            best = runs.best_of_rate(learning_rate)
-            if best and not runs.is_new(best) and options.submission_directory and \
-                    not test_files_complete(task, best, options.submission_directory):
-                # An earlier process recorded it, but its test predictions were lost (a crash,
-                # or no --submission_directory): train it again (its checkpoint, if kept, makes
-                # that quick).
-                model = None
-                runs.forget(best)
-                model = finetune_rate(task, options, strategy, runs, learning_rate,
-                                      [chain_seed(best)], train_rows, eval_rows, weights_path,
-                                      several)
-                best = runs.best_of_rate(learning_rate)
-            if best and runs.is_new(best):
-                if best is not runs.new[-1]:  # its weights wait in the file
-                    model = None  # only one model alive at a time
-                    gc.collect()
-                    model = model_with_weights(weights_path, task, options)
-                submit_candidate(task, options, runs, best, model, test_rows, writes,
-                                 several_tasks, several)
-            runs.delete_checkpoints(options, keep=None)
-            model = None  # only one model alive at a time
-            gc.collect()
-    if path and options.submission_directory:
-        return submit_chosen_run(path, task, options.submission_directory,
-                                 model_save_path(options, task, several_tasks))
-    return runs.entry
-
-
-def finetune_rate(task, options, strategy, runs, learning_rate, seeds, train_rows, eval_rows,
-                  weights_path, several):
-    """Finetunes one learning rate's asked seeds, restarting collapsed runs; returns the last
-    model. The weights of the rate's best run so far wait at `weights_path`, and its
-    checkpoint stays (a crash before its test predictions then costs no training)."""
-    model = None
-    for seed in seeds:
-        chain = chain_of(runs.entry["runs"], learning_rate, seed)
-        while needs_run(chain, options.max_restarts):
-            model = None  # only one model alive at a time
-            gc.collect()
-            restart = len(chain)
-            run_seed = seed + RESTART_SEED_STEP * restart
-            name = run_name(task, learning_rate, run_seed, several)
-            model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
-                                  run_seed, strategy, name)
-            if restart:
-                run["restart_of"] = seed
-            chain.append(run)
-            report_run(name, run, needs_run(chain, options.max_restarts))
-            runs.record(run)
-            best = runs.best_of_rate(learning_rate)
-            if weights_path and best is run:
-                write_atomically(weights_path, model.save_weights)
-            runs.delete_checkpoints(options, keep=best)
-    return model
-
-
-def model_with_weights(weights_path, task, options):
-    """The custom code blocks' model, with the weights saved at `weights_path`."""
-    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-    model.jit_compile = options.jit_compile
-    model.load_weights(weights_path)
-    return model
-
-
-def submit_candidate(task, options, runs, run, model, test_rows, writes, several_tasks,
-                     several_runs):
-    """A learning rate's best run may be submitted: its test predictions go to `runs/` in the
-    submission folder, and its model to --finetuning_model_save_path while it is the chosen
-    one."""
-    if options.submission_directory:
-        start = time.perf_counter()
-        tables = predict_test(model, test_rows, task, options.batch_size,
-                              run_name(task, run["learning_rate"], run["seed"], several_runs))
-        run["test_predict_seconds"] = seconds_since(start)
-        run["test_files"] = {file: len(table) for file, table in tables.items()}
-        if writes:
-            folder = run_folder(options.submission_directory, task, run)
-            for file, table in tables.items():
-                write_submission(os.path.join(folder, file), table)
-        runs.record(run)
-    save_path = model_save_path(options, task, several_tasks)
-    if not writes or not save_path or options.finetuning_model_load_path:
-        return
-    if options.submission_directory:  # the chosen run's is copied to `save_path` when chosen
-        write_atomically(os.path.join(run_folder(options.submission_directory, task, run),
-                                      "model.keras"), model.save)
-    elif submitted_of(runs.entry["runs"]) is run:  # the chosen one, as far as known here
-        write_atomically(save_path, model.save)
-
-
-@contextlib.contextmanager
-def best_weights_file(options, several):
-    """A path for the best run's weights while several runs are done (None for one run): in
-    the checkpoint folder if there is one, else in a temporary folder; deleted afterwards."""
-    if not several:
-        yield None
-        return
-    if options.checkpoint_dir:
-        os.makedirs(options.checkpoint_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".best-weights-", dir=options.checkpoint_dir) as folder:
-        yield os.path.join(folder, "best.weights.h5")
-
-
-def release_freed_memory():
-    """Hands the memory freed by tokenizing (many small batches, on several threads) back to
-    the system; glibc keeps it otherwise, and the process would stay that much larger."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def run_tasks(task_names, options, strategy):
-    """Runs each task, going on past failures. Returns (this run's results, failures).
-
-    A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
-    path = results_path(options)
-    results, failures = {}, {}
-    for name in task_names:
-        task = TASKS[name]
-        previous = read_results(path).get(name)
-        kept, todo = plan_runs(task, options, previous)
-        if not todo and files_complete(task, previous, options.submission_directory):
-            say(f"{name}: already complete in {results_path(options)} with these settings, "
-                "skipped (--overwrite redoes it)")
-            continue
-        try:
-            if not todo and test_files_complete(task, submitted_of(kept),
-                                                options.submission_directory):
-                say(f"{name}: every asked run is recorded; submitting the chosen one anew")
-                if strategy.extended.should_checkpoint:
-                    results[name] = submit_chosen_run(path, task, options.submission_directory)
-            else:  # with nothing to train, it trains again rate's best runs that lack test files
-                results[name] = run_task(task, options, strategy, kept, todo,
-                                         several_tasks=len(task_names) > 1)
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
-            resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
-            worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
-            raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
-                            f"({type(error).__name__}); start glue.py again on every worker "
-                            f"with the same command{resume}") from None
-        except GlueError as error:
-            failures[name] = str(error)
-        except Exception as error:  # a crash in one task must not lose the others' results
-            logging.exception("%s crashed", name)
-            failures[name] = f"{type(error).__name__}: {error}"
-        if name in failures and len(task_names) > 1:
-            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-    return results, failures
-
-
-def resubmit_recorded(options):
-    """`--task_name=none`: every recorded task's summary and submission files made anew from
-    its recorded runs (after a job array's runs have all been recorded, say)."""
-    path = results_path(options)
-    for name, entry in read_results(path).items():
-        if name in TASKS and isinstance(entry, dict) and entry.get("runs"):
-            submit_chosen_run(path, TASKS[name], options.submission_directory)
-
-
-def report_and_package(options, results):
-    """Prints the results table, then fills and zips the submission if asked to."""
-    table = format_results(read_results(results_path(options)) or results)
-    if table:
-        print(table)
-    if options.fill_missing_from:
-        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
-        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
-    if options.make_submission_zip:
-        print(f"Wrote {make_submission_zip(options.submission_directory)}")
 
 
 def options_from_flags():
     """glue.py's flags as a plain namespace: everything below `main` takes its options so."""
     return types.SimpleNamespace(**{
         flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])})
-
-
-def main(argv):
-    del argv
-    options = options_from_flags()
-    quiet_expected_warnings()
-    try:
-        if options.validate_submission:
-            errors, notices = validate_submission(read_submission(options.validate_submission))
-            for line in notices + errors:
-                print(line)
-            if errors:
-                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
-            print(f"{options.validate_submission}: all 11 files pass")
-            return
-        task_names = expand_task_names(options.task_name)
-        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
-            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
-        check_options(options, task_names)
-        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
-        on_cpu = not tf.config.list_physical_devices("GPU") and \
-            strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
-        hint = bf16_hint(cpu_flags()) if task_names and on_cpu and \
-            not options.mixed_precision else None
-        if hint:
-            say(hint)
-        strategy = tf.distribute.get_strategy()
-        if task_names:
-            strategy = make_strategy(options.distribution_strategy,
-                                     options.worker_timeout_seconds)
-            logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
-                         options.distribution_strategy, type(strategy).__name__,
-                         strategy.num_replicas_in_sync)
-        results, failures = run_tasks(task_names, options, strategy)
-        if not task_names and results_path(options):
-            resubmit_recorded(options)
-        if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
-            report_and_package(options, results)
-        if len(task_names) == 1 and failures:
-            raise GlueError(failures[task_names[0]])
-        if failures:
-            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
-                            f"{', '.join(failures)} (reasons above)")
-    except GlueError as error:
-        sys.exit(f"glue.py: error: {error}")
-    except Preempted as stop:
-        sys.exit(f"glue.py: {stop}")
 
 
 HELP_ARGUMENTS = ("--help", "-help", "-?", "--helpshort")

@@ -44,3 +44,22 @@ def test_readme_shows_block_3_as_the_code_reads():
     code = glue_source()
     for line in filter(None, (line.strip() for line in snippet.splitlines())):
         assert line in code, line
+
+
+def test_a_reader_who_stops_at_the_banner_has_seen_the_whole_flow():
+    source = glue_source()
+    lines = source.splitlines()
+    assert lines.count(BANNER) == 1  # a comment line of its own
+    banner = lines.index(BANNER)
+    defined = {node.name: node.lineno for node in ast.parse(source).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    flow = ["make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
+            "GlueClassifier", "sentence_encoder", "load_task_data", "tokenize", "train",
+            "predict", "evaluate", "write_submission", "main", "run_task"]
+    plumbing = ["make_strategy", "patch_keras_for_multi_worker", "TrainingCheckpoints",
+                "validate_submission", "make_submission_zip", "updating_results", "check_options"]
+    assert all(defined[name] < banner for name in flow)
+    assert all(defined[name] > banner for name in plumbing)
+    # The custom code blocks come right after the flags, before the task table.
+    first_block = lines.index("### Custom code block starts ###")
+    assert first_block < defined["GlueTask"] < defined["load_task_data"] < defined["train"]
