@@ -183,6 +183,11 @@ def strategy_and_tpu(value):
     return name, tpu or None
 
 
+def _valid_strategy(value):
+    name, _ = strategy_and_tpu(value)
+    return name in STRATEGIES and (name == "tpu" or ":" not in value)
+
+
 def _valid_learning_rates(values):
     try:
         return all(float(value) > 0 for value in values) and bool(values)
@@ -198,9 +203,8 @@ flags.register_validator(
 flags.register_validator("learning_rate", _valid_learning_rates,
                          "give positive numbers, comma-separated")
 flags.register_validator(
-    "distribution_strategy", lambda value: strategy_and_tpu(value)[0] in STRATEGIES and
-    (":" not in value or value.startswith("tpu:")),
-    "use auto, one_device, mirrored, multi_worker_mirrored, tpu or tpu:<name or grpc://host:port>")
+    "distribution_strategy", _valid_strategy,
+    f"use {', '.join(STRATEGIES)} or tpu:<name or grpc://host:port>")
 flags.register_validator("seed", lambda values: bool(values) and all(
     re.fullmatch(r"-?\d+", value.strip()) for value in values),
     "give integers, comma-separated")
