@@ -9,13 +9,15 @@ places meant to be edited sit between `### Custom code block starts ###` and
 `### Custom code block ends ###`.
 """
 
+import ast
 import collections
 import concurrent.futures
 import contextlib
 import csv
 import ctypes
 import dataclasses
-import fcntl
+import filecmp
+import functools
 import gc
 import glob
 import hashlib
@@ -43,6 +45,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging  # noqa: E402
+import filelock  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
@@ -130,7 +133,9 @@ flags.DEFINE_string("results_path", None,
 flags.DEFINE_string("finetuning_model_save_path", None,
                     "Save the finetuned model to this `.keras` file.")
 flags.DEFINE_bool("overwrite", False,
-                  "Redo tasks whose submission files and results are already complete.")
+                  "Train the asked runs again even when they are recorded with these settings, "
+                  "replacing only their records (other runs' stay; start afresh in another "
+                  "--submission_directory).")
 flags.DEFINE_bool("make_submission_zip", False,
                   "After the tasks, validate the submission directory and write "
                   "submission.zip with the 11 leaderboard files.")
@@ -481,16 +486,24 @@ METRICS = {
 
 def load_task_data(task, options):
     """Opens every split the task needs, dev and test first, checking files and labels before
-    any training."""
-    def load(dataset, split):
-        return load_split(options.data_dir, dataset, split)
+    any training. Returns `(train, {dev split: examples}, {submission file: examples})`; no
+    training split when nothing is trained."""
+    examples = {(dataset, split): load_split(options.data_dir, dataset, split)
+                for dataset, split in task_splits(task, options)}
+    eval_examples = {split: examples[task.training_data, split] for split in task.eval_splits}
+    test_examples = {output.file: examples[output.dataset, output.split]
+                     for output in task.outputs}
+    return examples.get((task.training_data, "train")), eval_examples, test_examples
 
-    eval_examples = {split: load(task.training_data, split) for split in task.eval_splits}
-    test_examples = {output.file: load(output.dataset, output.split) for output in task.outputs}
-    train_examples = None
+
+def task_splits(task, options):
+    """The `(dataset, split)` pairs a task reads: its dev splits, its test splits, then its
+    training split unless nothing is trained."""
+    splits = [(task.training_data, split) for split in task.eval_splits]
+    splits += [(output.dataset, output.split) for output in task.outputs]
     if not options.finetuning_model_load_path:
-        train_examples = load(task.training_data, "train")
-    return train_examples, eval_examples, test_examples
+        splits.append((task.training_data, "train"))
+    return splits
 
 
 def load_split(data_dir, dataset, split):
@@ -510,41 +523,9 @@ def read_local_split(data_dir, dataset, split):
     text columns (and only those: MNLI's parse trees are never read) stream in chunks while
     the split is tokenized, so no whole split of raw text is ever held in memory."""
     task = TASKS[dataset]
-    files = dict(task.local.files)
-    if split not in files:
-        raise GlueError(f"{dataset} has no {split!r} split in the glue_data layout")
-    path = os.path.join(data_dir, task.local.folder, files[split])
-    if not os.path.isfile(path):
-        raise GlueError(f"--data_dir: expected the {dataset} {split} file at {path}; "
-                        "point --data_dir at a folder in the standard glue_data/ layout")
-    is_test = split.startswith("test")
-    headerless_columns = () if is_test else task.local.headerless_columns
-    key_column = task.local.index_column if is_test else task.local.label_column
-    check_field_counts(path, len(headerless_columns) or None)
-    columns = read_tsv(path, headerless_columns, nrows=0).columns
-    for column in task.local.columns + (key_column,):
-        if column not in columns:
-            raise GlueError(f"{path}: malformed TSV: no column {column!r} "
-                            f"(columns: {', '.join(map(str, columns))})")
-    key_texts = read_tsv(path, headerless_columns, usecols=[key_column])[key_column]
-    first_data_line = 1 if headerless_columns else 2
-
-    def parse(convert, what):
-        values = []
-        for line, text in enumerate(key_texts, start=first_data_line):
-            try:
-                values.append(convert(text))
-            except ValueError:
-                raise GlueError(f"{path}, line {line}: malformed TSV: {what} {text!r}") from None
-        return values
-
-    if is_test:  # the leaderboard keys rows by the file's index column
-        idx, labels = parse(int, "bad index"), [-1] * len(key_texts)
-    else:  # tfds numbers train and dev rows in file order
-        labels = parse(lambda text: parse_label(task, text), "bad label")
-        idx = range(len(key_texts))
-    keys = {"label": np.array(labels, np.float32 if task.is_regression else np.int64),
-            "idx": np.array(idx, np.int32)}
+    path = local_split_path(data_dir, dataset, split)
+    headerless_columns = () if split.startswith("test") else task.local.headerless_columns
+    keys = read_local_keys(path, task, split)
 
     def chunks():
         start = 0
@@ -560,6 +541,56 @@ def read_local_split(data_dir, dataset, split):
     spec.update({name: tf.TensorSpec((None,), values.dtype) for name, values in keys.items()})
     return (tf.data.Dataset.from_generator(chunks, output_signature=spec).unbatch()
             .apply(tf.data.experimental.assert_cardinality(len(keys["idx"]))))
+
+
+def local_split_path(data_dir, dataset, split):
+    task = TASKS[dataset]
+    files = dict(task.local.files)
+    if split not in files:
+        raise GlueError(f"{dataset} has no {split!r} split in the glue_data layout")
+    path = os.path.join(data_dir, task.local.folder, files[split])
+    if not os.path.isfile(path):
+        raise GlueError(f"--data_dir: expected the {dataset} {split} file at {path}; "
+                        "point --data_dir at a folder in the standard glue_data/ layout")
+    return path
+
+
+def read_local_keys(path, task, split):
+    """A local split's `label` and `idx` arrays, read in chunks and checked line by line: the
+    field counts, the columns, every label (train and dev) or index (test)."""
+    is_test = split.startswith("test")
+    headerless_columns = () if is_test else task.local.headerless_columns
+    key_column = task.local.index_column if is_test else task.local.label_column
+    check_field_counts(path, len(headerless_columns) or None)
+    columns = read_tsv(path, headerless_columns, nrows=0).columns
+    for column in task.local.columns + (key_column,):
+        if column not in columns:
+            raise GlueError(f"{path}: malformed TSV: no column {column!r} "
+                            f"(columns: {', '.join(map(str, columns))})")
+    if is_test:  # the leaderboard keys rows by the file's index column
+        convert, what = int, "bad index"
+    else:  # tfds numbers train and dev rows in file order
+        convert, what = functools.partial(parse_label, task), "bad label"
+    values, line = [], 1 if headerless_columns else 2
+    for chunk in read_tsv(path, headerless_columns, usecols=[key_column],
+                          chunksize=TEXT_CHUNK_ROWS):
+        for text in chunk[key_column]:
+            try:
+                values.append(convert(text))
+            except ValueError:
+                raise GlueError(f"{path}, line {line}: malformed TSV: {what} {text!r}") from None
+            line += 1
+    label_type = np.float32 if task.is_regression else np.int64
+    if is_test:
+        return {"label": np.full(len(values), -1, label_type), "idx": np.array(values, np.int32)}
+    return {"label": np.array(values, label_type), "idx": np.arange(len(values), dtype=np.int32)}
+
+
+def check_local_split(data_dir, dataset, split):
+    """Opens and checks one local split as `read_local_split` will, keeping nothing."""
+    if not len(read_local_keys(local_split_path(data_dir, dataset, split), TASKS[dataset],
+                               split)["idx"]):
+        raise GlueError(f"the {dataset} {split} split is empty")
 
 
 TEXT_CHUNK_ROWS = 20_000
@@ -651,7 +682,16 @@ def features_and_label(task):
 BUCKET_WIDTHS = tuple(range(8, 513, 8))
 TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
 TOKENIZE_BATCH = 1024
-TOKENIZE_THREADS = len(os.sched_getaffinity(0))  # batches tokenized at once: one per core
+
+
+def available_cores():
+    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
 PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
 
 
@@ -946,10 +986,11 @@ def backbone_in(model):
     return None
 
 
-def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name):
+def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name,
+             checkpoints=None):
     """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
     whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
-    live on its replicas."""
+    live on its replicas. `checkpoints`: the run's own checkpoint folder (None: none)."""
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     record = {"learning_rate": learning_rate, "seed": seed}
@@ -967,17 +1008,15 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
         return model, record
     model = initial_model(task, options)
     record["load_seconds"] = seconds_since(start)
-    folder = checkpoint_dir(options, task, learning_rate, seed, fingerprint(options))
     evaluations = DevEvaluations(
         evaluate_model, steps_per_epoch(train_rows, options.batch_size), options.epochs,
-        options.evaluations_per_epoch, options.select_best_epoch, folder,
-        strategy.extended.should_checkpoint) if eval_rows else None
+        options.evaluations_per_epoch, options.select_best_epoch) if eval_rows else None
     start = time.perf_counter()
     skipped_steps, resumed_after = train(
         model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
         learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
         weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
-        evaluations=evaluations, checkpoint_dir=folder,
+        evaluations=evaluations, checkpoint_dir=checkpoints,
         checkpoint_every_steps=options.checkpoint_every_steps,
         write_checkpoints=strategy.extended.should_checkpoint,
         jit_compile=options.jit_compile, label=name)
@@ -1091,27 +1130,23 @@ class DevEvaluations(keras.callbacks.Callback):
     """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
     evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
 
-    With `keep_best`, a copy of the best evaluation's weights is kept while a later evaluation
-    could still beat it (in `folder` when training is checkpointed, so that it outlives a
-    crash; else in memory), and `finish` puts it back. The best is the highest task score; a
-    later evaluation must beat it, not tie.
+    With `keep_best`, a copy of the best evaluation's weights is kept in memory while a later
+    evaluation could still beat it, and `finish` puts it back; the checkpoints save it with the
+    training state, in the same file. The best is the highest task score; a later evaluation
+    must beat it, not tie.
     """
 
-    def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True,
-                 folder=None, write=True):
+    def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True):
         super().__init__()
         self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
         self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
         self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
-        self.keep_best, self.write = keep_best, write
-        # Under multi-worker training only the chief writes it; the others keep theirs in memory
-        # (and read the chief's after a resume).
-        self.path = folder and os.path.join(folder, "best-evaluation.npz")
+        self.keep_best = keep_best
         self.records, self.batches, self.seconds = [], 0, 0.0
-        self.best_weights = None  # in memory, when this process writes no file
+        self.best_weights = None  # None while the model's own weights are the best ones
 
-    def resume(self, batches, records):
-        self.batches, self.records = batches, records
+    def resume(self, batches, records, best_weights):
+        self.batches, self.records, self.best_weights = batches, records, best_weights
 
     @property
     def best(self):
@@ -1131,20 +1166,9 @@ class DevEvaluations(keras.callbacks.Callback):
         epoch = self.batches / self.steps
         self.records.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3),
                              "step": self.batches, **metrics, "collapsed": collapsed})
-        could_be_beaten = self.batches < self.total
-        if self.keep_best and self.best == len(self.records) - 1 and could_be_beaten:
-            self.store(self.model.get_weights())
-        if self.best == len(self.records) - 1 and not could_be_beaten:
-            self.store(None)  # the last weights are the best: no copy needed
-
-    def store(self, weights):
-        if not (self.path and self.write):
-            self.best_weights = weights
-        elif weights is None:
-            if os.path.exists(self.path):
-                os.remove(self.path)
-        else:
-            write_atomically(self.path, lambda temporary: np.savez(temporary, *weights))
+        if self.keep_best and self.best == len(self.records) - 1:
+            # A copy only while a later evaluation could still beat this one.
+            self.best_weights = self.model.get_weights() if self.batches < self.total else None
 
     def finish(self, model):
         """Puts the best evaluation's weights back (with `keep_best`) and returns its record
@@ -1153,11 +1177,7 @@ class DevEvaluations(keras.callbacks.Callback):
             return None
         best = self.records[self.best] if self.keep_best else self.records[-1]
         if best is not self.records[-1]:
-            if self.best_weights is not None:
-                model.set_weights(self.best_weights)
-            else:  # the file stays beside the checkpoint, which a crash could still resume
-                with np.load(self.path) as saved:
-                    model.set_weights(positional_arrays(saved))
+            model.set_weights(self.best_weights)
         self.best_weights = None
         return best
 
@@ -1296,25 +1316,36 @@ def run_order(run):
     return run["learning_rate"] or 0.0, run["seed"]
 
 
-def chain_seed(run):
-    """The seed asked for: a restart's `restart_of`, else the run's own seed."""
-    return run.get("restart_of", run["seed"])
-
-
 def rate_label(learning_rate):
     return "none" if learning_rate is None else f"{learning_rate:g}"
+
+
+def chains(runs):
+    """The runs as chains, in run order: each asked run, then the restarts that followed it
+    while it collapsed. A restart names the run it followed (`restarted_from`), so one left by
+    an earlier attempt that --overwrite redid follows nothing and is left out."""
+    followers = {run["restarted_from"]: run for run in runs if "restarted_from" in run}
+    found = []
+    for head in sorted(runs, key=run_order):
+        if "restart_of" in head:
+            continue
+        chain = [head]
+        while chain[-1].get("collapsed") and chain[-1].get("run_id") in followers:
+            chain.append(followers[chain[-1]["run_id"]])
+        found.append(chain)
+    return found
+
+
+def chain_of(runs, learning_rate, seed):
+    """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
+    return next((chain for chain in chains(runs)
+                 if run_key(chain[0]) == (learning_rate, seed)), [])
 
 
 def counted_runs(runs):
     """The runs that summaries count: a collapsed run that was restarted counts through its
     last restart instead."""
-    last = {}
-    for run in runs:
-        chain = run["learning_rate"], chain_seed(run)
-        if chain not in last or run["seed"] > last[chain]["seed"]:
-            last[chain] = run
-    counted = {id(run) for run in last.values()}
-    return [run for run in sorted(runs, key=run_order) if id(run) in counted]
+    return sorted((chain[-1] for chain in chains(runs)), key=run_order)
 
 
 def runs_by_rate(runs):
@@ -1324,14 +1355,9 @@ def runs_by_rate(runs):
     return by_rate
 
 
-def best_run(runs):
+def best_run(counted):
     """The counted run with the best task score on dev (the first of equals in run order)."""
-    return max(counted_runs(runs), key=run_score)
-
-
-def submitted_of(runs):
-    """The run to submit: the best of the chosen learning rate's runs."""
-    return best_run(chosen_runs(runs))
+    return max(sorted(counted, key=run_order), key=run_score)
 
 
 def chosen_runs(runs):
@@ -1362,27 +1388,25 @@ def seed_summary(rate_runs):
             "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
 
 
-SUMMARY_KEYS = ("submitted_run", "learning_rate", "train_examples", "load_seconds",
-                "train_seconds", "predict_seconds", "seed_summary", "glue_task_score",
-                "learning_rate_sweep")
+PROCESS_KEYS = ("flags", "tokenize_seconds", "replicas")  # what a run's process adds to it
 
 
-def summarized(entry):
-    """`entry` with its summary made anew from its `runs`: the submitted run (the chosen
-    rate's best) with its dev metrics and times, the spread over seeds of every rate, and the
-    task's GLUE score, the median of the chosen rate's task scores."""
-    runs = entry["runs"]
-    entry = {key: value for key, value in entry.items()
-             if key not in SUMMARY_KEYS and not key.startswith("validation")}
-    if not runs:
-        return entry
+def summarized(runs):
+    """A task's results entry made from its run records: every run of a live chain; the
+    submitted run (the chosen rate's best) with its dev metrics and times, and its process's
+    flags; the spread over seeds of every rate; and the task's GLUE score, the median of the
+    chosen rate's task scores."""
+    runs = [run for chain in chains(runs) for run in chain]
     rate_runs = chosen_runs(runs)
     submitted = best_run(rate_runs)
-    entry.update(dev_metrics(submitted))
-    entry["submitted_run"] = {"learning_rate": submitted["learning_rate"],
-                              "seed": submitted["seed"]}
+    entry = {"runs": sorted(({key: value for key, value in run.items() if key not in PROCESS_KEYS}
+                             for run in runs), key=run_order),
+             **dev_metrics(submitted),
+             "submitted_run": {"learning_rate": submitted["learning_rate"],
+                               "seed": submitted["seed"]}}
     entry.update({key: submitted[key] for key in (
-        "learning_rate", "train_examples", "load_seconds", "train_seconds") if key in submitted})
+        "learning_rate", "train_examples", "load_seconds", "train_seconds", *PROCESS_KEYS)
+        if key in submitted})
     entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
                                      submitted.get("test_predict_seconds", 0.0), 2)
     by_rate = runs_by_rate(runs)
@@ -1395,24 +1419,6 @@ def summarized(entry):
                    for split, metrics in dev_metrics(summary).items()}
             for rate, summary in entry["seed_summary"].items()}
     return entry
-
-
-def with_run(entry, run, settings):
-    """`entry` (None: none yet) with `run` recorded and the summary made anew.
-
-    The run replaces any recorded run of its learning rate and seed. Runs made with other
-    settings (another fingerprint) are dropped, and so are restarts recorded after a run that
-    did not collapse (left by an earlier attempt that --overwrite redoes)."""
-    same_settings = bool(entry) and entry.get("fingerprint") == settings
-
-    def stale(old):
-        return run_key(old) == run_key(run) or (
-            not run.get("collapsed") and old["learning_rate"] == run["learning_rate"] and
-            chain_seed(old) == chain_seed(run) and old["seed"] > run["seed"])
-
-    runs = [old for old in (entry["runs"] if same_settings else []) if not stale(old)]
-    return summarized({**(entry if same_settings else {}), "fingerprint": settings,
-                       "runs": sorted([*runs, run], key=run_order)})
 
 
 # ================================================================================================
@@ -1484,9 +1490,10 @@ def runs_text(summary):
 
 
 # ================================================================================================
-# Main. One task: tokenize once; finetune each run, evaluating it on dev as it trains;
-# predict test with each learning rate's best run; submit the chosen one. Then the
-# next task, past a failed one, and the zip.
+# Main. One task: decide from its run records what is left to do; tokenize once; finetune
+# each run, evaluating it on dev as it trains, and write its folder (record, test predictions,
+# model) as it ends; make the results and the submission anew from the records. Then the next
+# task, past a failed one, and the zip.
 # ================================================================================================
 
 
@@ -1521,9 +1528,10 @@ def main(argv):
             logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
                          options.distribution_strategy, type(strategy).__name__,
                          strategy.num_replicas_in_sync)
-        results, failures = run_tasks(task_names, options, strategy)
-        if not task_names and results_path(options):
-            resubmit_recorded(options)
+        with records_root(options) as root:
+            results, failures = run_tasks(task_names, options, strategy, root)
+            if not task_names:
+                publish_recorded(options, root)
         if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
             report_and_package(options, results)
         if len(task_names) == 1 and failures:
@@ -1537,38 +1545,24 @@ def main(argv):
         sys.exit(f"glue.py: {stop}")
 
 
-def run_tasks(task_names, options, strategy):
+def run_tasks(task_names, options, strategy, root):
     """Runs each task, going on past failures. Returns (this run's results, failures).
 
     A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
-    path = results_path(options)
     results, failures = {}, {}
     for name in task_names:
-        task = TASKS[name]
-        previous = read_results(path).get(name)
-        kept, todo = plan_runs(task, options, previous)
-        if not todo and files_complete(task, previous, options.submission_directory):
-            say(f"{name}: already complete in {results_path(options)} with these settings, "
-                "skipped (--overwrite redoes it)")
-            continue
         try:
-            if not todo and test_files_complete(task, submitted_of(kept),
-                                                options.submission_directory):
-                say(f"{name}: every asked run is recorded; submitting the chosen one anew")
-                if strategy.extended.should_checkpoint:
-                    results[name] = submit_chosen_run(path, task, options.submission_directory)
-            else:  # with nothing to train, it trains again rate's best runs that lack test files
-                results[name] = run_task(task, options, strategy, kept, todo,
-                                         several_tasks=len(task_names) > 1)
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
-            resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
-            worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
-            raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
-                            f"({type(error).__name__}); start glue.py again on every worker "
-                            f"with the same command{resume}") from None
+            results[name] = run_task(TASKS[name], options, strategy, root,
+                                     several_tasks=len(task_names) > 1)
         except GlueError as error:
             failures[name] = str(error)
         except Exception as error:  # a crash in one task must not lose the others' results
+            if lost_worker(error, options.distribution_strategy):
+                resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
+                worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
+                raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
+                                f"({type(error).__name__}); start glue.py again on every worker "
+                                f"with the same command{resume}") from None
             logging.exception("%s crashed", name)
             failures[name] = f"{type(error).__name__}: {error}"
         if name in failures and len(task_names) > 1:
@@ -1576,165 +1570,154 @@ def run_tasks(task_names, options, strategy):
     return results, failures
 
 
-def run_task(task, options, strategy, kept_runs=(), todo=None, several_tasks=False):
-    """Does the task's asked runs with work left (`todo`, default all), each with its
-    restarts, recording each as it ends; predicts test with each learning rate's best run;
-    then submits the chosen run. Returns the task's entry.
+def run_task(task, options, strategy, root, several_tasks=False):
+    """One task: the runs its records of these settings lack are trained, each written to
+    its own folder as it ends; then its results and submission are made anew from the records.
+    Returns its entry (None on a worker that writes nothing)."""
+    settings = fingerprint(task, options, strategy)
+    folder = records_folder(root, task, settings)
+    previous = read_results(results_path(options)).get(task.name)
+    todo, line = plan_task(task, options, settings, read_records(folder), previous)
+    say(line)
+    save_path = model_save_path(options, task, several_tasks)
+    if todo:
+        train_runs(task, options, strategy, todo, folder, settings, save_path)
+    if not strategy.extended.should_checkpoint:  # under multi-worker training, the chief writes
+        return None
+    return publish(task, options, settings, folder, save_path)
 
-    Only one model is alive at a time: the rate's best run's weights wait on disk, and so does
-    its checkpoint until its test predictions are written. Under multi-worker training every
-    worker runs this; only the chief writes."""
-    todo = asked_runs(options) if todo is None else todo
-    writes = strategy.extended.should_checkpoint
-    path = results_path(options) if writes else None
+
+def plan_task(task, options, settings, records, previous):
+    """The one decision for a task: which asked runs to train, from what the records of these
+    settings hold, and the line that says so. Returns `([(learning rate, seed, the chain
+    recorded so far)], line)`.
+
+    An asked run is done when its chain ends in a run that did not collapse (or has no
+    restarts left), and, with a submission folder, has test predictions. --overwrite trains
+    every asked run again."""
+    asked, todo = asked_runs(options), []
+    for learning_rate, seed in asked:
+        chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
+        if chain and options.submission_directory and "test_files" not in chain[-1]:
+            chain = []  # recorded without a submission folder: no test predictions to submit
+        if needs_run(chain, options.max_restarts):
+            todo.append((learning_rate, seed, chain))
+    done = len(asked) - len(todo)
+    if not todo:
+        line = (f"already complete with these settings ({plural(len(records), 'run')} "
+                "recorded), skipped (--overwrite redoes it)")
+    elif options.overwrite:
+        line = f"--overwrite: training the {plural(len(todo), 'asked run')} again (other " \
+               "recorded runs stay)"
+    elif done:
+        line = f"{done} of {len(asked)} asked runs recorded with these settings; training " \
+               f"the other {len(todo)}"
+    elif previous and previous.get("fingerprint_id", "") != fingerprint_id(settings):
+        line = f"redone, {changed_settings(previous.get('fingerprint'), settings)}"
+    else:
+        line = f"training {plural(len(todo), 'run')}"
+    return todo, f"{task.name}: {line}"
+
+
+def train_runs(task, options, strategy, todo, folder, settings, save_path):
+    """Trains the asked runs of `todo`, each with its restarts, on splits tokenized once. Each
+    run's folder is written as the run ends, then the task's results are made anew. Only one
+    model is alive at a time. Under multi-worker training every worker trains; only the chief
+    writes."""
     several = len(asked_runs(options)) > 1 or options.max_restarts > 0
-    with strategy.scope(), best_weights_file(options, several) as weights_path:
+    writes = strategy.extended.should_checkpoint
+    with strategy.scope():
         # The custom code blocks run in the scope too: they may create variables. The preset's
         # preprocessing loads first, so that a preset that cannot be had fails in seconds.
         preprocess_fn = tf.function(make_preprocess_fn())
         start = time.perf_counter()
         train_rows, eval_rows, test_rows = tokenize_task_data(
             load_task_data(task, options), task, preprocess_fn)
+        process = {"tokenize_seconds": seconds_since(start),
+                   "replicas": strategy.num_replicas_in_sync, "flags": vars(options)}
         release_freed_memory()
-        runs = TaskRuns(task, options, kept_runs, path, {
-            "flags": vars(options), "tokenize_seconds": seconds_since(start),
-            "replicas": strategy.num_replicas_in_sync}, writes)
-        for learning_rate in dict.fromkeys(rate for rate, _ in asked_runs(options)):
-            seeds = [seed for rate, seed in todo if rate == learning_rate]
-            model = finetune_rate(task, options, strategy, runs, learning_rate, seeds,
-                                  train_rows, eval_rows, weights_path, several)
-            best = runs.best_of_rate(learning_rate)
-            if best and not runs.is_new(best) and options.submission_directory and \
-                    not test_files_complete(task, best, options.submission_directory):
-                # An earlier process recorded it, but its test predictions were lost (a crash,
-                # or no --submission_directory): train it again (its checkpoint, if kept, makes
-                # that quick).
-                model = None
-                runs.forget(best)
-                model = finetune_rate(task, options, strategy, runs, learning_rate,
-                                      [chain_seed(best)], train_rows, eval_rows, weights_path,
-                                      several)
-                best = runs.best_of_rate(learning_rate)
-            if best and runs.is_new(best):
-                if best is not runs.new[-1]:  # its weights wait in the file
-                    model = None  # only one model alive at a time
-                    gc.collect()
-                    model = model_with_weights(weights_path, task, options)
-                submit_candidate(task, options, runs, best, model, test_rows, writes,
-                                 several_tasks, several)
-            runs.delete_checkpoints(options, keep=None)
-            model = None  # only one model alive at a time
-            gc.collect()
-    if path and options.submission_directory:
-        return submit_chosen_run(path, task, options.submission_directory,
-                                 model_save_path(options, task, several_tasks))
-    return runs.entry
+        for learning_rate, seed, chain in todo:
+            while needs_run(chain, options.max_restarts):
+                run_seed = seed + RESTART_SEED_STEP * len(chain)
+                name = run_name(task, learning_rate, run_seed, several)
+                checkpoints = checkpoint_folder(options.checkpoint_dir, task, learning_rate,
+                                                run_seed, settings)
+                model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
+                                      run_seed, strategy, name, checkpoints)
+                run.update(process, run_id=uuid.uuid4().hex[:12])
+                if chain:
+                    run.update(restart_of=seed, restarted_from=chain[-1]["run_id"])
+                tables = {}
+                if options.submission_directory:
+                    start = time.perf_counter()
+                    tables = predict_test(model, test_rows, task, options.batch_size, name)
+                    run.update(test_predict_seconds=seconds_since(start),
+                               test_files={file: len(table) for file, table in tables.items()})
+                chain.append(run)
+                report_run(name, run, needs_run(chain, options.max_restarts))
+                if writes:
+                    record_run(task, options, settings, folder, run, tables, model, save_path)
+                    if checkpoints:
+                        shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
+                model = None  # only one model alive at a time
+                gc.collect()
 
 
-def finetune_rate(task, options, strategy, runs, learning_rate, seeds, train_rows, eval_rows,
-                  weights_path, several):
-    """Finetunes one learning rate's asked seeds, restarting collapsed runs; returns the last
-    model. The weights of the rate's best run so far wait at `weights_path`, and its
-    checkpoint stays (a crash before its test predictions then costs no training)."""
-    model = None
-    for seed in seeds:
-        chain = chain_of(runs.entry["runs"], learning_rate, seed)
-        while needs_run(chain, options.max_restarts):
-            model = None  # only one model alive at a time
-            gc.collect()
-            restart = len(chain)
-            run_seed = seed + RESTART_SEED_STEP * restart
-            name = run_name(task, learning_rate, run_seed, several)
-            model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
-                                  run_seed, strategy, name)
-            if restart:
-                run["restart_of"] = seed
-            chain.append(run)
-            report_run(name, run, needs_run(chain, options.max_restarts))
-            runs.record(run)
-            best = runs.best_of_rate(learning_rate)
-            if weights_path and best is run:
-                write_atomically(weights_path, model.save_weights)
-            runs.delete_checkpoints(options, keep=best)
-    return model
+def record_run(task, options, settings, folder, run, tables, model, save_path):
+    """Writes a run's folder (its record, its test predictions, and its model if asked for and
+    it leads its learning rate), then makes the task's results anew."""
+    keep_model = save_path and not options.finetuning_model_load_path and \
+        leads_its_rate(run, read_records(folder))
+    write_run_folder(folder, settings, run, tables, model if keep_model else None)
+    publish(task, options, settings, folder, save_path)
 
 
-def submit_candidate(task, options, runs, run, model, test_rows, writes, several_tasks,
-                     several_runs):
-    """A learning rate's best run may be submitted: its test predictions go to `runs/` in the
-    submission folder, and its model to --finetuning_model_save_path while it is the chosen
-    one."""
-    if options.submission_directory:
-        start = time.perf_counter()
-        tables = predict_test(model, test_rows, task, options.batch_size,
-                              run_name(task, run["learning_rate"], run["seed"], several_runs))
-        run["test_predict_seconds"] = seconds_since(start)
-        run["test_files"] = {file: len(table) for file, table in tables.items()}
-        if writes:
-            folder = run_folder(options.submission_directory, task, run)
-            for file, table in tables.items():
-                write_submission(os.path.join(folder, file), table)
-        runs.record(run)
-    save_path = model_save_path(options, task, several_tasks)
-    if not writes or not save_path or options.finetuning_model_load_path:
-        return
-    if options.submission_directory:  # the chosen run's is copied to `save_path` when chosen
-        write_atomically(os.path.join(run_folder(options.submission_directory, task, run),
-                                      "model.keras"), model.save)
-    elif submitted_of(runs.entry["runs"]) is run:  # the chosen one, as far as known here
-        write_atomically(save_path, model.save)
+def leads_its_rate(run, records):
+    """Whether `run` is the best counted run of its learning rate, with the records of the
+    other runs: only such a run keeps its model (the submitted run is one, whatever runs come
+    later, unless a better one is redone worse or restarted)."""
+    runs = [other for other in records if run_key(other) != run_key(run)] + [run]
+    same_rate = [other for other in counted_runs(runs)
+                 if other["learning_rate"] == run["learning_rate"]]
+    return bool(same_rate) and best_run(same_rate) is run
 
 
-def model_with_weights(weights_path, task, options):
-    """The custom code blocks' model, with the weights saved at `weights_path`."""
-    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-    model.jit_compile = options.jit_compile
-    model.load_weights(weights_path)
-    return model
+def publish(task, options, settings, folder, save_path=None):
+    """Makes the task's entry in the results JSON, its top-level submission files and the
+    saved model anew from the run records of `settings`, under the results lock, so that
+    processes finishing at once agree. Returns the entry (None when no run is recorded)."""
+    with updating_results(results_path(options)) as results:
+        records = read_records(folder)
+        if not records:
+            return results.get(task.name)
+        entry = {**summarized(records), "fingerprint": settings,
+                 "fingerprint_id": fingerprint_id(settings)}
+        submitted = entry["submitted_run"]
+        chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
+        rows = options.submission_directory and submit_files(
+            task, chosen, options.submission_directory)
+        if rows:
+            entry.update(submission_rows=rows, submission_files_run=dict(submitted))
+        if save_path:
+            save_chosen_model(task, chosen, save_path)
+        results[task.name] = entry
+    return entry
 
 
-class TaskRuns:
-    """A task's runs as this process records them: in its results entry (in memory, and, with
-    a results path, merged into the file run by run under its lock)."""
-
-    def __init__(self, task, options, kept_runs, path, process_info, writes=True):
-        self.task, self.path, self.process_info, self.writes = task, path, process_info, writes
-        self.settings = fingerprint(options)
-        self.entry = summarized({"fingerprint": self.settings, "runs": list(kept_runs)})
-        self.new = []  # runs trained (or loaded) by this process, in order
-        self.replace = options.overwrite  # the first record replaces what the file holds
-
-    def record(self, run):
-        if not self.is_new(run):
-            self.new.append(run)
-        self.entry = {**with_run(self.entry, run, self.settings), **self.process_info}
-        if self.path:
-            record_run(self.path, self.task.name, self.settings, run, self.process_info,
-                       replace=self.replace)
-            self.replace = False
-
-    def forget(self, run):
-        """Drops a recorded run that is to be trained again."""
-        self.entry = summarized({**self.entry, "runs": [
-            other for other in self.entry["runs"] if other is not run]})
-
-    def best_of_rate(self, learning_rate):
-        rate_runs = [run for run in self.entry["runs"] if run["learning_rate"] == learning_rate]
-        return best_run(rate_runs) if rate_runs else None
-
-    def is_new(self, run):
-        return any(run is new for new in self.new)
-
-    def delete_checkpoints(self, options, keep):
-        """Frees the disk of the recorded runs' checkpoints (such runs are never resumed),
-        except `keep`'s."""
-        if not self.writes:
-            return
-        for run in self.new:
-            folder = checkpoint_dir(options, self.task, run["learning_rate"], run["seed"],
-                                    self.settings)
-            if folder and run is not keep:
-                shutil.rmtree(folder, ignore_errors=True)
+def publish_recorded(options, root):
+    """`--task_name=none`: every recorded task's results and submission files made anew from
+    the records of its latest settings (after a job array's runs have all ended, say)."""
+    entries = {name: entry for name, entry in read_results(results_path(options)).items()
+               if name in TASKS and isinstance(entry, dict)}
+    for name, entry in entries.items():
+        if "fingerprint_id" not in entry:
+            say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
+                "record its runs)")
+            continue
+        task = TASKS[name]
+        publish(task, options, entry["fingerprint"],
+                records_folder(root, task, entry["fingerprint"]),
+                model_save_path(options, task, several_tasks=len(entries) > 1))
 
 
 def report_run(name, run, restarts_left):
@@ -1748,15 +1731,6 @@ def report_run(name, run, restarts_left):
         then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
                 "counted as it is in the summary (--max_restarts gives it another try)")
         say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
-
-
-def resubmit_recorded(options):
-    """`--task_name=none`: every recorded task's summary and submission files made anew from
-    its recorded runs (after a job array's runs have all been recorded, say)."""
-    path = results_path(options)
-    for name, entry in read_results(path).items():
-        if name in TASKS and isinstance(entry, dict) and entry.get("runs"):
-            submit_chosen_run(path, TASKS[name], options.submission_directory)
 
 
 def report_and_package(options, results):
@@ -1848,6 +1822,22 @@ def check_options(options, task_names):
         read_results(results_path(options))
     if task_names:
         check_downloads_possible(options, task_names)
+    if options.data_dir and len(task_names) > 1:
+        check_every_task_s_data(options, task_names)
+
+
+def check_every_task_s_data(options, task_names):
+    """Opens and checks every file the tasks will read (paths, headers, labels, indices),
+    streaming, so that a bad file of the last task fails now, not hours in."""
+    checked = set()
+    for name in task_names:
+        for dataset, split in task_splits(TASKS[name], options):
+            if (dataset, split) not in checked:
+                checked.add((dataset, split))
+                try:
+                    check_local_split(options.data_dir, dataset, split)
+                except GlueError as error:
+                    raise GlueError(f"{name}: {error}") from None
 
 
 def check_output_paths(options):
@@ -1932,29 +1922,136 @@ def quiet_expected_warnings():
 
 # ================================================================================================
 # Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
-# fingerprint holds every other setting that shapes its models and numbers: results and
-# checkpoints are only reused, and runs from several processes only merged, under the same one.
+# fingerprint holds everything else that shapes its models and numbers: the settings, the
+# code, the contents of the files it reads, the libraries and the devices. Runs are recorded,
+# reused, resumed and summarized only under the same one.
 # ================================================================================================
 
-FINGERPRINT_FLAGS = ("preset", "max_sequence_length", "epochs", "batch_size", "warmup_ratio",
+FINGERPRINT_FLAGS = ("max_sequence_length", "epochs", "batch_size", "warmup_ratio",
                      "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile",
-                     "init_from_finetuned", "finetuning_model_load_path")
+                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile")
+FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
+                     "finetuning_model_load_path": "file"}  # counted by their contents
+
+# The code that shapes the numbers: the custom code blocks, how data is read and tokenized, and
+# how a model is trained, evaluated and predicts test, with every definition of this file they
+# use, followed name by name. Definitions that only print or explain are left out.
+CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
+              "load_task_data", "tokenize_task_data", "finetune", "predict_test")
+CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "PredictionProgress", "GlueError",
+                 "explain_preset_failure", "first_line", "training_flops", "per_second",
+                 "clock", "seconds_since")
 
 
-def fingerprint(options):
+def fingerprint(task, options, strategy):
+    """What a task's runs depend on, besides their learning rate and seed."""
     settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
-    if looks_like_path(options.preset):
-        settings["preset"] = os.path.abspath(os.path.expanduser(options.preset))
-    for name in ("init_from_finetuned", "finetuning_model_load_path"):
-        if getattr(options, name):
-            settings[name] = os.path.abspath(getattr(options, name))
-    settings["data"] = os.path.abspath(options.data_dir) if options.data_dir else "tfds"
+    for name in FINGERPRINT_FILES:
+        path = getattr(options, name)
+        settings[name] = contents_id(path) if path and (
+            name != "preset" or looks_like_path(path)) else path
+    settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
+        options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
+        for dataset, split in task_splits(task, options)}
+    settings["code"] = code_ids()
+    settings["versions"] = {"tensorflow": tf.__version__, "keras": keras.__version__,
+                            "keras_hub": keras_hub.__version__,
+                            "tensorflow_datasets": tfds.__version__}
+    settings["strategy"] = type(strategy).__name__
+    settings["replicas"] = strategy.num_replicas_in_sync
     return settings
 
 
 def fingerprint_id(settings):
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def contents_id(path):
+    """`sha256:<hex>` of a file's bytes, or of a folder's file names and bytes (hidden files
+    left out): a file replaced at the same path changes it, a folder moved does not."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        return f"sha256:{file_digest(path)[:16]}"
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(name for name in files if not name.startswith(".")):
+            file = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(file, path)}\0{file_digest(file)}\0".encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def file_digest(path):
+    stat = os.stat(path)
+    return digest_of_file(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def digest_of_file(path, size, mtime_ns):
+    """Each file is read once a process, however many tasks share it (a changed file has
+    another size or modification time, and is read again)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+@functools.cache
+def code_ids():
+    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree:
+    comments, docstrings and line numbers do not count."""
+    with open(os.path.abspath(__file__), encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    definitions = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            definitions.update({target.id: node for target in targets
+                                if isinstance(target, ast.Name)})
+    ids, todo = {}, list(CODE_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in ids or name not in definitions or name in CODE_LEFT_OUT:
+            continue
+        node = without_docstrings(definitions[name])
+        ids[name] = hashlib.sha256(ast.dump(node).encode()).hexdigest()[:12]
+        todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
+    return dict(sorted(ids.items()))
+
+
+def without_docstrings(node):
+    for inner in ast.walk(node):
+        body = getattr(inner, "body", None)
+        if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(
+                body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+                body[0].value.value, str):
+            inner.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def changed_settings(old, new):
+    """What differs between two fingerprints, in words: `the code of GlueClassifier changed`,
+    `--preset folder contents changed`, `epochs 2 -> 3`."""
+    if not old or "code" not in old:
+        return "the recorded results were made by an older glue.py"
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if name in ("code", "data", "versions"):
+            parts = sorted(key for key in set(before) | set(after)
+                           if before.get(key) != after.get(key))
+            changes.append({"code": f"the code of {', '.join(parts)} changed",
+                            "data": f"--data_dir files changed ({', '.join(parts)})",
+                            "versions": ", ".join(f"{part} {before.get(part)} -> "
+                                                  f"{after.get(part)}" for part in parts)}[name])
+        elif name in FINGERPRINT_FILES and all(
+                str(value).startswith("sha256:") for value in (before, after)):
+            changes.append(f"--{name} {FINGERPRINT_FILES[name]} contents changed")
+        else:
+            changes.append(f"{name} {before!r} -> {after!r}")
+    return "; ".join(changes)
 
 
 def asked_runs(options):
@@ -1968,12 +2065,6 @@ def asked_runs(options):
 
 def run_key(run):
     return run["learning_rate"], run["seed"]
-
-
-def chain_of(runs, learning_rate, seed):
-    """The recorded runs of an asked (learning rate, seed): the run, then its restarts."""
-    return [run for run in sorted(runs, key=run_order)
-            if run["learning_rate"] == learning_rate and chain_seed(run) == seed]
 
 
 def needs_run(chain, max_restarts):
@@ -1996,56 +2087,17 @@ def describe_run(run):
     return f"{rate}, seed {run['seed']}"
 
 
-def checkpoint_dir(options, task, learning_rate, seed, settings):
-    """Where one run keeps its training state (None: nowhere); never shared with another run."""
-    if not options.checkpoint_dir or learning_rate is None:
+def plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
+    """Where one run keeps its training state (None: nowhere); never shared with another run,
+    nor with the same run under other settings or code."""
+    if not checkpoint_dir or learning_rate is None:
         return None
-    return os.path.join(options.checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
-                                                f"{fingerprint_id(settings)}")
-
-
-def plan_runs(task, options, previous):
-    """`(runs kept from the results, asked runs with work left)` for a task; prints why when it
-    is redone.
-
-    Recorded runs are kept when they were made with the same fingerprint, by this process or
-    another. What a task with nothing left to train needs, `run_tasks` decides."""
-    asked, settings = asked_runs(options), fingerprint(options)
-    if options.overwrite or not previous or not previous.get("runs"):
-        return [], asked
-    if previous.get("fingerprint") != settings:
-        say(f"{task.name}: redone, the recorded results were made with other settings "
-            f"({changed_settings(previous.get('fingerprint'), settings)})")
-        return [], asked
-    kept = previous["runs"]
-    return kept, [pair for pair in asked
-                  if needs_run(chain_of(kept, *pair), options.max_restarts)]
-
-
-def changed_settings(old, new):
-    if not old:
-        return "by an older glue.py"
-    return ", ".join(f"{name} {old.get(name)!r} -> {new.get(name)!r}"
-                     for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name))
-
-
-def files_complete(task, entry, submission_directory):
-    """Whether the task's submission files are complete and the submitted run's (true if no
-    files are kept)."""
-    rows = entry.get("submission_rows", {})
-    return not submission_directory or entry.get("submission_files_run") == entry.get(
-        "submitted_run") and all(
-        rows.get(output.file) is not None and
-        count_rows(os.path.join(submission_directory, output.file)) == rows[output.file]
-        for output in task.outputs)
-
-
-def test_files_complete(task, run, submission_directory):
-    """Whether a run's test predictions wait, complete, under `runs/`."""
-    files, folder = run.get("test_files", {}), run_folder(submission_directory, task, run)
-    return all(files.get(output.file) is not None and
-               count_rows(os.path.join(folder, output.file)) == files[output.file]
-               for output in task.outputs)
+    return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
+                                        f"{fingerprint_id(settings)}")
 
 
 def seconds_since(start):
@@ -2080,6 +2132,14 @@ def make_strategy(value, worker_timeout_seconds=600):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(local_devices)
     raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def lost_worker(error, distribution_strategy):
+    """Whether `error` says that another machine (a worker, or the TPU) stopped answering: only
+    where training spans machines. On one machine the same errors are the task's own (a data
+    read that failed, say)."""
+    return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) and \
+        strategy_and_tpu(distribution_strategy)[0] in ("multi_worker_mirrored", "tpu")
 
 
 def check_tf_config(text):
@@ -2232,9 +2292,11 @@ class TrainingCheckpoints(keras.callbacks.Callback):
     step boundary after a SIGTERM; `restore` returns the number of batches to resume after.
 
     The state is every model variable (dropout seeds included, which Keras' weight files leave
-    out), every optimizer variable, and the number of batches trained. That count, not the
-    optimizer's step, says where to resume: under mixed_float16 the loss-scale optimizer does
-    not count the steps it skips. One file per checkpoint, written atomically.
+    out), every optimizer variable, the number of batches trained, the dev evaluations so far
+    and the best one's weights: one file per checkpoint, written atomically, so a kill at any
+    instant resumes to the same best evaluation. The count of batches, not the optimizer's
+    step, says where to resume: under mixed_float16 the loss-scale optimizer does not count the
+    steps it skips.
     """
 
     def __init__(self, directory, every_steps=0, write=True, evaluations=None):
@@ -2242,7 +2304,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         self.directory = directory
         self.every_steps = every_steps
         self.write = write  # under multi-worker training only the chief writes; all read
-        self.evaluations = evaluations  # the run's dev evaluations so far, saved alongside
+        self.evaluations = evaluations  # the run's dev evaluations, saved alongside
         self.sigterm_received = False
         self.batches = 0  # batches trained, in all epochs
 
@@ -2260,6 +2322,9 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             batches = int(saved["batches"]) if "batches" in saved.files else None
             evaluations = json.loads(str(saved["evaluations"])) \
                 if "evaluations" in saved.files else []
+            best = [saved[name] for name in sorted(
+                (name for name in saved.files if name.startswith("best_")),
+                key=lambda name: int(name.removeprefix("best_")))]
         state = self.state(model)
         if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
             raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
@@ -2268,7 +2333,7 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             variable.assign(array)
         self.batches = batches
         if self.evaluations:
-            self.evaluations.resume(batches, evaluations)
+            self.evaluations.resume(batches, evaluations, best or None)
         return batches
 
     def save(self):
@@ -2277,9 +2342,11 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
         arrays = [np.asarray(variable) for variable in self.state(self.model)]
         evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
+        best = (self.evaluations and self.evaluations.best_weights) or []
         write_atomically(path, lambda temporary: np.savez(
             temporary, *arrays, batches=np.array(self.batches),
-            evaluations=np.array(evaluations)))
+            evaluations=np.array(evaluations),
+            **{f"best_{i}": weight for i, weight in enumerate(best)}))
         for older in self.paths():
             if older != path:
                 os.remove(older)
@@ -2304,19 +2371,6 @@ class TrainingCheckpoints(keras.callbacks.Callback):
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def best_weights_file(options, several):
-    """A path for the best run's weights while several runs are done (None for one run): in
-    the checkpoint folder if there is one, else in a temporary folder; deleted afterwards."""
-    if not several:
-        yield None
-        return
-    if options.checkpoint_dir:
-        os.makedirs(options.checkpoint_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".best-weights-", dir=options.checkpoint_dir) as folder:
-        yield os.path.join(folder, "best.weights.h5")
 
 
 def release_freed_memory():
@@ -2641,8 +2695,103 @@ def make_submission_zip(directory):
 
 
 # ================================================================================================
-# Results JSON: one entry per task, merged across runs under a lock, plus the GLUE score.
+# Run records and the results JSON. Each run's folder is the record of that run, written once,
+# at once, by the process that made it: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds
+# run.json, the run's test predictions and, if asked for, its model. The results JSON, the
+# top-level submission files and the saved model are made from the records, under a lock.
 # ================================================================================================
+
+RUN_RECORD = "run.json"
+
+
+@contextlib.contextmanager
+def records_root(options):
+    """The folder of every task's run records: `runs/` in the submission folder, else beside the
+    results JSON, else a temporary folder that lives as long as the command."""
+    path = results_path(options)
+    if options.submission_directory or path:
+        yield os.path.join(options.submission_directory or os.path.dirname(os.path.abspath(path)),
+                           "runs")
+        return
+    with tempfile.TemporaryDirectory(prefix="glue-runs-") as folder:
+        yield folder
+
+
+def records_folder(root, task, settings):
+    """Where the runs of one task under one fingerprint are recorded."""
+    return os.path.join(root, task.name, fingerprint_id(settings))
+
+
+def run_folder(folder, learning_rate, seed):
+    """One run's folder in its fingerprint's: `lr2e-05_seed3`."""
+    return os.path.join(folder, f"lr{rate_label(learning_rate)}_seed{seed}")
+
+
+def read_records(folder):
+    """Every run record under one fingerprint, in run order ([] if there is none)."""
+    records = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name, RUN_RECORD)
+            if not name.startswith(".") and os.path.isfile(path):
+                with open(path, encoding="utf-8") as file:
+                    records.append(json.load(file))
+    return sorted(records, key=run_order)
+
+
+def write_run_folder(folder, settings, run, tables, model=None):
+    """Writes one run's folder whole: it is made under a temporary name, then renamed into
+    place, replacing the same run's earlier folder (--overwrite). The fingerprint's folder also
+    gets the fingerprint itself, so that a copied `runs/` folder says what made its runs."""
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "fingerprint.json"), settings)
+    final = run_folder(folder, run["learning_rate"], run["seed"])
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}")
+    os.makedirs(temporary)
+    try:
+        for file, table in tables.items():
+            write_submission(os.path.join(temporary, file), table)
+        if model is not None:
+            model.save(os.path.join(temporary, "model.keras"))
+        write_json(os.path.join(temporary, RUN_RECORD), run)
+        aside = f"{temporary}-replaced"
+        if os.path.exists(final):
+            os.rename(final, aside)
+        os.rename(temporary, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def submit_files(task, chosen, submission_directory):
+    """Copies the chosen run's test predictions to the top of the submission folder. Returns
+    their row counts (None if the run has none)."""
+    sources = {output.file: os.path.join(chosen, output.file) for output in task.outputs}
+    if not all(map(os.path.isfile, sources.values())):
+        say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) has no test predictions "
+            "(it ran without --submission_directory); the submission files were not updated")
+        return None
+    for file, source in sources.items():
+        copy_if_changed(source, os.path.join(submission_directory, file))
+    return {file: count_rows(source) for file, source in sources.items()}
+
+
+def save_chosen_model(task, chosen, save_path):
+    """Copies the chosen run's model to --finetuning_model_save_path, if it was kept."""
+    source = os.path.join(chosen, "model.keras")
+    if os.path.isfile(source):
+        copy_if_changed(source, save_path)
+        return
+    kept = f"; {save_path} still holds an earlier one" if os.path.exists(save_path) else ""
+    say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (it did not "
+        f"lead its learning rate when it ended){kept}; --overwrite with "
+        "--finetuning_model_save_path trains it again")
+
+
+def copy_if_changed(source, target):
+    """Copies `source` over `target` (atomically) unless they are already the same bytes."""
+    if not os.path.isfile(target) or not filecmp.cmp(source, target, shallow=False):
+        write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
 
 
 def read_results(path):
@@ -2663,84 +2812,30 @@ def read_results(path):
 
 @contextlib.contextmanager
 def updating_results(path):
-    """The results JSON as a dict to change; written back, with the GLUE score, at the end.
+    """The results JSON as a dict to change; written back, with the GLUE score, at the end
+    (no path: a dict that is not kept).
 
-    A lock file serialises the read-change-write, so that processes finishing at once (a job
-    array writing to one folder) lose nothing."""
+    A lock file serialises the read-change-write, and whatever is made from the records
+    meanwhile, so that processes finishing at once (a job array writing to one folder) agree."""
+    if not path:
+        yield {}
+        return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f".{name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with filelock.FileLock(os.path.join(folder, f".{name}.lock")):
         results = read_results(path)
         yield results
         results["glue_score"] = glue_score(results)
-
-        def write(temporary):
-            with open(temporary, "w") as file:
-                json.dump(results, file, indent=2, sort_keys=True)
-                file.write("\n")
-
-        write_atomically(path, write)
+        write_json(path, results)
 
 
-def merge_results(path, task_name, entry):
-    """Sets one task's entry in the results JSON, keeping every other task's."""
-    with updating_results(path) as results:
-        results[task_name] = entry
-    return results
+def write_json(path, value):
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=2, sort_keys=True)
+            file.write("\n")
 
-
-def record_run(path, task_name, settings, run, process_info, replace=False):
-    """Merges one run into its task's entry in the results JSON (see `with_run`; `replace`:
-    drop every recorded run first) and returns the entry. `process_info`: what the recording
-    process adds (its flags, ...)."""
-    with updating_results(path) as results:
-        previous = None if replace else results.get(task_name)
-        if previous and previous.get("runs") and previous.get("fingerprint") != settings:
-            say(f"{task_name}: the {len(previous['runs'])} recorded runs were made with other "
-                f"settings ({changed_settings(previous.get('fingerprint'), settings)}); they "
-                "are replaced")
-        entry = {**with_run(previous, run, settings), **process_info}
-        results[task_name] = entry
-    return entry
-
-
-def submit_chosen_run(path, task, submission_directory, save_path=None):
-    """Makes the task's summary anew from its recorded runs and copies the chosen run's test
-    files from `runs/` to the top of the submission folder (and its model to `save_path`),
-    under the results lock so that concurrent processes agree. Returns the entry (None if
-    nothing is recorded)."""
-    with updating_results(path) as results:
-        if not results.get(task.name, {}).get("runs"):
-            return results.get(task.name)
-        entry = results[task.name] = summarized(results[task.name])
-        if not submission_directory:
-            return entry
-        run = next(run for run in entry["runs"] if run_key(run) == run_key(
-            entry["submitted_run"]))
-        folder = run_folder(submission_directory, task, run)
-        files = run.get("test_files", {})
-        if any(count_rows(os.path.join(folder, output.file)) != files.get(output.file)
-               for output in task.outputs) or save_path and not os.path.isfile(
-                   os.path.join(folder, "model.keras")):
-            entry.pop("submission_rows", None)
-            say(f"{task.name}: the chosen run ({describe_run(run)}) has no complete test "
-                f"predictions (or saved model) in {folder}; the submission files were not "
-                "updated")
-            return entry
-        for name in [output.file for output in task.outputs] + ["model.keras"] * bool(save_path):
-            with open(os.path.join(folder, name), "rb") as file:
-                write_bytes(save_path if name == "model.keras" else
-                            os.path.join(submission_directory, name), file.read())
-        entry["submission_rows"] = dict(files)
-        entry["submission_files_run"] = dict(entry["submitted_run"])
-    return entry
-
-
-def run_folder(submission_directory, task, run):
-    """Where one run's test predictions wait until a run is chosen: `runs/rte/lr2e-05_seed3`."""
-    return os.path.join(submission_directory, "runs", task.name,
-                        f"lr{rate_label(run['learning_rate'])}_seed{run['seed']}")
+    write_atomically(path, write)
 
 
 # ================================================================================================

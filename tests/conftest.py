@@ -3,6 +3,7 @@
 Nothing here touches the network, so the whole suite runs offline in a few minutes.
 """
 
+import json
 import os
 import random
 import sys
@@ -163,6 +164,20 @@ def write_glue_data(root, sizes=(16, 8, 8), seed=0, shuffle_test=True):
 def glue_data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("glue_data"))
     return root, write_glue_data(root)
+
+
+def entry_of(folder, task="rte"):
+    """A task's entry in the results JSON of a submission folder."""
+    return json.loads((folder / "glue_results.json").read_text())[task]
+
+
+def options_for(*args):
+    """glue.py's options for the given flags, as `main` reads them."""
+    flags.FLAGS(["glue.py", *args])
+    try:
+        return glue.options_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def error_of(run_glue, *args):

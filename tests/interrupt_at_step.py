@@ -1,7 +1,10 @@
 """Runs glue.py like the command line does, but sends itself a signal once training reaches
 the step given in GLUE_TEST_INTERRUPT ("SIGKILL:7" or "SIGTERM:6"): a crash or a preemption at
-a known point, for the resume tests. GLUE_TEST_LOSS_SCALE sets the initial loss scale of
-mixed_float16 training, so that a test can force skipped steps."""
+a known point, for the resume tests. GLUE_TEST_KILL_AFTER_EVALUATION=N kills it right after the
+N-th dev evaluation, before any checkpoint holds it. GLUE_TEST_DEV_SCORES ("5:0.5,10:0.9")
+replaces every dev metric of the evaluation after that many batches by that number.
+GLUE_TEST_LOSS_SCALE sets the initial loss scale of mixed_float16 training, so that a test can
+force skipped steps."""
 
 import os
 import signal
@@ -24,6 +27,37 @@ if os.environ.get("GLUE_TEST_INTERRUPT"):
         record_step(self, batch, logs)
 
     glue.TrainingCheckpoints.on_train_batch_end = on_train_batch_end
+
+if os.environ.get("GLUE_TEST_DEV_SCORES"):
+    scripted = {int(step): float(score) for step, score in (
+        pair.split(":") for pair in os.environ["GLUE_TEST_DEV_SCORES"].split(","))}
+    real_evaluation = glue.DevEvaluations.run_evaluation
+
+    def scripted_evaluation(self):
+        evaluate = self.evaluate
+
+        def scored(model):
+            metrics, collapsed = evaluate(model)
+            return {split: {name: scripted[self.batches] for name in values}
+                    for split, values in metrics.items()}, collapsed
+
+        self.evaluate = scored
+        try:
+            real_evaluation(self)
+        finally:
+            self.evaluate = evaluate
+
+    glue.DevEvaluations.run_evaluation = scripted_evaluation
+
+if os.environ.get("GLUE_TEST_KILL_AFTER_EVALUATION"):
+    evaluation = glue.DevEvaluations.run_evaluation
+
+    def evaluation_then_kill(self):
+        evaluation(self)
+        if len(self.records) == int(os.environ["GLUE_TEST_KILL_AFTER_EVALUATION"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    glue.DevEvaluations.run_evaluation = evaluation_then_kill
 
 if os.environ.get("GLUE_TEST_LOSS_SCALE"):
     scale = float(os.environ["GLUE_TEST_LOSS_SCALE"])

@@ -50,11 +50,16 @@ def test_results_table_prints_percentages():
     assert "train_seconds" not in table
 
 
+def merge(path, task_name, entry):
+    with glue.updating_results(path) as results:
+        results[task_name] = entry
+
+
 def test_results_merge_keeps_other_tasks(tmp_path):
     path = str(tmp_path / "results.json")
-    glue.merge_results(path, "rte", {"validation": {"accuracy": 0.6}})
-    glue.merge_results(path, "cola", {"validation": {"matthews_corrcoef": 0.3}})
-    glue.merge_results(path, "rte", {"validation": {"accuracy": 0.7}})
+    merge(path, "rte", {"validation": {"accuracy": 0.6}})
+    merge(path, "cola", {"validation": {"matthews_corrcoef": 0.3}})
+    merge(path, "rte", {"validation": {"accuracy": 0.7}})
     results = json.loads(open(path).read())
     assert results["cola"] == {"validation": {"matthews_corrcoef": 0.3}}
     assert results["rte"] == {"validation": {"accuracy": 0.7}}

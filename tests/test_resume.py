@@ -10,6 +10,7 @@ import threading
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 
 import glue
@@ -72,8 +73,8 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6")
     assert killed.returncode == -9
     folder, = run_folders(tmp_path)
-    # The state after epoch 1, and that epoch's weights: the best evaluation so far.
-    assert sorted(os.listdir(folder)) == ["best-evaluation.npz", "step-000000005.npz"]
+    # The state after epoch 1, with that epoch's evaluation in it.
+    assert sorted(os.listdir(folder)) == ["step-000000005.npz"]
     assert not (tmp_path / "STS-B.tsv").exists()
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
@@ -92,7 +93,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
     folder, = run_folders(tmp_path)
     assert message == (f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
                        f"{folder}: run the same command again to resume")
-    assert sorted(os.listdir(folder)) == ["best-evaluation.npz", "step-000000007.npz"]
+    assert sorted(os.listdir(folder)) == ["step-000000007.npz"]
     assert "Traceback" not in stopped.stderr
 
     resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
@@ -107,7 +108,9 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_preset, glue_data, tmp_pa
     flags.FLAGS(["glue.py", *args])
     options = glue.options_from_flags()
     flags.FLAGS.unparse_flags()
-    folder = glue.checkpoint_dir(options, glue.TASKS["stsb"], 5e-5, 42, glue.fingerprint(options))
+    task = glue.TASKS["stsb"]
+    folder = glue.checkpoint_folder(options.checkpoint_dir, task, 5e-5, 42, glue.fingerprint(
+        task, options, tf.distribute.get_strategy()))
     os.makedirs(folder)
     np.savez(os.path.join(folder, "step-000000003.npz"), np.zeros(3), batches=np.array(3))
     with pytest.raises(SystemExit) as exit_info:
@@ -135,7 +138,8 @@ def test_merges_from_many_writers_at_once_lose_nothing(tmp_path):
 
     def writer(worker):
         for round_ in range(10):
-            glue.merge_results(path, f"task{worker}_{round_}", {"validation": {"accuracy": 0.5}})
+            with glue.updating_results(path) as results:
+                results[f"task{worker}_{round_}"] = {"validation": {"accuracy": 0.5}}
 
     threads = [threading.Thread(target=writer, args=(worker,)) for worker in range(6)]
     for thread in threads:

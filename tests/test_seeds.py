@@ -1,11 +1,7 @@
-"""Numbers for a paper: several seeds, the best evaluation, clipping, collapsed runs, starting
-from another finetuned model, and runs split across processes."""
+"""Numbers for a paper: several seeds, the best evaluation, clipping, collapsed runs, and starting
+from another finetuned model. Runs split across processes: test_reuse.py."""
 
-import json
-import os
 import statistics
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -15,21 +11,9 @@ import tensorflow as tf
 from absl import flags
 
 import glue
-from conftest import REPO, error_of
+from conftest import error_of, entry_of, options_for
 
 TINY = ("--epochs=1", "--batch_size=4", "--max_sequence_length=32")
-
-
-def entry_of(folder, task="rte"):
-    return json.loads((folder / "glue_results.json").read_text())[task]
-
-
-def options_for(*args):
-    flags.FLAGS(["glue.py", *args])
-    try:
-        return glue.options_from_flags()
-    finally:
-        flags.FLAGS.unparse_flags()
 
 
 # --- Seeds --------------------------------------------------------------------------------------
@@ -55,7 +39,7 @@ def test_three_seeds_give_three_runs_and_their_median(glue_data, tiny_preset, tm
 def test_a_metric_undefined_in_some_runs_is_left_out_of_its_summary():
     runs = [{"learning_rate": 1e-5, "seed": seed, "validation": {"pearson": value}}
             for seed, value in ((1, 0.8), (2, None), (3, 0.6))]
-    entry = glue.summarized({"runs": runs})
+    entry = glue.summarized(runs)
     assert entry["seed_summary"]["1e-05"]["validation"]["pearson"] == {
         "median": 0.7, "mean": pytest.approx(0.7), "std": pytest.approx(0.1414, abs=1e-4),
         "min": 0.6, "max": 0.8, "runs": 2}
@@ -64,8 +48,7 @@ def test_a_metric_undefined_in_some_runs_is_left_out_of_its_summary():
 
 
 def test_one_run_has_a_spread_of_zero():
-    entry = glue.summarized({"runs": [{"learning_rate": 1e-5, "seed": 1,
-                                       "validation": {"accuracy": 0.5}}]})
+    entry = glue.summarized([{"learning_rate": 1e-5, "seed": 1, "validation": {"accuracy": 0.5}}])
     assert entry["seed_summary"]["1e-05"]["validation"]["accuracy"]["std"] == 0.0
     assert "accuracy 50.00 ± 0.00  (1 run)" in glue.format_results({"rte": entry})
 
@@ -168,9 +151,10 @@ def test_clipping_scales_a_huge_gradient_to_norm_1():
 
 
 def test_clip_norm_joins_the_fingerprint():
-    assert glue.fingerprint(options_for("--clip_norm=0"))["clip_norm"] == 0.0
-    for name in ("clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                 "init_from_finetuned"):
+    settings = glue.fingerprint(glue.TASKS["rte"], options_for("--clip_norm=0"),
+                                tf.distribute.get_strategy())
+    assert settings["clip_norm"] == 0.0
+    for name in ("clip_norm", "evaluations_per_epoch", "select_best_epoch"):
         assert name in glue.FINGERPRINT_FLAGS
 
 
@@ -248,110 +232,9 @@ def test_init_from_finetuned_end_to_end_is_recorded(glue_data, tiny_preset, tmp_
     out = tmp_path / "out"
     run_glue("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
              f"--init_from_finetuned={model_path}", f"--submission_directory={out}", *TINY)
-    assert entry_of(out)["fingerprint"]["init_from_finetuned"] == str(model_path)
+    assert entry_of(out)["fingerprint"]["init_from_finetuned"] == glue.contents_id(model_path)
 
 
 def test_init_from_finetuned_must_be_a_keras_file(run_glue, tmp_path):
     assert "no such `.keras` file" in error_of(
         run_glue, "--task_name=rte", f"--init_from_finetuned={tmp_path / 'missing.keras'}")
-
-
-# --- Runs split across processes ----------------------------------------------------------------
-
-def glue_process(*args):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "glue.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def comparable(entry):
-    """What must not depend on how runs were split across processes."""
-    runs = [{key: run[key] for key in ("learning_rate", "seed", "validation", "collapsed",
-                                       "best_epoch")} for run in entry["runs"]]
-    return {"runs": runs, "seed_summary": entry["seed_summary"],
-            "submitted_run": entry["submitted_run"], "validation": entry["validation"],
-            "glue_task_score": entry["glue_task_score"]}
-
-
-@pytest.mark.slow
-def test_two_processes_with_one_seed_each_add_up_to_one_with_both(glue_data, tiny_preset,
-                                                                    tmp_path):
-    common = ("--task_name=mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
-              "--epochs=2", "--batch_size=4", "--max_sequence_length=32", "--learning_rate=1e-2")
-    shared, single = tmp_path / "shared", tmp_path / "single"
-    array = [glue_process(*common, f"--seed={seed}", f"--submission_directory={shared}")
-             for seed in (1, 2)]
-    together = glue_process(*common, "--seed=1,2", f"--submission_directory={single}")
-    for process in [*array, together]:
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output[-3000:]
-    collect = glue_process("--task_name=none", f"--submission_directory={shared}")
-    output, _ = collect.communicate(timeout=300)
-    assert collect.returncode == 0, output[-3000:]
-    assert comparable(entry_of(shared, "mrpc")) == comparable(entry_of(single, "mrpc"))
-    assert (shared / "MRPC.tsv").read_text() == (single / "MRPC.tsv").read_text()
-    # Each process wrote its run's test predictions under runs/, none at the top but the chosen.
-    assert sorted(os.listdir(shared / "runs" / "mrpc")) == ["lr0.01_seed1", "lr0.01_seed2"]
-    assert sorted(name for name in os.listdir(shared) if name.endswith(".tsv")) == ["MRPC.tsv"]
-
-
-# --- Crashes between recording a run and writing its files --------------------------------------
-
-@pytest.mark.slow
-def test_a_crash_before_the_test_files_is_made_good_from_the_kept_checkpoint(
-        glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
-    out = tmp_path / "out"
-    args = ("--task_name=rte", "--seed=1,2", f"--preset={tiny_preset}",
-            f"--data_dir={glue_data[0]}", f"--submission_directory={out}",
-            f"--checkpoint_dir={tmp_path / 'checkpoints'}", *TINY)
-    real_predict_test, real_train = glue.predict_test, glue.train
-
-    def killed(*args, **kwargs):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr(glue, "predict_test", killed)
-    with pytest.raises(SystemExit):
-        run_glue(*args)
-    entry = entry_of(out)
-    assert [run["seed"] for run in entry["runs"]] == [1, 2]  # both recorded as they ended
-    assert "submission_rows" not in entry and not (out / "RTE.tsv").exists()
-
-    resumed = []
-
-    def train(*args, **kwargs):
-        result = real_train(*args, **kwargs)
-        resumed.append(result[1])
-        return result
-
-    monkeypatch.setattr(glue, "predict_test", real_predict_test)
-    monkeypatch.setattr(glue, "train", train)
-    run_glue(*args)
-    entry = entry_of(out)
-    best = entry["submitted_run"]
-    steps = glue.steps_per_epoch(glue.tokenize(
-        glue.load_split(glue_data[0], "rte", "train"), glue.TASKS["rte"],
-        tf_preprocess(tiny_preset)), 4)
-    assert resumed == [steps]  # only the best run, from its final checkpoint: nothing trained
-    assert entry["submission_files_run"] == best
-    assert (out / "RTE.tsv").read_text() == (
-        out / "runs" / "rte" / f"lr5e-05_seed{best['seed']}" / "RTE.tsv").read_text()
-    assert glue.files_complete(glue.TASKS["rte"], entry, str(out))
-    assert os.listdir(tmp_path / "checkpoints") == []  # the kept checkpoint went once used
-
-
-def test_files_of_another_run_are_not_complete(tmp_path):
-    (tmp_path / "RTE.tsv").write_text("index\tprediction\n0\tentailment\n")
-    entry = {"submitted_run": {"learning_rate": 2e-5, "seed": 2},
-             "submission_files_run": {"learning_rate": 2e-5, "seed": 1},
-             "submission_rows": {"RTE.tsv": 1}}
-    assert not glue.files_complete(glue.TASKS["rte"], entry, str(tmp_path))
-    entry["submission_files_run"] = entry["submitted_run"]
-    assert glue.files_complete(glue.TASKS["rte"], entry, str(tmp_path))
-
-
-@pytest.mark.slow
-def test_overwrite_replaces_the_recorded_runs(glue_data, tiny_preset, tmp_path, run_glue):
-    args = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
-            f"--submission_directory={tmp_path}", *TINY)
-    run_glue(*args, "--seed=1,2")
-    run_glue(*args, "--seed=3", "--overwrite")
-    assert [run["seed"] for run in entry_of(tmp_path)["runs"]] == [3]

@@ -1,5 +1,6 @@
 """The whole benchmark in one command, and a submission zip the GLUE server accepts."""
 
+import glob
 import io
 import json
 import os
@@ -302,15 +303,6 @@ class StandInModel:
     def __del__(self):
         StandInModel.alive -= 1
 
-    def save_weights(self, path):
-        with open(path, "w") as file:
-            file.write(json.dumps(self.run))
-
-    def load_weights(self, path):
-        with open(path) as file:
-            self.run = tuple(json.loads(file.read()))
-
-
 @pytest.mark.slow
 def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
         glue_data, tiny_preset, tmp_path, run_glue, monkeypatch):
@@ -318,7 +310,8 @@ def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
                     (3e-5, 1): 0.70, (3e-5, 2): 0.72, (3e-5, 3): 0.71}  # median 0.71
     seen_data, predicted = [], []
 
-    def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name):
+    def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name,
+                 checkpoints):
         seen_data.append(train_rows)
         return StandInModel((learning_rate, seed)), {
             "learning_rate": learning_rate, "seed": seed, "collapsed": False,
@@ -348,10 +341,11 @@ def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
         "max": 0.72, "runs": 3}
     assert entry["learning_rate_sweep"] == {"2e-05": {"validation": {"accuracy": 0.61}},
                                             "3e-05": {"validation": {"accuracy": 0.71}}}
-    # Each rate's best run predicts test, once, into runs/; the chosen one is copied up.
-    assert predicted == [(2e-5, 2), (3e-5, 2)]
-    assert (tmp_path / "runs" / "rte" / "lr2e-05_seed2" / "RTE.tsv").read_text() == \
-        "index\tprediction\n0\t(2e-05, 2)\n"
+    # Every run predicts test, once, into its own folder under runs/; the chosen one is copied
+    # up.
+    assert predicted == sorted(dev_accuracy)
+    folder, = glob.glob(str(tmp_path / "runs" / "rte" / "*" / "lr2e-05_seed2"))
+    assert open(os.path.join(folder, "RTE.tsv")).read() == "index\tprediction\n0\t(2e-05, 2)\n"
     assert (tmp_path / "RTE.tsv").read_text() == "index\tprediction\n0\t(3e-05, 2)\n"
     assert entry["submission_rows"] == {"RTE.tsv": 1}
     assert StandInModel.peak == 1  # one model alive at a time
