@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -132,6 +133,14 @@ flags.DEFINE_string("results_path", None,
                     "<submission_directory>/glue_results.json when a submission directory is set.")
 flags.DEFINE_string("finetuning_model_save_path", None,
                     "Save the finetuned model to this `.keras` file.")
+flags.DEFINE_bool("tensorboard", True,
+                  "Write TensorBoard logs of every run (training loss, learning rate and speed; "
+                  "every dev evaluation), when there is a folder for them; --notensorboard "
+                  "writes none.")
+flags.DEFINE_string("tensorboard_dir", None,
+                    "Folder of the TensorBoard logs, one folder per run "
+                    "(<task>/lr<rate>_seed<seed>/train and /validation). Default: "
+                    "<submission_directory>/tensorboard.")
 flags.DEFINE_bool("overwrite", False,
                   "Train the asked runs again even when they are recorded with these settings, "
                   "replacing only their records (other runs' stay; start afresh in another "
@@ -175,7 +184,8 @@ HELP_GROUPS = {
                  "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
                  "max_restarts", "mixed_precision", "jit_compile"),
     "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
-               "overwrite", "make_submission_zip", "fill_missing_from", "validate_submission"),
+               "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
+               "fill_missing_from", "validate_submission"),
     "Scale-out and resuming": ("checkpoint_dir", "checkpoint_every_steps",
                                "distribution_strategy", "worker_timeout_seconds"),
 }
@@ -748,7 +758,7 @@ def tokenize(examples, task, preprocess_fn, split_name=""):
         lambda example: (*features_and_label(task)(example), example["idx"]))
     preprocess_fn.get_concrete_function(*batches.element_spec[:2])
     progress = Progress(f"{task.name}  tokenize {split_name}".rstrip(),
-                        int(batches.cardinality()), quiet_below=20, unit="rows")
+                        int(batches.cardinality()), quiet_seconds=QUIET_SECONDS, unit="rows")
 
     def tokenize_batch(batch):
         features, labels, idx = batch
@@ -987,10 +997,11 @@ def backbone_in(model):
 
 
 def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name,
-             checkpoints=None):
+             checkpoints=None, tensorboard=None):
     """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
     whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
-    live on its replicas. `checkpoints`: the run's own checkpoint folder (None: none)."""
+    live on its replicas. `checkpoints` and `tensorboard`: the run's own folders for its
+    checkpoints and its TensorBoard logs (None: none)."""
     keras.utils.set_random_seed(seed)
     start = time.perf_counter()
     record = {"learning_rate": learning_rate, "seed": seed}
@@ -1016,7 +1027,7 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
         model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
         learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
         weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
-        evaluations=evaluations, checkpoint_dir=checkpoints,
+        evaluations=evaluations, checkpoint_dir=checkpoints, tensorboard_dir=tensorboard,
         checkpoint_every_steps=options.checkpoint_every_steps,
         write_checkpoints=strategy.extended.should_checkpoint,
         jit_compile=options.jit_compile, label=name)
@@ -1081,14 +1092,16 @@ def compile_for(model, task, optimizer, jit_compile=False):
 
 def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
           weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
-          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None):
+          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None,
+          tensorboard_dir=None):
     """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
     skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
     batches were trained before a resume (0: none).
 
     `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
     resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
-    step boundary, after a checkpoint.
+    step boundary, after a checkpoint. With `tensorboard_dir`, the run's TensorBoard logs go
+    there, their steps counted in batches trained, a resume included.
     """
     steps = steps_per_epoch(split, batch_size)
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
@@ -1101,7 +1114,9 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
     if done:
         logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
     progress = TrainingProgress(label or task.name, epochs, steps, batch_size, len(split))
-    with checkpoints.stopping_on_sigterm():
+    logs = TensorBoardLogs(tensorboard_dir, steps, batch_size, done, evaluations) if \
+        tensorboard_dir else None
+    with checkpoints.stopping_on_sigterm(), logs or contextlib.nullcontext():
         for epoch in range(done // steps, epochs):
             # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
             # batches as an uninterrupted one; it skips those it has already trained on. Only
@@ -1116,7 +1131,7 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
                        .prefetch(PIPELINE_THREADS))
             # The evaluations come before the checkpoint, which then holds them.
             model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
-                      callbacks=[*filter(None, [evaluations]), checkpoints, progress])
+                      callbacks=[*filter(None, [evaluations, logs]), checkpoints, progress])
             if checkpoints.sigterm_received:
                 raise Preempted(
                     f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
@@ -1209,7 +1224,7 @@ def predict(model, split, task, batch_size, label=None):
                .prefetch(PIPELINE_THREADS))
     trace_for_every_length(model, batches)
     progress = Progress(label or f"{task.name}  predict", math.ceil(len(split) / batch_size),
-                        quiet_below=50)
+                        quiet_seconds=QUIET_SECONDS)
     logits = model.predict(batches, verbose=0, callbacks=[PredictionProgress(progress,
                                                                              batch_size)])
     progress.summary(len(split))
@@ -1532,6 +1547,7 @@ def main(argv):
             results, failures = run_tasks(task_names, options, strategy, root)
             if not task_names:
                 publish_recorded(options, root)
+                report_results(options)
         if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
             report_and_package(options, results)
         if len(task_names) == 1 and failures:
@@ -1558,15 +1574,13 @@ def run_tasks(task_names, options, strategy, root):
             failures[name] = str(error)
         except Exception as error:  # a crash in one task must not lose the others' results
             if lost_worker(error, options.distribution_strategy):
-                resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
-                worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
-                raise GlueError(f"{name}: lost contact with {worker[0] if worker else 'a worker'} "
-                                f"({type(error).__name__}); start glue.py again on every worker "
-                                f"with the same command{resume}") from None
+                raise GlueError(lost_worker_line(name, error, options)) from None
             logging.exception("%s crashed", name)
             failures[name] = f"{type(error).__name__}: {error}"
         if name in failures and len(task_names) > 1:
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+        if strategy.extended.should_checkpoint:
+            report_results(options)
     return results, failures
 
 
@@ -1575,7 +1589,7 @@ def run_task(task, options, strategy, root, several_tasks=False):
     its own folder as it ends; then its results and submission are made anew from the records.
     Returns its entry (None on a worker that writes nothing)."""
     settings = fingerprint(task, options, strategy)
-    folder = records_folder(root, task, settings)
+    folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
     todo, line = plan_task(task, options, settings, read_records(folder), previous)
     say(line)
@@ -1642,8 +1656,9 @@ def train_runs(task, options, strategy, todo, folder, settings, save_path):
                 name = run_name(task, learning_rate, run_seed, several)
                 checkpoints = checkpoint_folder(options.checkpoint_dir, task, learning_rate,
                                                 run_seed, settings)
+                logs = writes and tensorboard_folder(options, task, learning_rate, run_seed)
                 model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
-                                      run_seed, strategy, name, checkpoints)
+                                      run_seed, strategy, name, checkpoints, logs or None)
                 run.update(process, run_id=uuid.uuid4().hex[:12])
                 if chain:
                     run.update(restart_of=seed, restarted_from=chain[-1]["run_id"])
@@ -1665,11 +1680,15 @@ def train_runs(task, options, strategy, todo, folder, settings, save_path):
 
 def record_run(task, options, settings, folder, run, tables, model, save_path):
     """Writes a run's folder (its record, its test predictions, and its model if asked for and
-    it leads its learning rate), then makes the task's results anew."""
+    it leads its learning rate), then makes the task's results anew. The folder is made aside,
+    and put in place under the results lock, as nothing may read it half replaced."""
     keep_model = save_path and not options.finetuning_model_load_path and \
         leads_its_rate(run, read_records(folder))
-    write_run_folder(folder, settings, run, tables, model if keep_model else None)
-    publish(task, options, settings, folder, save_path)
+    staged = stage_run_folder(folder, run, tables, model if keep_model else None)
+    with updating_results(results_path(options)) as results:
+        put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
+        write_json(os.path.join(folder, "fingerprint.json"), settings)
+        publish_into(results, task, options, settings, folder, save_path)
 
 
 def leads_its_rate(run, records):
@@ -1687,20 +1706,25 @@ def publish(task, options, settings, folder, save_path=None):
     saved model anew from the run records of `settings`, under the results lock, so that
     processes finishing at once agree. Returns the entry (None when no run is recorded)."""
     with updating_results(results_path(options)) as results:
-        records = read_records(folder)
-        if not records:
-            return results.get(task.name)
-        entry = {**summarized(records), "fingerprint": settings,
-                 "fingerprint_id": fingerprint_id(settings)}
-        submitted = entry["submitted_run"]
-        chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
-        rows = options.submission_directory and submit_files(
-            task, chosen, options.submission_directory)
-        if rows:
-            entry.update(submission_rows=rows, submission_files_run=dict(submitted))
-        if save_path:
-            save_chosen_model(task, chosen, save_path)
-        results[task.name] = entry
+        return publish_into(results, task, options, settings, folder, save_path)
+
+
+def publish_into(results, task, options, settings, folder, save_path):
+    """`publish`, with the results JSON already open under its lock."""
+    records = read_records(folder)
+    if not records:
+        return results.get(task.name)
+    entry = {**summarized(records), "fingerprint": settings,
+             "fingerprint_id": fingerprint_id(settings)}
+    submitted = entry["submitted_run"]
+    chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
+    rows = options.submission_directory and submit_files(
+        task, chosen, options.submission_directory)
+    if rows:
+        entry.update(submission_rows=rows, submission_files_run=dict(submitted))
+    if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
+        save_chosen_model(task, chosen, save_path)
+    results[task.name] = entry
     return entry
 
 
@@ -1716,7 +1740,7 @@ def publish_recorded(options, root):
             continue
         task = TASKS[name]
         publish(task, options, entry["fingerprint"],
-                records_folder(root, task, entry["fingerprint"]),
+                records_folder(root, task, entry["fingerprint_id"]),
                 model_save_path(options, task, several_tasks=len(entries) > 1))
 
 
@@ -1731,6 +1755,17 @@ def report_run(name, run, restarts_left):
         then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
                 "counted as it is in the summary (--max_restarts gives it another try)")
         say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
+
+
+def report_results(options):
+    """The report of the results JSON, in the submission folder, made anew (it may fail only
+    with a warning line: the results are recorded already)."""
+    if not (options.submission_directory and results_path(options)):
+        return
+    try:
+        write_report(read_results(results_path(options)), options.submission_directory)
+    except Exception as error:
+        say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
 
 
 def report_and_package(options, results):
@@ -1823,10 +1858,10 @@ def check_options(options, task_names):
     if task_names:
         check_downloads_possible(options, task_names)
     if options.data_dir and len(task_names) > 1:
-        check_every_task_s_data(options, task_names)
+        check_all_data_files(options, task_names)
 
 
-def check_every_task_s_data(options, task_names):
+def check_all_data_files(options, task_names):
     """Opens and checks every file the tasks will read (paths, headers, labels, indices),
     streaming, so that a bad file of the last task fails now, not hours in."""
     checked = set()
@@ -1843,7 +1878,8 @@ def check_every_task_s_data(options, task_names):
 def check_output_paths(options):
     """Every folder the run will write to exists or can be made, and takes a file."""
     folders = [("submission_directory", options.submission_directory),
-               ("checkpoint_dir", options.checkpoint_dir)]
+               ("checkpoint_dir", options.checkpoint_dir),
+               ("tensorboard_dir", tensorboard_root(options))]
     for flag, path in [("results_path", results_path(options)),
                        ("finetuning_model_save_path", options.finetuning_model_save_path)]:
         if path and os.path.isdir(path):
@@ -1903,6 +1939,22 @@ def results_path(options):
     return os.path.join(options.submission_directory, "glue_results.json")
 
 
+def tensorboard_folder(options, task, learning_rate, seed):
+    """Where one run's TensorBoard logs go (None: nowhere): `<task>/lr<rate>_seed<seed>`, so
+    that TensorBoard's run selector is the sweep."""
+    root = tensorboard_root(options)
+    if not root or learning_rate is None:
+        return None
+    return os.path.join(root, task.name, f"lr{rate_label(learning_rate)}_seed{seed}")
+
+
+def tensorboard_root(options):
+    if not options.tensorboard:
+        return None
+    return options.tensorboard_dir or (options.submission_directory and os.path.join(
+        options.submission_directory, "tensorboard"))
+
+
 def model_save_path(options, task, several_tasks):
     """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
     path = options.finetuning_model_save_path
@@ -1937,29 +1989,35 @@ FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
 # how a model is trained, evaluated and predicts test, with every definition of this file they
 # use, followed name by name. Definitions that only print or explain are left out.
 CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
-              "load_task_data", "tokenize_task_data", "finetune", "predict_test")
+              "load_task_data", "tokenize_task_data", "finetune", "predict_test",
+              "make_strategy")
 CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "PredictionProgress", "GlueError",
                  "explain_preset_failure", "first_line", "training_flops", "per_second",
-                 "clock", "seconds_since")
+                 "clock", "seconds_since", "TensorBoardLogs")
 
 
 def fingerprint(task, options, strategy):
     """What a task's runs depend on, besides their learning rate and seed."""
     settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
-    for name in FINGERPRINT_FILES:
-        path = getattr(options, name)
-        settings[name] = contents_id(path) if path and (
-            name != "preset" or looks_like_path(path)) else path
+    settings.update({name: file_id(getattr(options, name)) for name in FINGERPRINT_FILES})
     settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
         options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
         for dataset, split in task_splits(task, options)}
     settings["code"] = code_ids()
-    settings["versions"] = {"tensorflow": tf.__version__, "keras": keras.__version__,
-                            "keras_hub": keras_hub.__version__,
-                            "tensorflow_datasets": tfds.__version__}
+    settings["versions"] = {
+        "python": ".".join(platform.python_version_tuple()[:2]), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
+        "tensorflow_datasets": tfds.__version__}
     settings["strategy"] = type(strategy).__name__
     settings["replicas"] = strategy.num_replicas_in_sync
     return settings
+
+
+def file_id(path):
+    """A local file or folder by its contents; anything else (a preset id, None) as it is."""
+    if path and os.path.exists(os.path.expanduser(path)):
+        return contents_id(path)
+    return path
 
 
 def fingerprint_id(settings):
@@ -1996,8 +2054,8 @@ def digest_of_file(path, size, mtime_ns):
 
 @functools.cache
 def code_ids():
-    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree:
-    comments, docstrings and line numbers do not count."""
+    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree
+    written back as code: comments, docstrings, line breaks and line numbers do not count."""
     with open(os.path.abspath(__file__), encoding="utf-8") as file:
         tree = ast.parse(file.read())
     definitions = {}
@@ -2014,7 +2072,7 @@ def code_ids():
         if name in ids or name not in definitions or name in CODE_LEFT_OUT:
             continue
         node = without_docstrings(definitions[name])
-        ids[name] = hashlib.sha256(ast.dump(node).encode()).hexdigest()[:12]
+        ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
         todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
     return dict(sorted(ids.items()))
 
@@ -2039,13 +2097,16 @@ def changed_settings(old, new):
         before, after = old.get(name), new.get(name)
         if before == after:
             continue
-        if name in ("code", "data", "versions"):
-            parts = sorted(key for key in set(before) | set(after)
-                           if before.get(key) != after.get(key))
-            changes.append({"code": f"the code of {', '.join(parts)} changed",
-                            "data": f"--data_dir files changed ({', '.join(parts)})",
-                            "versions": ", ".join(f"{part} {before.get(part)} -> "
-                                                  f"{after.get(part)}" for part in parts)}[name])
+        parts = ", ".join(sorted(key for key in set(before) | set(after)
+                                 if before.get(key) != after.get(key))) \
+            if isinstance(before, dict) and isinstance(after, dict) else ""
+        if name == "code":
+            changes.append(f"the code of {parts} changed")
+        elif name == "data":
+            changes.append(f"--data_dir files changed ({parts})")
+        elif name == "versions":
+            changes.append(", ".join(f"{part} {before.get(part)} -> {after.get(part)}"
+                                     for part in parts.split(", ")))
         elif name in FINGERPRINT_FILES and all(
                 str(value).startswith("sha256:") for value in (before, after)):
             changes.append(f"--{name} {FINGERPRINT_FILES[name]} contents changed")
@@ -2140,6 +2201,14 @@ def lost_worker(error, distribution_strategy):
     read that failed, say)."""
     return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) and \
         strategy_and_tpu(distribution_strategy)[0] in ("multi_worker_mirrored", "tpu")
+
+
+def lost_worker_line(task_name, error, options):
+    resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
+    worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
+    return (f"{task_name}: lost contact with {worker[0] if worker else 'a worker'} "
+            f"({type(error).__name__}); start glue.py again on every worker with the same "
+            f"command{resume}")
 
 
 def check_tf_config(text):
@@ -2385,7 +2454,8 @@ def release_freed_memory():
 # ================================================================================================
 
 PROGRESS_SECONDS = 60  # a progress line at least this often,
-PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps
+PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
+QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
 
 
 def say(line):
@@ -2409,19 +2479,21 @@ def per_second(amount, seconds, unit):
 
 class Progress:
     """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
-    steps: at least every 5% of them and every PROGRESS_SECONDS. Phases shorter than
-    `quiet_below` steps skip the 5% lines (they are over in seconds with most models), but
-    never the minute's. `start`: steps done before (resume)."""
+    steps: at least every 5% of them and every PROGRESS_SECONDS. With `quiet_seconds`, the 5%
+    lines wait that long, so a phase over by then prints only its summary (tokenizing and
+    predicting mostly are); the minute's line never waits. `start`: steps done before (resume).
+    """
 
-    def __init__(self, label, total, *, start=0, quiet_below=0, unit="ex"):
+    def __init__(self, label, total, *, start=0, quiet_seconds=0, unit="ex"):
         self.label, self.total, self.start, self.unit = label, total, start, unit
-        self.quiet = total < quiet_below
+        self.quiet_seconds = quiet_seconds
         self.started = self.last_time = time.perf_counter()
         self.last_step = start
 
     def update(self, step, examples, details=lambda: ""):
         now = time.perf_counter()
-        due = (not self.quiet and step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
+        due = (now - self.started >= self.quiet_seconds and
+               step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
                or now - self.last_time >= PROGRESS_SECONDS)
         if not due or step >= self.total:
             return
@@ -2473,6 +2545,116 @@ class PredictionProgress(keras.callbacks.Callback):
 
     def on_predict_batch_end(self, batch, logs=None):
         self.progress.update(batch + 1, (batch + 1) * self.batch_size)
+
+
+class TensorBoardLogs(keras.callbacks.Callback):
+    """One run's TensorBoard event files, laid out as Keras' own `TensorBoard` callback lays
+    them out (`train/` and `validation/`; tags `batch_loss`, `epoch_loss`,
+    `epoch_learning_rate`, ...), but with the step the number of batches trained, carried over
+    a resume: the curves of a sweep's runs line up, and a resumed run continues its own. (Keras'
+    callback restarts its step at every `fit`, logs epochs at `step=epoch`, and logs no
+    learning rate per batch.)
+
+    `train/`: the loss (Keras' mean over the epoch so far), the learning rate and examples per
+    second, every 1% of an epoch, at least every PROGRESS_SECONDS, and at each epoch's end.
+    `validation/`: every dev metric of every dev split, and the task score, at every evaluation.
+    A run started afresh replaces its folder; a resumed one first drops what was logged after
+    its checkpoint. As a context manager, it closes (and flushes) its writers however the run
+    ends: glue.py leaves through `os._exit`, which would lose unflushed events.
+    """
+
+    def __init__(self, folder, steps_per_epoch, batch_size, resumed_batches=0, evaluations=None):
+        super().__init__()
+        self.every, self.batch_size = max(steps_per_epoch // 100, 1), batch_size
+        self.evaluations = evaluations
+        self.batches = resumed_batches
+        self.logged = len(evaluations.records) if evaluations else 0  # before the checkpoint
+        kinds = ("train", "validation")
+        for kind in kinds:
+            if resumed_batches:
+                drop_events_after(os.path.join(folder, kind), resumed_batches)
+            else:
+                shutil.rmtree(os.path.join(folder, kind), ignore_errors=True)
+        self.writers = {kind: tf.summary.create_file_writer(os.path.join(folder, kind))
+                        for kind in kinds}
+        self.last_point = self.epoch_start = (time.perf_counter(), resumed_batches)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        for writer in self.writers.values():
+            writer.close()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = (time.perf_counter(), self.batches)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.batches % self.every == 0 or \
+                time.perf_counter() - self.last_point[0] >= PROGRESS_SECONDS:
+            self.log_training("batch", logs, self.last_point)
+        for record in self.evaluations.records[self.logged:] if self.evaluations else ():
+            self.log_evaluation(record)
+            self.logged += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.log_training("epoch", logs, self.epoch_start)
+
+    def log_training(self, prefix, logs, since):
+        now = time.perf_counter()
+        speed = (self.batches - since[1]) * self.batch_size / max(now - since[0], 1e-9)
+        self.write("train", self.batches, {
+            f"{prefix}_loss": float(logs["loss"]),
+            f"{prefix}_learning_rate": float(self.model.optimizer.learning_rate),
+            f"{prefix}_examples_per_second": speed})
+        self.last_point = (now, self.batches)
+
+    def log_evaluation(self, record):
+        splits = dev_metrics(record)
+        scalars = {f"epoch_{metric}" + (f"_{split.removeprefix('validation_')}"
+                                        if len(splits) > 1 else ""): value
+                   for split, metrics in splits.items() for metric, value in metrics.items()
+                   if value is not None}
+        self.write("validation", record["step"], {**scalars, "epoch_task_score":
+                                                  run_score(record)})
+
+    def write(self, kind, step, scalars):
+        # tf.summary.scalar is TensorBoard's, which TensorFlow no longer installs: this writes
+        # what it writes, through TensorFlow's own tf.summary.write.
+        with self.writers[kind].as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=SCALAR_METADATA)
+        self.writers[kind].flush()  # a killed run keeps what it logged
+
+
+SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
+    plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class="DATA_CLASS_SCALAR").SerializeToString()
+
+
+def drop_events_after(folder, last_step):
+    """Rewrites a folder's event files without the events after `last_step`: what a killed run
+    logged past its last checkpoint, and its resumed run will log again."""
+    paths = sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")))
+    kept = []
+    for path in paths:
+        with contextlib.suppress(tf.errors.DataLossError):  # a last record cut short by a kill
+            for record in tf.data.TFRecordDataset(path):
+                if tf.compat.v1.Event.FromString(record.numpy()).step <= last_step:
+                    kept.append(record.numpy())
+    if not paths:
+        return
+
+    def write(temporary):
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in kept:
+                writer.write(record)
+
+    # Named after the oldest file, so that TensorBoard reads it before the new writer's.
+    write_atomically(f"{paths[0]}.kept", write)
+    for path in paths:
+        os.remove(path)
 
 
 def training_flops(model, split, epochs):
@@ -2717,9 +2899,9 @@ def records_root(options):
         yield folder
 
 
-def records_folder(root, task, settings):
+def records_folder(root, task, settings_id):
     """Where the runs of one task under one fingerprint are recorded."""
-    return os.path.join(root, task.name, fingerprint_id(settings))
+    return os.path.join(root, task.name, settings_id)
 
 
 def run_folder(folder, learning_rate, seed):
@@ -2739,28 +2921,31 @@ def read_records(folder):
     return sorted(records, key=run_order)
 
 
-def write_run_folder(folder, settings, run, tables, model=None):
-    """Writes one run's folder whole: it is made under a temporary name, then renamed into
-    place, replacing the same run's earlier folder (--overwrite). The fingerprint's folder also
-    gets the fingerprint itself, so that a copied `runs/` folder says what made its runs."""
-    os.makedirs(folder, exist_ok=True)
-    write_json(os.path.join(folder, "fingerprint.json"), settings)
-    final = run_folder(folder, run["learning_rate"], run["seed"])
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}")
-    os.makedirs(temporary)
+def stage_run_folder(folder, run, tables, model=None):
+    """Writes one run's folder whole under a temporary name beside its final one; returns it
+    (`put_in_place` renames it)."""
+    staged = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}")
+    os.makedirs(staged)
     try:
         for file, table in tables.items():
-            write_submission(os.path.join(temporary, file), table)
+            write_submission(os.path.join(staged, file), table)
         if model is not None:
-            model.save(os.path.join(temporary, "model.keras"))
-        write_json(os.path.join(temporary, RUN_RECORD), run)
-        aside = f"{temporary}-replaced"
-        if os.path.exists(final):
-            os.rename(final, aside)
-        os.rename(temporary, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+            model.save(os.path.join(staged, "model.keras"))
+        write_json(os.path.join(staged, RUN_RECORD), run)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return staged
+
+
+def put_in_place(staged, final):
+    """Renames a staged run folder to its final name, replacing the same run's earlier folder
+    (--overwrite)."""
+    aside = f"{staged}-replaced"
+    if os.path.exists(final):
+        os.rename(final, aside)
+    os.rename(staged, final)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def submit_files(task, chosen, submission_directory):
@@ -2777,21 +2962,32 @@ def submit_files(task, chosen, submission_directory):
 
 
 def save_chosen_model(task, chosen, save_path):
-    """Copies the chosen run's model to --finetuning_model_save_path, if it was kept."""
+    """Copies the chosen run's model to --finetuning_model_save_path. If that run kept none,
+    a model already there (an earlier choice's) is moved aside, so that the path never holds
+    a model that was not chosen."""
     source = os.path.join(chosen, "model.keras")
     if os.path.isfile(source):
-        copy_if_changed(source, save_path)
+        if copy_if_changed(source, save_path):
+            say(f"{task.name}: {save_path} holds the chosen run's model "
+                f"({os.path.basename(chosen)})")
         return
-    kept = f"; {save_path} still holds an earlier one" if os.path.exists(save_path) else ""
+    moved = ""
+    if os.path.exists(save_path):
+        earlier = f"{save_path.removesuffix('.keras')}.earlier.keras"
+        os.replace(save_path, earlier)
+        moved = f"; the model that was at {save_path} is now at {earlier}"
     say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (it did not "
-        f"lead its learning rate when it ended){kept}; --overwrite with "
+        f"lead its learning rate when it ended){moved}; --overwrite with "
         "--finetuning_model_save_path trains it again")
 
 
 def copy_if_changed(source, target):
-    """Copies `source` over `target` (atomically) unless they are already the same bytes."""
-    if not os.path.isfile(target) or not filecmp.cmp(source, target, shallow=False):
-        write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
+    """Copies `source` over `target` (atomically) unless they are already the same bytes;
+    returns whether it copied."""
+    if os.path.isfile(target) and filecmp.cmp(source, target, shallow=False):
+        return False
+    write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
+    return True
 
 
 def read_results(path):
@@ -2836,6 +3032,140 @@ def write_json(path, value):
             file.write("\n")
 
     write_atomically(path, write)
+
+
+# ================================================================================================
+# The results report: glue_report.md in the submission folder, its figures beside it in
+# glue_report/, made from the results JSON alone whenever that changes. matplotlib is imported
+# only to draw them, and a figure that cannot be drawn costs one warning line, never a result.
+# ================================================================================================
+
+REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
+
+
+def write_report(results, directory):
+    """Writes the report of `results` (a results JSON) into the submission folder."""
+    entries = {name: entry for name, entry in sorted(results.items())
+               if name in TASKS and isinstance(entry, dict) and entry.get("runs")}
+    lines = ["# GLUE results", "",
+             "Made by glue.py from `glue_results.json`. Dev metrics x100: the median ± sample "
+             "standard deviation over the runs (seeds) of the chosen learning rate.", "",
+             *report_table(entries), ""]
+    score = glue_score(results)
+    if score:
+        lines += [f"GLUE average over {len(score['tasks'])} tasks: "
+                  f"{percent(score['average'])}", ""]
+    for name, entry in entries.items():
+        if not dev_metrics(entry):
+            continue  # AX: no dev set, nothing to draw
+        lines += [f"## {name}", "", *sweep_table(entry)]
+        lines += figure(directory, f"{name}_dev_score.png", draw_dev_scores, name, entry,
+                        f"{name}: dev task score of every run against batches trained")
+    if any(dev_metrics(entry) for entry in entries.values()):
+        lines += ["## Spread over seeds", ""]
+        lines += figure(directory, "seed_spread.png", draw_seed_spread, entries,
+                        "every run's dev task score, per task and learning rate")
+    write_bytes(os.path.join(directory, REPORT), "\n".join(lines).encode())
+
+
+def report_table(entries):
+    """Per task and dev metric: median ± std, runs, collapsed, and the submitted run."""
+    lines = ["| task | split | metric | median ± std | runs | collapsed | submitted run |",
+             "|---|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        submitted = entry["submitted_run"]
+        summary = entry["seed_summary"][rate_label(submitted["learning_rate"])]
+        for split, metrics in dev_metrics(summary).items():
+            for metric, values in metrics.items():
+                shown = spread_text(metric, values).removeprefix(f"{metric} ")
+                lines.append(f"| {name} | {split} | {metric} | {shown} | "
+                             f"{summary['task_score']['runs']} | {summary['collapsed_runs']} | "
+                             f"{describe_run(submitted)} |")
+    return lines
+
+
+def sweep_table(entry):
+    """Each learning rate's medians, for a task with a sweep."""
+    summaries = entry["seed_summary"]
+    if len(summaries) < 2:
+        return []
+    chosen = rate_label(entry["submitted_run"]["learning_rate"])
+    metrics = [(split, metric) for split, values in dev_metrics(summaries[chosen]).items()
+               for metric in values]
+    lines = ["| learning rate | runs | task score | " +
+             " | ".join(f"{metric} ({split})" for split, metric in metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for rate, summary in summaries.items():
+        medians = [percent(summary[split][metric].get("median")) for split, metric in metrics]
+        label = f"**{rate}** (chosen)" if rate == chosen else rate
+        lines.append(f"| {label} | {summary['task_score']['runs']} | "
+                     f"{percent(summary['task_score'].get('median'))} | " +
+                     " | ".join(medians) + " |")
+    return [*lines, ""]
+
+
+def figure(directory, file, draw, *args_and_caption):
+    """Draws one PNG into `<directory>/glue_report/<file>` and returns the report's lines for
+    it: its link, or nothing after a warning line if it could not be drawn."""
+    *args, caption = args_and_caption
+    path = os.path.join(directory, REPORT_FIGURES, file)
+    try:
+        from matplotlib.figure import Figure  # noqa: PLC0415 (only when drawing)
+        drawn = Figure(figsize=(7, 4), layout="constrained")
+        draw(drawn, *args)
+        write_atomically(path, lambda temporary: drawn.savefig(temporary, format="png",
+                                                               dpi=90))
+    except Exception as error:  # a figure is never worth a run or a result
+        say(f"warning: {REPORT}: could not draw {file} ({type(error).__name__}: "
+            f"{first_line(error)}); the report goes without it")
+        return []
+    return [f"![{caption}]({REPORT_FIGURES}/{file})", ""]
+
+
+def rate_colors(runs):
+    rates = sorted({run["learning_rate"] or 0.0 for run in runs})
+    return {rate: f"C{index % 10}" for index, rate in enumerate(rates)}
+
+
+def draw_dev_scores(drawn, name, entry):
+    """One line per run, coloured by learning rate; collapsed runs dashed, marked x."""
+    axes, colors, labelled = drawn.subplots(), rate_colors(entry["runs"]), set()
+    for run in entry["runs"]:
+        evaluations = run.get("evaluations", [])
+        rate = run["learning_rate"] or 0.0
+        collapsed = bool(run.get("collapsed"))
+        axes.plot([evaluation["step"] for evaluation in evaluations],
+                  [100 * run_score(evaluation) for evaluation in evaluations],
+                  color=colors[rate], linestyle="--" if collapsed else "-",
+                  marker="x" if collapsed else "o", markersize=4, alpha=0.8,
+                  label=None if rate in labelled else f"lr {rate_label(rate)}")
+        labelled.add(rate)
+    axes.set(xlabel="batches trained", ylabel="dev task score (x100)",
+             title=f"{name}: every run (dashed, x: collapsed)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def draw_seed_spread(drawn, entries):
+    """Per task and learning rate, every counted run's task score as a dot, the median a bar."""
+    axes, labels = drawn.subplots(), []
+    for name, entry in entries.items():
+        chosen = rate_label(entry["submitted_run"]["learning_rate"])
+        for rate, runs in runs_by_rate(entry["runs"]).items():
+            if not dev_metrics(runs[0]):
+                continue
+            x = len(labels)
+            scores = [100 * run_score(run) for run in runs]
+            offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
+            for offset, score, run in zip(offsets, scores, runs):
+                axes.plot(x + offset, score, "x" if run.get("collapsed") else "o",
+                          color="C3" if run.get("collapsed") else "C0", alpha=0.8)
+            axes.hlines(statistics.median(scores), x - 0.3, x + 0.3, color="black")
+            labels.append(f"{name}\nlr {rate}" + (" *" if rate == chosen else ""))
+    axes.set_xticks(range(len(labels)), labels, fontsize="small")
+    axes.set(ylabel="dev task score (x100)",
+             title="runs (o; x: collapsed) and their median (bar); * the chosen rate")
+    axes.grid(axis="y", alpha=0.3)
 
 
 # ================================================================================================

@@ -180,6 +180,29 @@ def options_for(*args):
         flags.FLAGS.unparse_flags()
 
 
+@pytest.fixture(scope="session")
+def learnable_data(tmp_path_factory):
+    """SST-2 files whose label is whether the sentence says `good` or `bad`: a task the tiny
+    model learns, so that its predictions depend on each row and its seeds differ."""
+    root = tmp_path_factory.mktemp("learnable_glue_data")
+    rng = random.Random(0)
+    filler = [word for word in WORDS if word not in ("good", "bad", "not")]
+
+    def example():
+        label = rng.randint(0, 1)
+        words = rng.choices(filler, k=rng.randint(2, 10))
+        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
+        return " ".join(words), label
+
+    write_tsv(root / "SST-2" / "train.tsv", ["sentence", "label"],
+              [example() for _ in range(96)])
+    write_tsv(root / "SST-2" / "dev.tsv", ["sentence", "label"], [example() for _ in range(33)])
+    test_rows = [[index, example()[0]] for index in range(33)]
+    rng.shuffle(test_rows)
+    write_tsv(root / "SST-2" / "test.tsv", ["index", "sentence"], test_rows)
+    return str(root)
+
+
 def error_of(run_glue, *args):
     """Runs glue.py in process and returns its one-line error message."""
     with pytest.raises(SystemExit) as exit_info:

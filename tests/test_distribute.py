@@ -4,7 +4,6 @@ up only once per process."""
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pandas as pd
 import pytest
 
 import glue
-from conftest import REPO, WORDS, write_tsv
+from conftest import REPO
 
 # Long enough for the tiny model to learn the task below, so that each row's prediction
 # depends on its text: a lost, doubled or misordered row would show. The last epoch's weights are
@@ -23,28 +22,6 @@ from conftest import REPO, WORDS, write_tsv
 TRAINING = ("--epochs=15", "--batch_size=8", "--max_sequence_length=32", "--learning_rate=3e-3",
             "--pooling=cls", "--select_best_epoch=false")
 TIMEOUT = 300  # seconds; every run here takes well under a minute
-
-
-@pytest.fixture(scope="module")
-def learnable_data(tmp_path_factory):
-    """SST-2 files whose label is whether the sentence says `good` or `bad`."""
-    root = tmp_path_factory.mktemp("learnable_glue_data")
-    rng = random.Random(0)
-    filler = [word for word in WORDS if word not in ("good", "bad", "not")]
-
-    def example():
-        label = rng.randint(0, 1)
-        words = rng.choices(filler, k=rng.randint(2, 10))
-        words.insert(rng.randint(0, len(words)), "good" if label else "bad")
-        return " ".join(words), label
-
-    write_tsv(root / "SST-2" / "train.tsv", ["sentence", "label"],
-              [example() for _ in range(96)])
-    write_tsv(root / "SST-2" / "dev.tsv", ["sentence", "label"], [example() for _ in range(33)])
-    test_rows = [[index, example()[0]] for index in range(33)]
-    rng.shuffle(test_rows)
-    write_tsv(root / "SST-2" / "test.tsv", ["index", "sentence"], test_rows)
-    return str(root)
 
 
 def glue_command(script, tiny_preset, data_dir, out, *args):
@@ -165,7 +142,7 @@ def test_two_workers_train_together_and_only_the_chief_writes(one_device, tiny_p
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "gives CollectiveAllReduceStrategy with 2 replica(s)" in logs[0]
     assert sorted(name for name in os.listdir(outs[0]) if not name.startswith(".")) == [
-        "SST-2.tsv", "glue_results.json", "runs"]
+        "SST-2.tsv", "glue_report", "glue_report.md", "glue_results.json", "runs", "tensorboard"]
     assert not os.path.exists(outs[1])  # worker 1 wrote nothing
     assert_same_as_one_device(outs[0], one_device)
 

@@ -150,7 +150,8 @@ def test_ax_predicts_with_a_saved_mnli_model(glue_data, tiny_preset, tmp_path, r
     assert ((tmp_path / "ax" / "AX.tsv").read_text() ==
             (tmp_path / "mnli" / "AX.tsv").read_text())
     visible = [name for name in os.listdir(tmp_path / "ax") if not name.startswith(".")]
-    assert sorted(visible) == ["AX.tsv", "glue_results.json", "runs"]  # runs/: see test_reuse.py
+    # runs/: see test_reuse.py; nothing trained, so no TensorBoard logs and nothing to draw
+    assert sorted(visible) == ["AX.tsv", "glue_report.md", "glue_results.json", "runs"]
 
 
 def test_own_classifier_block_is_used_without_the_default_head(glue_data, tiny_preset, tmp_path,
