@@ -119,6 +119,14 @@ flags.DEFINE_bool("select_best_epoch", True,
 flags.DEFINE_integer("max_restarts", 0,
                      "Train a collapsed run (every dev prediction the same) again, up to this "
                      "many times, with seed + 1000 * k.", lower_bound=0)
+flags.DEFINE_integer("gradient_accumulation_steps", 1,
+                     "Update the weights every N batches, with their mean gradient: an "
+                     "effective batch of --batch_size x N in the memory of one batch.",
+                     lower_bound=1)
+flags.DEFINE_string("recipe", None,
+                    "Per-task settings of a paper's protocol: bert, roberta or modernbert (the "
+                    "RECIPES table in glue.py), or the path of a JSON file of the same form. "
+                    "Flags given on the command line win over it.")
 flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
                   "Compute in 16-bit floats with float32 weights (GPUs: mixed_float16 or "
                   "mixed_bfloat16; TPUs: mixed_bfloat16). Logits and loss stay float32.")
@@ -137,6 +145,9 @@ flags.DEFINE_bool("tensorboard", True,
                   "Write TensorBoard logs of every run (training loss, learning rate and speed; "
                   "every dev evaluation), when there is a folder for them; --notensorboard "
                   "writes none.")
+flags.DEFINE_bool("report", True,
+                  "Write glue_report.md, with its figures in glue_report/, in the submission "
+                  "folder whenever the results change; --noreport writes none.")
 flags.DEFINE_string("tensorboard_dir", None,
                     "Folder of the TensorBoard logs, one folder per run "
                     "(<task>/lr<rate>_seed<seed>/train and /validation). Default: "
@@ -180,11 +191,12 @@ HELP_GROUPS = {
     "Task and data": ("task_name", "data_dir", "max_sequence_length"),
     "Model": ("preset", "pooling", "use_default_classifier", "init_from_finetuned",
               "finetuning_model_load_path"),
-    "Training": ("epochs", "batch_size", "learning_rate", "seed", "warmup_ratio",
+    "Training": ("recipe", "epochs", "batch_size", "learning_rate", "seed", "warmup_ratio",
                  "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                 "max_restarts", "mixed_precision", "jit_compile"),
+                 "max_restarts", "gradient_accumulation_steps", "mixed_precision",
+                 "jit_compile"),
     "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
-               "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
+               "report", "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
                "fill_missing_from", "validate_submission"),
     "Scale-out and resuming": ("checkpoint_dir", "checkpoint_every_steps",
                                "distribution_strategy", "worker_timeout_seconds"),
@@ -485,6 +497,58 @@ METRICS = {
     "matthews_corrcoef": sklearn.metrics.matthews_corrcoef,
     "pearson": lambda labels, predictions: scipy.stats.pearsonr(labels, predictions)[0],
     "spearmanr": lambda labels, predictions: scipy.stats.spearmanr(labels, predictions)[0],
+}
+
+
+# ================================================================================================
+# Recipes: the per-task settings of a published protocol, for --recipe. Each maps task names
+# (and "defaults", for every task) to flags, spelled without dashes, and says in "source" where
+# the settings come from. "init_from_task" starts a task from another task's chosen model, in a
+# second round. The command line wins over a recipe, a task's entry over "defaults".
+# ================================================================================================
+
+RECIPES = {
+    "bert": {
+        "source": "BERT (Devlin et al. 2019, arXiv:1810.04805, sec. 4.1): batch 32, 3 epochs, "
+                  "the best of learning rates {5e-5, 4e-5, 3e-5, 2e-5} on dev for each task",
+        "defaults": {"batch_size": 32, "epochs": 3, "learning_rate": [5e-5, 4e-5, 3e-5, 2e-5],
+                     "warmup_ratio": 0.1, "weight_decay": 0.01, "clip_norm": 1.0,
+                     "max_sequence_length": 128},
+    },
+    "roberta": {
+        "source": "RoBERTa (Liu et al. 2019, arXiv:1907.11692, appendix C): learning rates "
+                  "{1e-5, 2e-5, 3e-5}, 10 epochs, 6% warmup, weight decay 0.1, the median of "
+                  "5 seeds; RTE, STS-B and MRPC start from the MNLI model. Of the paper's batch "
+                  "sizes {16, 32}, each task takes the one of fairseq's "
+                  "examples/roberta/README.glue.md (16: RTE, MRPC, CoLA, STS-B; 32: the rest), "
+                  "and QQP its 25% warmup; no clipping, as there. Adam's betas (0.9, 0.98) are "
+                  "not reproduced",
+        "defaults": {"learning_rate": [1e-5, 2e-5, 3e-5], "seed": [1, 2, 3, 4, 5],
+                     "epochs": 10, "batch_size": 32, "warmup_ratio": 0.06,
+                     "weight_decay": 0.1, "clip_norm": 0.0},
+        "rte": {"batch_size": 16, "init_from_task": "mnli"},
+        "mrpc": {"batch_size": 16, "init_from_task": "mnli"},
+        "stsb": {"batch_size": 16, "init_from_task": "mnli"},
+        "cola": {"batch_size": 16},
+        "qqp": {"warmup_ratio": 0.25},
+    },
+    "modernbert": {
+        "source": "ModernBERT (Warner et al. 2024, arXiv:2412.13663) and Mosaic BERT's GLUE "
+                  "setup: two rounds, RTE, MRPC and STS-B from the MNLI checkpoint; MNLI lr "
+                  "5e-5, 2 epochs, batch 64; MRPC lr 8e-5, 10 epochs; RTE lr 1e-5, 3 epochs, "
+                  "batch 16; Mosaic's seed counts (5 for RTE, MRPC, STS-B; 4 for CoLA; 3 for "
+                  "SST-2; 1 for the large tasks). Settings the sources do not give here keep "
+                  "glue.py's defaults",
+        "defaults": {"seed": [1]},
+        "mnli": {"learning_rate": [5e-5], "epochs": 2, "batch_size": 64},
+        "mrpc": {"learning_rate": [8e-5], "epochs": 10, "seed": [1, 2, 3, 4, 5],
+                 "init_from_task": "mnli"},
+        "rte": {"learning_rate": [1e-5], "epochs": 3, "batch_size": 16,
+                "seed": [1, 2, 3, 4, 5], "init_from_task": "mnli"},
+        "stsb": {"seed": [1, 2, 3, 4, 5], "init_from_task": "mnli"},
+        "cola": {"seed": [1, 2, 3, 4]},
+        "sst2": {"seed": [1, 2, 3]},
+    },
 }
 
 
@@ -1027,6 +1091,7 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
         model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
         learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
         weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
+        accumulation=options.gradient_accumulation_steps,
         evaluations=evaluations, checkpoint_dir=checkpoints, tensorboard_dir=tensorboard,
         checkpoint_every_steps=options.checkpoint_every_steps,
         write_checkpoints=strategy.extended.should_checkpoint,
@@ -1051,35 +1116,49 @@ def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy
     return model, record
 
 
-def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0):
+def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0,
+                   accumulation=1):
     """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
     Keras clips before it sums the replicas' gradients, so with several replicas each
-    replica's share of the batch is clipped on its own."""
-    schedule = WarmupLinearDecay(learning_rate, int(total_steps * warmup_ratio), total_steps)
-    optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
-                                       global_clipnorm=clip_norm or None)
+    replica's share of the batch is clipped on its own.
+
+    With `accumulation` = N > 1, Keras' optimizer updates every N batches, with their mean
+    gradient (clipped once, the mean), and counts its Adam steps in updates; the schedule, which
+    Keras feeds the count of batches, divides it by N. Updates follow the batches of the whole
+    run, across epoch ends: a group may start in one epoch and end in the next, and the last
+    `total_steps % N` batches of the run make no update."""
+    updates = total_steps // accumulation
+    schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
+                                 accumulation)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=clip_norm or None,
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None)  # 1: refused
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
 
 
 @keras.saving.register_keras_serializable(package="glue")
 class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """BERT's schedule: linear warmup from 0 to the peak, then linear decay to 0."""
+    """BERT's schedule, in updates: linear warmup from 0 to the peak, then linear decay to 0.
+    Keras calls it with the number of batches trained, `batches_per_update` of them an
+    update."""
 
-    def __init__(self, peak_learning_rate, warmup_steps, total_steps):
+    def __init__(self, peak_learning_rate, warmup_steps, total_steps, batches_per_update=1):
         self.peak_learning_rate = peak_learning_rate
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
+        self.batches_per_update = batches_per_update
 
     def __call__(self, step):
-        step = keras.ops.cast(step, "float32")
+        step = keras.ops.cast(keras.ops.floor_divide(step, self.batches_per_update), "float32")
         warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
         decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
         return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
 
     def get_config(self):
         return {"peak_learning_rate": self.peak_learning_rate,
-                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "batches_per_update": self.batches_per_update}
 
 
 def compile_for(model, task, optimizer, jit_compile=False):
@@ -1091,9 +1170,9 @@ def compile_for(model, task, optimizer, jit_compile=False):
 
 
 def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
-          weight_decay, seed, clip_norm=0.0, evaluations=None, checkpoint_dir=None,
-          checkpoint_every_steps=0, write_checkpoints=True, jit_compile=False, label=None,
-          tensorboard_dir=None):
+          weight_decay, seed, clip_norm=0.0, accumulation=1, evaluations=None,
+          checkpoint_dir=None, checkpoint_every_steps=0, write_checkpoints=True,
+          jit_compile=False, label=None, tensorboard_dir=None):
     """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
     skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
     batches were trained before a resume (0: none).
@@ -1105,7 +1184,7 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
     """
     steps = steps_per_epoch(split, batch_size)
     compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
-                                            weight_decay, clip_norm), jit_compile)
+                                            weight_decay, clip_norm, accumulation), jit_compile)
     # Made now, the optimizer's variables spare `fit` a second trace of the training step.
     model.optimizer.build(model.trainable_variables)
     checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
@@ -1137,8 +1216,15 @@ def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio
                     f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
                     f"the checkpoint is in {checkpoint_dir}: run the same command again to "
                     "resume")
-    # `.numpy()`: under a strategy the step counter is a MirroredVariable, which int() refuses.
-    return epochs * steps - int(model.optimizer.iterations.numpy()), done
+    return epochs * steps - batches_applied(model.optimizer), done
+
+
+def batches_applied(optimizer):
+    """The batches the optimizer took: Keras' own count (its public `iterations` counts
+    updates under gradient accumulation), of the inner optimizer under mixed_float16's loss
+    scaling, which does not count the batches it skips. `.numpy()`: under a strategy the
+    counter is a MirroredVariable, which int() refuses."""
+    return int(getattr(optimizer, "inner_optimizer", optimizer)._iterations.numpy())
 
 
 class DevEvaluations(keras.callbacks.Callback):
@@ -1481,6 +1567,10 @@ def format_results(results):
         return ""  # no dev metrics to show (AX has none)
     lines.append(f"GLUE average over {len(score['tasks'])} tasks "
                  f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
+    recipes = sorted({entry.get("flags", {}).get("recipe") for name, entry in results.items()
+                      if name in TASKS} - {None})
+    if recipes:
+        lines.append(f"Recipe: {', '.join(recipes)}")
     return "\n".join(lines)
 
 
@@ -1528,7 +1618,12 @@ def main(argv):
         task_names = expand_task_names(options.task_name)
         if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
             options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
+        recipe = read_recipe(options.recipe, FLAGS)
         check_options(options, task_names)
+        given = {flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])
+                 if flag.present}
+        settings = {name: recipe_values(recipe, name, given) for name in TASKS}
+        task_names = in_rounds(task_names, settings)
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         on_cpu = not tf.config.list_physical_devices("GPU") and \
             strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
@@ -1544,7 +1639,8 @@ def main(argv):
                          options.distribution_strategy, type(strategy).__name__,
                          strategy.num_replicas_in_sync)
         with records_root(options) as root:
-            results, failures = run_tasks(task_names, options, strategy, root)
+            check_warm_starts(options, root, task_names, settings)
+            results, failures = run_tasks(task_names, options, strategy, root, settings)
             if not task_names:
                 publish_recorded(options, root)
                 report_results(options)
@@ -1561,15 +1657,24 @@ def main(argv):
         sys.exit(f"glue.py: {stop}")
 
 
-def run_tasks(task_names, options, strategy, root):
-    """Runs each task, going on past failures. Returns (this run's results, failures).
+def run_tasks(task_names, options, strategy, root, settings=None):
+    """Runs each task, with its recipe settings (`settings`, of every task), going on past
+    failures. Returns (this run's results, failures). A task that starts from another task's
+    model gets that task's chosen run's; a task the recipe starts any other from keeps its runs'
+    models, in this command or for a later one.
 
     A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
+    settings = settings or {name: {} for name in TASKS}
+    sources = {values.get("init_from_task") for values in settings.values()}
     results, failures = {}, {}
     for name in task_names:
         try:
-            results[name] = run_task(TASKS[name], options, strategy, root,
-                                     several_tasks=len(task_names) > 1)
+            source = settings[name].get("init_from_task")
+            start_from = source and chosen_model(options, root, source)
+            with task_options(options, settings[name], start_from) as options_for_task:
+                results[name] = run_task(TASKS[name], options_for_task, strategy, root,
+                                         several_tasks=len(task_names) > 1,
+                                         keep_models=name in sources)
         except GlueError as error:
             failures[name] = str(error)
         except Exception as error:  # a crash in one task must not lose the others' results
@@ -1584,10 +1689,11 @@ def run_tasks(task_names, options, strategy, root):
     return results, failures
 
 
-def run_task(task, options, strategy, root, several_tasks=False):
+def run_task(task, options, strategy, root, several_tasks=False, keep_models=False):
     """One task: the runs its records of these settings lack are trained, each written to
     its own folder as it ends; then its results and submission are made anew from the records.
-    Returns its entry (None on a worker that writes nothing)."""
+    Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
+    starts from this one's). Returns its entry (None on a worker that writes nothing)."""
     settings = fingerprint(task, options, strategy)
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
@@ -1595,7 +1701,8 @@ def run_task(task, options, strategy, root, several_tasks=False):
     say(line)
     save_path = model_save_path(options, task, several_tasks)
     if todo:
-        train_runs(task, options, strategy, todo, folder, settings, save_path)
+        train_runs(task, options, strategy, todo, folder, settings, save_path,
+                   keep_models or bool(save_path))
     if not strategy.extended.should_checkpoint:  # under multi-worker training, the chief writes
         return None
     return publish(task, options, settings, folder, save_path)
@@ -1633,7 +1740,7 @@ def plan_task(task, options, settings, records, previous):
     return todo, f"{task.name}: {line}"
 
 
-def train_runs(task, options, strategy, todo, folder, settings, save_path):
+def train_runs(task, options, strategy, todo, folder, settings, save_path, keep_models):
     """Trains the asked runs of `todo`, each with its restarts, on splits tokenized once. Each
     run's folder is written as the run ends, then the task's results are made anew. Only one
     model is alive at a time. Under multi-worker training every worker trains; only the chief
@@ -1671,7 +1778,8 @@ def train_runs(task, options, strategy, todo, folder, settings, save_path):
                 chain.append(run)
                 report_run(name, run, needs_run(chain, options.max_restarts))
                 if writes:
-                    record_run(task, options, settings, folder, run, tables, model, save_path)
+                    record_run(task, options, settings, folder, run, tables,
+                               model if keep_models else None, save_path)
                     if checkpoints:
                         shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
                 model = None  # only one model alive at a time
@@ -1679,10 +1787,10 @@ def train_runs(task, options, strategy, todo, folder, settings, save_path):
 
 
 def record_run(task, options, settings, folder, run, tables, model, save_path):
-    """Writes a run's folder (its record, its test predictions, and its model if asked for and
+    """Writes a run's folder (its record, its test predictions, and `model` (None: none) if
     it leads its learning rate), then makes the task's results anew. The folder is made aside,
     and put in place under the results lock, as nothing may read it half replaced."""
-    keep_model = save_path and not options.finetuning_model_load_path and \
+    keep_model = model is not None and not options.finetuning_model_load_path and \
         leads_its_rate(run, read_records(folder))
     staged = stage_run_folder(folder, run, tables, model if keep_model else None)
     with updating_results(results_path(options)) as results:
@@ -1760,7 +1868,7 @@ def report_run(name, run, restarts_left):
 def report_results(options):
     """The report of the results JSON, in the submission folder, made anew (it may fail only
     with a warning line: the results are recorded already)."""
-    if not (options.submission_directory and results_path(options)):
+    if not (options.report and options.submission_directory and results_path(options)):
         return
     try:
         write_report(read_results(results_path(options)), options.submission_directory)
@@ -1973,6 +2081,142 @@ def quiet_expected_warnings():
 
 
 # ================================================================================================
+# Recipes: reading and checking one, and each task's settings from it
+# ================================================================================================
+
+RECIPE_SETTINGS = ("learning_rate", "seed", "epochs", "batch_size", "gradient_accumulation_steps",
+                   "warmup_ratio", "weight_decay", "clip_norm", "max_sequence_length",
+                   "evaluations_per_epoch", "select_best_epoch", "max_restarts")
+
+
+def read_recipe(name, flag_values):
+    """The recipe `--recipe` names (None for none): a shipped one, or a JSON file. A bad one is
+    one line naming its first wrong key."""
+    if not name:
+        return None
+    if name in RECIPES:
+        recipe = RECIPES[name]
+    elif not os.path.isfile(name):
+        raise GlueError(f"--recipe={name}: neither a shipped recipe ({', '.join(RECIPES)}) nor "
+                        "a JSON file")
+    else:
+        try:
+            with open(name, encoding="utf-8") as file:
+                recipe = json.load(file)
+        except (OSError, ValueError) as error:
+            raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
+    if not isinstance(recipe, dict):
+        raise GlueError(f"--recipe={name}: give a JSON object whose keys are task names")
+    for key, settings in recipe.items():
+        if key == "source" and isinstance(settings, str):
+            continue
+        if key not in TASKS and key != "defaults":
+            raise GlueError(f"--recipe={name}: unknown key {key!r}; the keys are task names "
+                            f"({', '.join(TASKS)}), defaults and source (a string)")
+        if not isinstance(settings, dict):
+            raise GlueError(f"--recipe={name}: {key} must map settings to values")
+        for setting, value in settings.items():
+            problem = recipe_value_problem(setting, value, flag_values)
+            if problem:
+                raise GlueError(f"--recipe={name}: {key}.{setting}: {problem}")
+    return recipe
+
+
+def recipe_value_problem(setting, value, flag_values):
+    """What is wrong with one recipe value (None: nothing), judged as its flag would be."""
+    if setting == "init_from_task":
+        return None if value in TASKS else f"{value!r} is not a task name"
+    if setting not in RECIPE_SETTINGS:
+        return f"unknown setting; a recipe sets {', '.join(RECIPE_SETTINGS)} and init_from_task"
+    if setting in ("learning_rate", "seed"):
+        kind = int if setting == "seed" else (int, float)
+        if isinstance(value, list) and value and all(
+                isinstance(item, kind) and not isinstance(item, bool) for item in value) and (
+                setting == "seed" or min(value) > 0):
+            return None
+        return f"give a list of {'integers' if setting == 'seed' else 'positive numbers'}, " \
+               f"got {value!r}"
+    flag = flag_values[setting]
+    kind, wanted = {"bool": (bool, "true or false"), "int": (int, "an integer"),
+                    "float": ((int, float), "a number")}[flag.flag_type()]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        return f"give {wanted}, got {value!r}"
+    try:
+        flag.parser.parse(value)  # its bounds
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def recipe_values(recipe, task_name, given):
+    """The settings a recipe gives one task: its "defaults", then the task's own entry, less
+    the flags given on the command line (`given`), which win (--init_from_finetuned wins over
+    init_from_task)."""
+    values = {**recipe.get("defaults", {}), **recipe.get(task_name, {})} if recipe else {}
+    if "init_from_finetuned" in given:
+        values.pop("init_from_task", None)
+    return {name: value for name, value in values.items() if name not in given}
+
+
+def in_rounds(task_names, settings):
+    """The tasks in the order they can run: a task that starts from another task's chosen model
+    comes after that task (in its second round); otherwise as asked."""
+    ordered, waiting = [], list(task_names)
+    while waiting:
+        ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
+        if not ready:
+            raise GlueError(f"--recipe: {', '.join(waiting)} start from each other's models; "
+                            "give init_from_task a task that does not start from them")
+        ordered += ready
+        waiting = [name for name in waiting if name not in ready]
+    return ordered
+
+
+def chosen_model(options, root, task_name):
+    """The model of a task's chosen run, as its run folder kept it; a line if there is none."""
+    entry = read_results(results_path(options)).get(task_name)
+    if not isinstance(entry, dict) or "fingerprint_id" not in entry:
+        raise GlueError(f"init_from_task: {task_name} has no recorded runs to start from; run it "
+                        "in the same command (or before, into the same folder)")
+    submitted = entry["submitted_run"]
+    path = os.path.join(run_folder(records_folder(root, TASKS[task_name], entry["fingerprint_id"]),
+                                   submitted["learning_rate"], submitted["seed"]), "model.keras")
+    if not os.path.isfile(path):
+        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; run "
+                        f"{task_name} again with --overwrite in the same command")
+    return path
+
+
+def check_warm_starts(options, root, task_names, settings):
+    """A task that starts from one not in this command needs that task's chosen model now."""
+    for name in task_names:
+        source = settings[name].get("init_from_task")
+        if source and source not in task_names:
+            try:
+                chosen_model(options, root, source)
+            except GlueError as error:
+                raise GlueError(f"{name}: {error}") from None
+
+
+@contextlib.contextmanager
+def task_options(options, values, init_from=None):
+    """The options of one task: `options`, with the recipe's `values` (and the model to start
+    from) in place; in FLAGS too while the task runs, since the custom code blocks read FLAGS."""
+    changes = {name: [str(item) for item in value] if isinstance(value, list) else value
+               for name, value in values.items() if name != "init_from_task"}
+    if init_from:
+        changes["init_from_finetuned"] = init_from
+    before = {name: FLAGS[name].value for name in changes}
+    try:
+        for name, value in changes.items():
+            setattr(FLAGS, name, value)
+        yield types.SimpleNamespace(**{**vars(options), **changes})
+    finally:
+        for name, value in before.items():
+            setattr(FLAGS, name, value)
+
+
+# ================================================================================================
 # Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
 # fingerprint holds everything else that shapes its models and numbers: the settings, the
 # code, the contents of the files it reads, the libraries and the devices. Runs are recorded,
@@ -1981,7 +2225,8 @@ def quiet_expected_warnings():
 
 FINGERPRINT_FLAGS = ("max_sequence_length", "epochs", "batch_size", "warmup_ratio",
                      "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                     "pooling", "use_default_classifier", "mixed_precision", "jit_compile")
+                     "gradient_accumulation_steps", "pooling", "use_default_classifier",
+                     "mixed_precision", "jit_compile")
 FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
                      "finetuning_model_load_path": "file"}  # counted by their contents
 

@@ -21,8 +21,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONTENDERS = ("glue.py", "glue.py-bf16", "reference-512", "reference-128", "hf-pad128",
-              "hf-dynamic", "hf-dynamic-bf16")
+CONTENDERS = ("glue.py", "glue.py-bf16", "glue.py-nologs", "reference-512", "reference-128",
+              "hf-pad128", "hf-dynamic", "hf-dynamic-bf16")
 BATCH_SIZE = 32
 LEARNING_RATE = 5e-5
 
@@ -151,12 +151,14 @@ def run_hugging_face(args):
             **accuracy_and_f1(dev_labels, np.argmax(logits, axis=-1))}
 
 
-def glue_command(args, scratch, bf16=False):
-    """glue.py as a user runs it: with a submission folder, so that it predicts test too."""
+def glue_command(args, scratch, contender):
+    """glue.py as a user runs it: with a submission folder, so that it predicts test too, and
+    writes its TensorBoard logs and report (glue.py-nologs: neither, to measure their cost)."""
     return [sys.executable, os.path.join(REPO, "glue.py"), "--task_name=mrpc",
             f"--data_dir={args.data}", f"--preset={args.model}", f"--epochs={args.epochs}",
             f"--batch_size={BATCH_SIZE}", f"--submission_directory={scratch}",
-            *(["--mixed_precision=mixed_bfloat16"] if bf16 else [])]
+            *(["--mixed_precision=mixed_bfloat16"] if contender.endswith("bf16") else []),
+            *(["--notensorboard", "--noreport"] if contender.endswith("nologs") else [])]
 
 
 def child_command(args, contender):
@@ -175,7 +177,7 @@ def measure(args, contender):
     """Runs one contender in a child process; returns its numbers, wall time and peak memory."""
     with tempfile.TemporaryDirectory() as scratch:
         results_path = os.path.join(scratch, "glue_results.json")
-        command = glue_command(args, scratch, contender.endswith("bf16")) if \
+        command = glue_command(args, scratch, contender) if \
             contender.startswith("glue.py") else child_command(args, contender)
         log_path = os.path.join(scratch, "log")
         start = time.perf_counter()
@@ -259,6 +261,8 @@ def markdown(summary, settings):
              ours.endswith("bf16") == peer.endswith("bf16")]  # the same precision
     if "glue.py" in summary and "glue.py-bf16" in summary:
         pairs.insert(0, ("glue.py-bf16", "glue.py"))
+    if "glue.py" in summary and "glue.py-nologs" in summary:  # what the logs and report cost
+        pairs.insert(0, ("glue.py", "glue.py-nologs"))
     if pairs:
         lines += ["", "| ours / peer | train ex/s | predict ex/s | peer wall / our wall | "
                   "peak memory |", "|---|---|---|---|---|"]

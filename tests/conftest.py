@@ -213,17 +213,19 @@ def error_of(run_glue, *args):
     return message
 
 
+def glue_main(*args):
+    """Runs glue.main in this process with the given flags, as `python glue.py ...` would."""
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["glue.py", *args])
+    try:
+        glue.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
 @pytest.fixture
 def run_glue():
-    """Runs glue.main in this process with the given flags, as `python glue.py ...` would."""
-    def run(*args):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["glue.py", *args])
-        try:
-            glue.main([])
-        finally:
-            flags.FLAGS.unparse_flags()
-    return run
+    return glue_main
 
 
 def grow_test_files_to_official_size(root):

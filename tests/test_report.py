@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import glue
-from conftest import entry_of, error_of
+from conftest import entry_of, error_of, glue_main
 
 TINY = ("--batch_size=4", "--max_sequence_length=32")
 
@@ -108,13 +108,8 @@ def swept(glue_data, tiny_preset, tmp_path_factory):
     out = tmp_path_factory.mktemp("swept")
     for args in (["--task_name=rte", "--learning_rate=1e-3,5e-5", "--seed=1,2",
                   "--evaluations_per_epoch=2"], ["--task_name=wnli"]):
-        flags_ = ["glue.py", *args, "--epochs=2", f"--preset={tiny_preset}",
-                  f"--data_dir={glue_data[0]}", f"--submission_directory={out}", *TINY]
-        glue.FLAGS(flags_)
-        try:
-            glue.main([])
-        finally:
-            glue.FLAGS.unparse_flags()
+        glue_main(*args, "--epochs=2", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+                  f"--submission_directory={out}", *TINY)
     return out
 
 
