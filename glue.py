@@ -1128,6 +1128,9 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_
     run, across epoch ends: a group may start in one epoch and end in the next, and the last
     `total_steps % N` batches of the run make no update."""
     updates = total_steps // accumulation
+    if not updates:
+        raise GlueError(f"--gradient_accumulation_steps={accumulation} is more than the "
+                        f"{total_steps} batches of the whole training: no update would be made")
     schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
                                  accumulation)
     optimizer = keras.optimizers.AdamW(
@@ -1621,9 +1624,10 @@ def main(argv):
         recipe = read_recipe(options.recipe, FLAGS)
         check_options(options, task_names)
         given = {flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])
-                 if flag.present}
+                 if flag.present}  # on the command line, which wins over the recipe
         settings = {name: recipe_values(recipe, name, given) for name in TASKS}
         task_names = in_rounds(task_names, settings)
+        check_task_settings(options, task_names, settings)
         keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
         on_cpu = not tf.config.list_physical_devices("GPU") and \
             strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
@@ -1638,6 +1642,7 @@ def main(argv):
             logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
                          options.distribution_strategy, type(strategy).__name__,
                          strategy.num_replicas_in_sync)
+            check_devices_fit(options, task_names, settings, strategy)
         with records_root(options) as root:
             check_warm_starts(options, root, task_names, settings)
             results, failures = run_tasks(task_names, options, strategy, root, settings)
@@ -1657,19 +1662,20 @@ def main(argv):
         sys.exit(f"glue.py: {stop}")
 
 
-def run_tasks(task_names, options, strategy, root, settings=None):
+def run_tasks(task_names, options, strategy, root, settings):
     """Runs each task, with its recipe settings (`settings`, of every task), going on past
     failures. Returns (this run's results, failures). A task that starts from another task's
     model gets that task's chosen run's; a task the recipe starts any other from keeps its runs'
     models, in this command or for a later one.
 
     A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
-    settings = settings or {name: {} for name in TASKS}
     sources = {values.get("init_from_task") for values in settings.values()}
     results, failures = {}, {}
     for name in task_names:
         try:
             source = settings[name].get("init_from_task")
+            if source in failures:  # its recorded choice, if any, is not this command's
+                raise GlueError(f"starts from {source}'s model, and {source} failed")
             start_from = source and chosen_model(options, root, source)
             with task_options(options, settings[name], start_from) as options_for_task:
                 results[name] = run_task(TASKS[name], options_for_task, strategy, root,
@@ -1697,7 +1703,7 @@ def run_task(task, options, strategy, root, several_tasks=False, keep_models=Fal
     settings = fingerprint(task, options, strategy)
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
-    todo, line = plan_task(task, options, settings, read_records(folder), previous)
+    todo, line = plan_task(task, options, settings, read_records(folder), previous, keep_models)
     say(line)
     save_path = model_save_path(options, task, several_tasks)
     if todo:
@@ -1708,23 +1714,31 @@ def run_task(task, options, strategy, root, several_tasks=False, keep_models=Fal
     return publish(task, options, settings, folder, save_path)
 
 
-def plan_task(task, options, settings, records, previous):
+def plan_task(task, options, settings, records, previous, keep_models=False):
     """The one decision for a task: which asked runs to train, from what the records of these
     settings hold, and the line that says so. Returns `([(learning rate, seed, the chain
     recorded so far)], line)`.
 
     An asked run is done when its chain ends in a run that did not collapse (or has no
     restarts left), and, with a submission folder, has test predictions. --overwrite trains
-    every asked run again."""
-    asked, todo = asked_runs(options), []
+    every asked run again. With `keep_models` (another task starts from this one's chosen
+    model), a chosen run recorded without its model is trained again."""
+    asked, todo, for_its_model = asked_runs(options), [], False
+    chosen = summarized(records)["submitted_run"] if records and keep_models else None
     for learning_rate, seed in asked:
         chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
         if chain and options.submission_directory and "test_files" not in chain[-1]:
             chain = []  # recorded without a submission folder: no test predictions to submit
+        if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
+                not chain[-1].get("model_kept"):
+            chain, for_its_model = [], True  # the model another task starts from
         if needs_run(chain, options.max_restarts):
             todo.append((learning_rate, seed, chain))
     done = len(asked) - len(todo)
-    if not todo:
+    if for_its_model and len(todo) == 1:
+        line = (f"its chosen run ({describe_run(chosen)}) was recorded without its model, "
+                "which another task starts from: training that run again")
+    elif not todo:
         line = (f"already complete with these settings ({plural(len(records), 'run')} "
                 "recorded), skipped (--overwrite redoes it)")
     elif options.overwrite:
@@ -1792,6 +1806,7 @@ def record_run(task, options, settings, folder, run, tables, model, save_path):
     and put in place under the results lock, as nothing may read it half replaced."""
     keep_model = model is not None and not options.finetuning_model_load_path and \
         leads_its_rate(run, read_records(folder))
+    run["model_kept"] = keep_model
     staged = stage_run_folder(folder, run, tables, model if keep_model else None)
     with updating_results(results_path(options)) as results:
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
@@ -1870,8 +1885,9 @@ def report_results(options):
     with a warning line: the results are recorded already)."""
     if not (options.report and options.submission_directory and results_path(options)):
         return
-    try:
-        write_report(read_results(results_path(options)), options.submission_directory)
+    try:  # under the lock: a report is never older than the results beside it
+        with updating_results(results_path(options)) as results:
+            write_report(results, options.submission_directory)
     except Exception as error:
         say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
 
@@ -1935,20 +1951,7 @@ def check_options(options, task_names):
                                         not os.path.isfile(options.init_from_finetuned)):
         raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
                         "file; give a model saved by --finetuning_model_save_path")
-    if len(options.learning_rate) * len(options.seed) > 1 and any(
-            not TASKS[name].eval_splits for name in task_names):
-        raise GlueError("ax has no dev set to choose a run by; give one --learning_rate and "
-                        "one --seed, or run mnli, which also writes AX.tsv")
-    seeds = [int(seed) for seed in options.seed]
-    clashes = [(seed, other) for seed in seeds for other in seeds
-               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
-               (other - seed) % RESTART_SEED_STEP == 0]
-    if len(set(seeds)) < len(seeds) or clashes:
-        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
-            "a seed repeats"
-        raise GlueError(f"--seed={','.join(options.seed)}: {clash} under --max_restarts="
-                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
-                        "other seeds")
+    check_runs(options, task_names)
     if options.data_dir and not os.path.isdir(options.data_dir):
         raise GlueError(f"--data_dir={options.data_dir}: no such folder")
     if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
@@ -1981,6 +1984,25 @@ def check_all_data_files(options, task_names):
                     check_local_split(options.data_dir, dataset, split)
                 except GlueError as error:
                     raise GlueError(f"{name}: {error}") from None
+
+
+def check_runs(options, task_names, where=""):
+    """The runs asked for make sense: a sweep needs a dev set, and no seed may repeat or meet a
+    restart seed. `where`: what set them, for the line (a recipe's task)."""
+    if len(options.learning_rate) * len(options.seed) > 1 and any(
+            not TASKS[name].eval_splits for name in task_names):
+        raise GlueError(f"{where}ax has no dev set to choose a run by; give one --learning_rate "
+                        "and one --seed, or run mnli, which also writes AX.tsv")
+    seeds = [int(seed) for seed in options.seed]
+    clashes = [(seed, other) for seed in seeds for other in seeds
+               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
+               (other - seed) % RESTART_SEED_STEP == 0]
+    if len(set(seeds)) < len(seeds) or clashes:
+        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
+            "a seed repeats"
+        raise GlueError(f"{where}--seed={','.join(options.seed)}: {clash} under --max_restarts="
+                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
+                        "other seeds")
 
 
 def check_output_paths(options):
@@ -2161,6 +2183,11 @@ def recipe_values(recipe, task_name, given):
 def in_rounds(task_names, settings):
     """The tasks in the order they can run: a task that starts from another task's chosen model
     comes after that task (in its second round); otherwise as asked."""
+    for name in settings:
+        if settings[name].get("init_from_task") == name:
+            raise GlueError(f"--recipe: {name} cannot start from its own model")
+    if task_names != list(settings):
+        in_rounds(list(settings), settings)  # a loop is a mistake even if this command skips it
     ordered, waiting = [], list(task_names)
     while waiting:
         ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
@@ -2187,6 +2214,38 @@ def chosen_model(options, root, task_name):
     return path
 
 
+def check_task_settings(options, task_names, settings):
+    """Each task's runs make sense with its recipe settings too (`check_runs`), and a warm start
+    is a finetuning, which --finetuning_model_load_path skips."""
+    for name in task_names:
+        if settings[name].get("init_from_task") and options.finetuning_model_load_path:
+            raise GlueError(f"{name}: the recipe starts it from another task's model, and "
+                            "--finetuning_model_load_path skips finetuning: give one of them")
+        with task_options(options, settings[name]) as task:
+            check_runs(task, [name], where=f"{name}, with the recipe: ")
+
+
+def check_devices_fit(options, task_names, settings, strategy):
+    """What the devices cannot do, said before any work: accumulating gradients over several
+    replicas (Keras 3.15 fails inside its update, keras-team/keras#20582), and a warm start
+    within one multi-worker command (the other workers could look for the model before the
+    chief has written it)."""
+    for name in task_names:
+        steps = settings[name].get("gradient_accumulation_steps",
+                                   options.gradient_accumulation_steps)
+        if steps > 1 and strategy.num_replicas_in_sync > 1:
+            raise GlueError(f"{name}: --gradient_accumulation_steps={steps} needs one replica "
+                            f"(Keras cannot accumulate over {strategy.num_replicas_in_sync}, "
+                            "keras-team/keras#20582); give the replicas a larger --batch_size "
+                            "instead")
+        source = settings[name].get("init_from_task")
+        if source in task_names and strategy_and_tpu(options.distribution_strategy)[0] == \
+                "multi_worker_mirrored":
+            raise GlueError(f"{name} starts from {source}'s model: under "
+                            f"multi_worker_mirrored, run {source} first, in a command of its "
+                            f"own, then {name}")
+
+
 def check_warm_starts(options, root, task_names, settings):
     """A task that starts from one not in this command needs that task's chosen model now."""
     for name in task_names:
@@ -2201,8 +2260,10 @@ def check_warm_starts(options, root, task_names, settings):
 @contextlib.contextmanager
 def task_options(options, values, init_from=None):
     """The options of one task: `options`, with the recipe's `values` (and the model to start
-    from) in place; in FLAGS too while the task runs, since the custom code blocks read FLAGS."""
-    changes = {name: [str(item) for item in value] if isinstance(value, list) else value
+    from) in place. It sets them in the global FLAGS too while the task runs, since the custom
+    code blocks read FLAGS, and puts the old values back afterwards."""
+    changes = {name: [str(item) for item in value] if isinstance(value, list) else
+               FLAGS[name].parser.parse(value)  # as the flag holds it: 0 as 0.0 for a float
                for name, value in values.items() if name != "init_from_task"}
     if init_from:
         changes["init_from_finetuned"] = init_from

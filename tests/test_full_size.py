@@ -72,14 +72,20 @@ def test_a_line_every_5_percent_and_every_minute(monkeypatch, capsys):
     assert len(lines) == 5
     assert lines[0] == "mnli  epoch 1/3  step 1/1000  1 ex/s  elapsed 1m01s  ETA 16h55m"
 
-    quiet = glue.Progress("rte  predict RTE.tsv", 40, quiet_below=50)  # no 5% lines...
-    for step in range(1, 40):
-        now[0] += 1
+    quiet = glue.Progress("rte  predict RTE.tsv", 40, quiet_seconds=10)
+    for step in range(1, 40):  # 39 steps within 10 s: no 5% lines, only the summary would show
+        now[0] += 0.25
         quiet.update(step, 32 * step)
     assert capsys.readouterr().out == ""
-    now[0] += 60  # ...but a slow step still gets its line within the minute
-    quiet.update(40 - 1, 32 * 39)
-    assert capsys.readouterr().out.startswith("rte  predict RTE.tsv  step 39/40  ")
+
+    quiet = glue.Progress("rte  predict RTE.tsv", 40, quiet_seconds=10)
+    now[0] += 11  # past the quiet time, the 5% rule holds again...
+    quiet.update(2, 64)
+    assert capsys.readouterr().out.startswith("rte  predict RTE.tsv  step 2/40  ")
+    quiet = glue.Progress("rte  predict RTE.tsv", 40, quiet_seconds=1000)
+    now[0] += 60  # ...and a slow step gets its line within the minute, quiet or not
+    quiet.update(1, 32)
+    assert capsys.readouterr().out.startswith("rte  predict RTE.tsv  step 1/40  ")
 
 
 # --- Start-up checks ----------------------------------------------------------------------------

@@ -65,12 +65,45 @@ def test_a_task_s_settings_are_in_flags_while_it_runs_then_put_back():
 
 
 def test_the_command_line_wins_over_the_recipe(glue_data, tiny_preset, tmp_path, run_glue):
-    run_glue("--task_name=rte", f"--recipe={recipe_file(tmp_path, RECIPE)}", "--epochs=1",
-             "--seed=7", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+    run_glue("--task_name=rte,wnli", f"--recipe={recipe_file(tmp_path, RECIPE)}", "--seed=7",
+             "--epochs=2",  # the flag's default, given: it wins over the recipe's 1 for wnli
+             f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
              f"--submission_directory={tmp_path / 'out'}", *TINY)
-    entry = entry_of(tmp_path / "out", "rte")
-    assert (entry["flags"]["epochs"], entry["flags"]["batch_size"]) == (1, 8)
-    assert [run["seed"] for run in entry["runs"]] == [7]
+    rte, wnli = entry_of(tmp_path / "out", "rte"), entry_of(tmp_path / "out", "wnli")
+    assert (rte["flags"]["epochs"], rte["flags"]["batch_size"]) == (2, 8)
+    assert (wnli["flags"]["epochs"], wnli["flags"]["batch_size"]) == (2, 4)
+    assert [run["seed"] for run in rte["runs"] + wnli["runs"]] == [7, 7]
+
+
+def test_recipe_values_are_held_as_the_flags_hold_them(tiny_preset):
+    """A recipe's `"warmup_ratio": 0` is the command line's 0.0: the same fingerprint."""
+    flags.FLAGS(["glue.py"])
+    try:
+        options = glue.options_from_flags()
+        with glue.task_options(options, {"warmup_ratio": 0, "select_best_epoch": False}) as task:
+            assert type(task.warmup_ratio) is float and task.select_best_epoch is False
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_each_task_s_seeds_are_checked_at_start(glue_data, tiny_preset, tmp_path, run_glue,
+                                                no_training):
+    recipe = {"rte": {"seed": [1, 1001], "max_restarts": 1}}
+    assert "rte, with the recipe: --seed=1,1001: 1001 is a restart seed of 1" in error_of(
+        run_glue, "--task_name=rte", f"--recipe={recipe_file(tmp_path, recipe)}",
+        f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}")
+
+
+def test_accumulation_over_several_replicas_is_refused_at_start(glue_data, tiny_preset,
+                                                                 tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "with_cpu_devices.py"), "--task_name=rte",
+         "--distribution_strategy=mirrored", "--gradient_accumulation_steps=2",
+         f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, GLUE_TEST_CPUS="2"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "rte: --gradient_accumulation_steps=2 needs one replica (Keras cannot accumulate " \
+           "over 2, keras-team/keras#20582)" in result.stderr
 
 
 @pytest.fixture
@@ -91,7 +124,9 @@ def no_training(monkeypatch):
     ({"rte": {"seed": [1, "2"]}}, "rte.seed: give a list of integers"),
     ({"rte": {"select_best_epoch": 1}}, "rte.select_best_epoch: give true or false, got 1"),
     ({"rte": {"init_from_task": "multinli"}}, "rte.init_from_task: 'multinli' is not a task"),
-    ({"rte": {"init_from_task": "rte"}}, "rte start from each other's models"),
+    ({"rte": {"init_from_task": "rte"}}, "rte cannot start from its own model"),
+    ({"rte": {"init_from_task": "mrpc"}, "mrpc": {"init_from_task": "rte"}},
+     "start from each other's models"),
     (["rte"], "give a JSON object whose keys are task names"),
 ])
 def test_a_bad_recipe_fails_at_start_with_one_line(glue_data, tiny_preset, tmp_path, run_glue,
@@ -274,6 +309,8 @@ def test_a_new_choice_for_mnli_redoes_rte(glue_data, tiny_preset, tmp_path, run_
 
     monkeypatch.setattr(glue, "evaluate", seed_2_is_best)
     capsys.readouterr()
+    run_glue(*args)
+    assert "rte: already complete" in capsys.readouterr().out  # the same choice: nothing redone
     run_glue(*args, "--seed=42,2")  # more MNLI seeds: seed 2 is now MNLI's choice
     printed = capsys.readouterr().out
     assert entry_of(tmp_path / "out", "mnli")["submitted_run"]["seed"] == 2
@@ -288,3 +325,36 @@ def test_a_source_task_neither_run_nor_recorded_fails_at_start(glue_data, tiny_p
                        f"--submission_directory={tmp_path / 'out'}")
     assert message == ("glue.py: error: rte: init_from_task: mnli has no recorded runs to "
                        "start from; run it in the same command (or before, into the same folder)")
+
+
+def test_a_failed_source_task_stops_only_the_tasks_that_start_from_it(
+        glue_data, tiny_preset, tmp_path, run_glue, monkeypatch, capsys):
+    real = glue.train
+
+    def train(model, split, task, **kwargs):
+        if task.name == "mnli":
+            raise RuntimeError("out of memory")
+        return real(model, split, task, **kwargs)
+
+    monkeypatch.setattr(glue, "train", train)
+    with pytest.raises(SystemExit):
+        run_glue("--task_name=mnli,rte,wnli", f"--recipe={recipe_file(tmp_path, WARM)}",
+                 f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+                 f"--submission_directory={tmp_path / 'out'}", *TINY)
+    assert "rte: FAILED: starts from mnli's model, and mnli failed" in capsys.readouterr().err
+    assert entry_of(tmp_path / "out", "wnli")["runs"]  # the others go on
+
+
+def test_a_source_recorded_without_its_model_trains_its_chosen_run_again(
+        glue_data, tiny_preset, tmp_path, run_glue, copies, capsys):
+    common = (f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+              f"--submission_directory={tmp_path / 'out'}", "--epochs=1", "--batch_size=4",
+              *TINY)
+    run_glue("--task_name=mnli", *common)  # no recipe: no task starts from it, no model kept
+    assert not (chosen_folder(tmp_path / "out", "mnli") / "model.keras").exists()
+    capsys.readouterr()
+    run_glue("--task_name=mnli,rte", f"--recipe={recipe_file(tmp_path, WARM)}", *common)
+    assert "mnli: its chosen run (lr 5e-05, seed 42) was recorded without its model, which " \
+           "another task starts from: training that run again" in capsys.readouterr().out
+    model_path = chosen_folder(tmp_path / "out", "mnli") / "model.keras"
+    assert model_path.exists() and copies[-1][0] == str(model_path)

@@ -66,20 +66,21 @@ def test_steps_only_increase_across_a_kill_and_resume(glue_data, tiny_preset, tm
             f"--submission_directory={tmp_path}", *TINY)
     real = glue.TrainingCheckpoints.on_train_batch_end
 
-    def crash_at_step_7(self, batch, logs=None):
+    def crash_at_step_8(self, batch, logs=None):
         real(self, batch, logs)
-        if self.batches == 7:  # logged up to step 7, checkpointed at step 6
+        if self.batches == 8:  # logged up to step 8 (an evaluation too), checkpointed at 6
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(glue.TrainingCheckpoints, "on_train_batch_end", crash_at_step_7)
+        patch.setattr(glue.TrainingCheckpoints, "on_train_batch_end", crash_at_step_8)
         with pytest.raises(KeyboardInterrupt):
             run_glue(*args)
     folder = tmp_path / "tensorboard" / "rte" / "lr5e-05_seed42"
-    assert max(steps(events(folder / "train")["batch_loss"])) == 7
+    assert max(steps(events(folder / "train")["batch_loss"])) == 8
+    assert steps(events(folder / "validation")["epoch_accuracy"]) == [3, 5, 8]
     run_glue(*args)
     train, validation = events(folder / "train"), events(folder / "validation")
-    assert steps(train["batch_loss"]) == list(range(1, 11))  # step 7 once, nothing repeated
+    assert steps(train["batch_loss"]) == list(range(1, 11))  # 7 and 8 once, nothing repeated
     assert steps(train["epoch_loss"]) == [5, 10]
     assert steps(validation["epoch_accuracy"]) == [3, 5, 8, 10]
 

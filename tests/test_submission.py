@@ -311,7 +311,7 @@ def test_the_rate_with_the_best_median_wins_and_test_is_predicted_once_per_rate(
     seen_data, predicted = [], []
 
     def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name,
-                 checkpoints):
+                 checkpoints, tensorboard=None):
         seen_data.append(train_rows)
         return StandInModel((learning_rate, seed)), {
             "learning_rate": learning_rate, "seed": seed, "collapsed": False,
