@@ -1703,7 +1703,7 @@ def run_task(task, options, strategy, root, several_tasks=False, keep_models=Fal
     settings = fingerprint(task, options, strategy)
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
-    todo, line = plan_task(task, options, settings, read_records(folder), previous, keep_models)
+    todo, line = plan_task(task, options, settings, folder, previous, keep_models)
     say(line)
     save_path = model_save_path(options, task, several_tasks)
     if todo:
@@ -1714,23 +1714,24 @@ def run_task(task, options, strategy, root, several_tasks=False, keep_models=Fal
     return publish(task, options, settings, folder, save_path)
 
 
-def plan_task(task, options, settings, records, previous, keep_models=False):
+def plan_task(task, options, settings, folder, previous, keep_models=False):
     """The one decision for a task: which asked runs to train, from what the records of these
-    settings hold, and the line that says so. Returns `([(learning rate, seed, the chain
-    recorded so far)], line)`.
+    settings (in `folder`) hold, and the line that says so. Returns `([(learning rate, seed,
+    the chain recorded so far)], line)`.
 
     An asked run is done when its chain ends in a run that did not collapse (or has no
     restarts left), and, with a submission folder, has test predictions. --overwrite trains
     every asked run again. With `keep_models` (another task starts from this one's chosen
     model), a chosen run recorded without its model is trained again."""
-    asked, todo, for_its_model = asked_runs(options), [], False
+    records, asked = read_records(folder), asked_runs(options)
+    todo, for_its_model = [], False
     chosen = summarized(records)["submitted_run"] if records and keep_models else None
     for learning_rate, seed in asked:
         chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
         if chain and options.submission_directory and "test_files" not in chain[-1]:
             chain = []  # recorded without a submission folder: no test predictions to submit
         if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
-                not chain[-1].get("model_kept"):
+                not os.path.isfile(run_model(folder, chosen)):
             chain, for_its_model = [], True  # the model another task starts from
         if needs_run(chain, options.max_restarts):
             todo.append((learning_rate, seed, chain))
@@ -1806,7 +1807,6 @@ def record_run(task, options, settings, folder, run, tables, model, save_path):
     and put in place under the results lock, as nothing may read it half replaced."""
     keep_model = model is not None and not options.finetuning_model_load_path and \
         leads_its_rate(run, read_records(folder))
-    run["model_kept"] = keep_model
     staged = stage_run_folder(folder, run, tables, model if keep_model else None)
     with updating_results(results_path(options)) as results:
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
@@ -2182,12 +2182,17 @@ def recipe_values(recipe, task_name, given):
 
 def in_rounds(task_names, settings):
     """The tasks in the order they can run: a task that starts from another task's chosen model
-    comes after that task (in its second round); otherwise as asked."""
+    comes after that task (in its second round); otherwise as asked. A recipe whose tasks start
+    from each other is refused even if this command runs only some of them."""
     for name in settings:
         if settings[name].get("init_from_task") == name:
             raise GlueError(f"--recipe: {name} cannot start from its own model")
-    if task_names != list(settings):
-        in_rounds(list(settings), settings)  # a loop is a mistake even if this command skips it
+    ordered_by_start(list(settings), settings)
+    return ordered_by_start(task_names, settings)
+
+
+def ordered_by_start(task_names, settings):
+    """`task_names`, each after the task it starts from (if that is among them)."""
     ordered, waiting = [], list(task_names)
     while waiting:
         ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
@@ -2205,9 +2210,8 @@ def chosen_model(options, root, task_name):
     if not isinstance(entry, dict) or "fingerprint_id" not in entry:
         raise GlueError(f"init_from_task: {task_name} has no recorded runs to start from; run it "
                         "in the same command (or before, into the same folder)")
-    submitted = entry["submitted_run"]
-    path = os.path.join(run_folder(records_folder(root, TASKS[task_name], entry["fingerprint_id"]),
-                                   submitted["learning_rate"], submitted["seed"]), "model.keras")
+    path = run_model(records_folder(root, TASKS[task_name], entry["fingerprint_id"]),
+                     entry["submitted_run"])
     if not os.path.isfile(path):
         raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; run "
                         f"{task_name} again with --overwrite in the same command")
@@ -2215,14 +2219,16 @@ def chosen_model(options, root, task_name):
 
 
 def check_task_settings(options, task_names, settings):
-    """Each task's runs make sense with its recipe settings too (`check_runs`), and a warm start
-    is a finetuning, which --finetuning_model_load_path skips."""
+    """Each task's runs make sense with its recipe settings too (`check_runs`; check_options
+    checked the command line's), and a warm start is a finetuning, which
+    --finetuning_model_load_path skips."""
     for name in task_names:
         if settings[name].get("init_from_task") and options.finetuning_model_load_path:
             raise GlueError(f"{name}: the recipe starts it from another task's model, and "
                             "--finetuning_model_load_path skips finetuning: give one of them")
-        with task_options(options, settings[name]) as task:
-            check_runs(task, [name], where=f"{name}, with the recipe: ")
+        if settings[name]:
+            with task_options(options, settings[name]) as task:
+                check_runs(task, [name], where=f"{name}, with the recipe: ")
 
 
 def check_devices_fit(options, task_names, settings, strategy):
@@ -2231,8 +2237,8 @@ def check_devices_fit(options, task_names, settings, strategy):
     within one multi-worker command (the other workers could look for the model before the
     chief has written it)."""
     for name in task_names:
-        steps = settings[name].get("gradient_accumulation_steps",
-                                   options.gradient_accumulation_steps)
+        with task_options(options, settings[name]) as task:
+            steps = task.gradient_accumulation_steps
         if steps > 1 and strategy.num_replicas_in_sync > 1:
             raise GlueError(f"{name}: --gradient_accumulation_steps={steps} needs one replica "
                             f"(Keras cannot accumulate over {strategy.num_replicas_in_sync}, "
@@ -3213,6 +3219,11 @@ def records_folder(root, task, settings_id):
 def run_folder(folder, learning_rate, seed):
     """One run's folder in its fingerprint's: `lr2e-05_seed3`."""
     return os.path.join(folder, f"lr{rate_label(learning_rate)}_seed{seed}")
+
+
+def run_model(folder, run):
+    """Where a run's folder keeps its model, if it kept one."""
+    return os.path.join(run_folder(folder, run["learning_rate"], run["seed"]), "model.keras")
 
 
 def read_records(folder):
