@@ -7,6 +7,13 @@ The script loads the task (through tensorflow-datasets, or from a local `glue_da
 metrics, and writes the test predictions as the `.tsv` file the GLUE server expects. The three
 places meant to be edited sit between `### Custom code block starts ###` and
 `### Custom code block ends ###`.
+
+The file tells two stories. Above the line "Nothing below needs editing", one run: the flags,
+the custom code blocks, the task table, loading and tokenizing, the optimizer and the loss,
+finetuning, prediction, the run's record and `main`. Below it, the sweep: a command plans its
+runs (tasks, learning rates, seeds) from the records already made, starts each run as a
+`glue.py` process of its own with the run's settings as its flags, and makes the results,
+the submission files and the report from the records; then the plumbing.
 """
 
 import ast
@@ -18,15 +25,14 @@ import ctypes
 import dataclasses
 import filecmp
 import functools
-import gc
 import glob
 import hashlib
-import inspect
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 import urllib.parse
@@ -165,6 +172,10 @@ flags.DEFINE_string("validate_submission", None,
                     "Only check this submission folder or zip as the GLUE server would, and exit.")
 
 # Scale-out and resuming
+flags.DEFINE_integer("parallel_runs", 1,
+                     "Run this many runs at once, each a process of its own with its share of "
+                     "the GPUs (CUDA_VISIBLE_DEVICES), or on CPU of the cores. 1: one run at a "
+                     "time, with every device.", lower_bound=1)
 flags.DEFINE_string("checkpoint_dir", None,
                     "Keep the training state here (a folder per run: task, learning rate, seed "
                     "and settings) at each epoch's end and every --checkpoint_every_steps; the "
@@ -174,17 +185,21 @@ flags.DEFINE_integer("checkpoint_every_steps", 0,
                      "Also checkpoint every this many training steps (0: only at epoch ends).",
                      lower_bound=0)
 flags.DEFINE_string("distribution_strategy", "auto",
-                    "How to spread training over devices: auto (mirrored when more than one GPU "
-                    "is visible, else one device), one_device, mirrored (every local GPU, or "
-                    "every CPU device when there is none), multi_worker_mirrored (several "
-                    "machines, cluster from the TF_CONFIG environment variable), or "
-                    "tpu:<the TPU's name or grpc://host:port> (tpu:local on a TPU VM; plain tpu "
-                    "finds it from the environment). --batch_size is the global batch, split "
-                    "across replicas.")
-flags.DEFINE_integer("worker_timeout_seconds", 600,
-                     "With multi_worker_mirrored or tpu: how long to wait for the other workers "
-                     "(or the TPU) to answer at start, and at most for any one exchange; a "
-                     "worker that dies is noticed within seconds.", lower_bound=1)
+                    "How a run spreads over the devices it sees: auto (mirrored when more than "
+                    "one GPU is visible, else one device), one_device, mirrored (every local "
+                    "GPU, or every CPU device when there is none), or tpu:<the TPU's name or "
+                    "grpc://host:port> (tpu:local on a TPU VM; plain tpu finds it from the "
+                    "environment). --batch_size is the global batch, split across replicas.")
+flags.DEFINE_integer("tpu_timeout_seconds", 600,
+                     "With tpu: how long to wait for the TPU to answer at start.", lower_bound=1)
+
+# Set by a command for each run it starts (a run's process); not for the command line.
+flags.DEFINE_string("run_dir", None, "The folder this run writes its record into; given, the "
+                    "process is one run of a sweep.")
+flags.DEFINE_string("run_label", None, "How the run's progress lines name it.")
+flags.DEFINE_bool("keep_model", False, "Save the run's model in its folder.")
+flags.DEFINE_string("run_checkpoints", None, "The run's own checkpoint folder.")
+flags.DEFINE_string("run_tensorboard", None, "The run's own TensorBoard folder.")
 
 # `--help` lists the flags by purpose, in this order (absl alone would sort them by name).
 HELP_GROUPS = {
@@ -198,44 +213,12 @@ HELP_GROUPS = {
     "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
                "report", "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
                "fill_missing_from", "validate_submission"),
-    "Scale-out and resuming": ("checkpoint_dir", "checkpoint_every_steps",
-                               "distribution_strategy", "worker_timeout_seconds"),
+    "Scale-out and resuming": ("parallel_runs", "checkpoint_dir", "checkpoint_every_steps",
+                               "distribution_strategy", "tpu_timeout_seconds"),
+    "Set by a command for each run it starts": ("run_dir", "run_label", "keep_model",
+                                                "run_checkpoints", "run_tensorboard"),
 }
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
-
-
-def strategy_and_tpu(value):
-    """`--distribution_strategy`'s strategy name, and the TPU named after `tpu:` (else None)."""
-    name, _, tpu = value.partition(":")
-    return name, tpu or None
-
-
-def _valid_strategy(value):
-    name, _ = strategy_and_tpu(value)
-    return name in STRATEGIES and (name == "tpu" or ":" not in value)
-
-
-def _valid_learning_rates(values):
-    try:
-        return all(float(value) > 0 for value in values) and bool(values)
-    except ValueError:
-        return False
-
-
-flags.register_validator(
-    "task_name", lambda names: bool(names) and all(
-        name in ("all", "none") or name in TASKS for name in names),
-    "each name must be all, none, or a GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, "
-    "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
-flags.register_validator("learning_rate", _valid_learning_rates,
-                         "give positive numbers, comma-separated")
-flags.register_validator(
-    "distribution_strategy", _valid_strategy,
-    f"use {', '.join(STRATEGIES)} or tpu:<name or grpc://host:port>")
-flags.register_validator("seed", lambda values: bool(values) and all(
-    re.fullmatch(r"-?\d+", value.strip()) for value in values),
-    "give integers, comma-separated")
-
+RUN_FLAGS = "Set by a command for each run it starts"
 
 # ================================================================================================
 # Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
@@ -284,6 +267,15 @@ def make_finetuning_model(pretrained_model, num_outputs):
     logits = keras.layers.Dense(num_outputs, dtype="float32")(hidden)
     return keras.Model(inputs=encoder.input, outputs=logits)
 ### Custom code block ends ###
+
+
+class GlueError(Exception):
+    """Bad input that deserves one clear line, not a traceback."""
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def from_preset(cls, preset, **kwargs):
@@ -337,18 +329,6 @@ def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as 
 
 def is_text_backbone(backbone):
     return isinstance(backbone.input, dict) and "token_ids" in backbone.input
-
-
-def explain_preset_failure(preset, error):
-    try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
-        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
-    except Exception:
-        backbone = None
-    if backbone is not None and not is_text_backbone(backbone):
-        return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
-                "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
-    return (f"cannot load preset {preset!r} ({first_line(error)}); download it where you have "
-            "network and pass --preset=<local dir>")
 
 
 # ================================================================================================
@@ -501,6 +481,1557 @@ METRICS = {
 
 
 # ================================================================================================
+
+# ================================================================================================
+# Scores: a run's, and a task's (the mean of its dev metrics)
+# ================================================================================================
+
+
+def dev_metrics(entry):
+    """The `{split: {metric: value}}` part of a task's results entry."""
+    return {split: metrics for split, metrics in entry.items() if split.startswith("validation")}
+
+
+def task_score(splits):
+    """One number per task as the leaderboard ranks it: the mean of its dev metrics over its
+    dev splits (MNLI: of matched and mismatched accuracy). An undefined metric counts as 0."""
+    values = [value or 0.0 for metrics in splits.values() for value in metrics.values()]
+    return sum(values) / len(values) if values else None
+
+
+def run_score(run):
+    return task_score(dev_metrics(run)) or 0.0
+
+# ================================================================================================
+# Loading. Both sources yield tfds-style examples: the task's text features as strings,
+# `label` (class id, float score for STS-B, -1 on test splits) and `idx`.
+# ================================================================================================
+
+
+def load_task_data(task, data_dir, training=True):
+    """Opens every split the task needs, dev and test first, checking files and labels before
+    any training. Returns `(train, {dev split: examples}, {submission file: examples})`; no
+    training split without `training`."""
+    examples = {(dataset, split): load_split(data_dir, dataset, split)
+                for dataset, split in task_splits(task, training)}
+    eval_examples = {split: examples[task.training_data, split] for split in task.eval_splits}
+    test_examples = {output.file: examples[output.dataset, output.split]
+                     for output in task.outputs}
+    return examples.get((task.training_data, "train")), eval_examples, test_examples
+
+
+def task_splits(task, training=True):
+    """The `(dataset, split)` pairs a task reads: its dev splits, its test splits, then its
+    training split when it trains."""
+    splits = [(task.training_data, split) for split in task.eval_splits]
+    splits += [(output.dataset, output.split) for output in task.outputs]
+    if training:
+        splits.append((task.training_data, "train"))
+    return splits
+
+
+def features_and_label(task):
+    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
+    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
+
+
+# ================================================================================================
+# Tokenized splits and their batches: each split is tokenized once, then batched by length
+# ================================================================================================
+
+# Batches hold examples of similar length, padded to a multiple of 8 tokens: within 7 of their
+# longest example. The training and prediction steps are traced once for inputs of any length,
+# so many lengths cost no more tracing than few (with --jit_compile, XLA compiles each length).
+BUCKET_WIDTHS = tuple(range(8, 513, 8))
+TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
+TOKENIZE_BATCH = 1024
+
+
+def available_cores():
+    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
+PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """A tokenized split, one row per example, in file order, in numpy arrays.
+
+    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
+    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
+    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
+    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
+    Inputs without a `padding_mask` (a custom preprocessing may give any) are kept as they are,
+    in `inputs`, with the other inputs.
+    """
+
+    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
+    labels: np.ndarray
+    idx: np.ndarray
+    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
+    padded_length: int = None  # the length `preprocess_fn` padded to
+    tokens: dict = dataclasses.field(default_factory=dict)
+    offsets: np.ndarray = None
+    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
+    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def tokenize_task_data(data, task, preprocess_fn):
+    """Tokenizes every split `load_task_data` opened, dev and test first: a bad line in them
+    then fails within seconds, not after the training split."""
+    train_examples, eval_examples, test_examples = data
+
+    def tokenize_each(splits):
+        return {name: tokenize(examples, task, preprocess_fn, name)
+                for name, examples in splits.items()}
+
+    eval_rows, test_rows = tokenize_each(eval_examples), tokenize_each(test_examples)
+    train_rows = None if train_examples is None else tokenize(train_examples, task,
+                                                              preprocess_fn, "train")
+    return train_rows, eval_rows, test_rows
+
+
+def bucket_widths(split):
+    """The widths batches are padded to: multiples of 8, up to the padded length."""
+    return [width for width in BUCKET_WIDTHS if width < split.padded_length] + \
+        [split.padded_length]
+
+
+def batch_by_length(split, order, batch_size):
+    """Batches of rows of similar length, taken in the order of the index dataset `order`. Most
+    GLUE inputs are far shorter than the padded length, so this saves most of the arithmetic;
+    the model sees the same real tokens. Only row indices pass through tf.data's bucketing."""
+    if split.lengths is None:
+        return order.batch(batch_size).map(gathered(split))
+    lengths = tf.constant(split.lengths, tf.int32)
+    widths = bucket_widths(split)
+    return order.bucket_by_sequence_length(
+        lambda index: tf.gather(lengths, index),
+        bucket_boundaries=[width + 1 for width in widths],
+        bucket_batch_sizes=[batch_size] * (len(widths) + 1), no_padding=True,
+    ).map(gathered(split), num_parallel_calls=PIPELINE_THREADS)
+
+
+def steps_per_epoch(split, batch_size):
+    """How many batches `batch_by_length` makes of the split, in whatever order: every bucket
+    gives full batches and one last partial batch."""
+    if split.lengths is None:
+        return math.ceil(len(split) / batch_size)
+    buckets = np.bincount(np.searchsorted(bucket_widths(split), split.lengths))
+    return int(sum(math.ceil(rows / batch_size) for rows in buckets))
+
+
+def shortest_first(split):
+    """The row order that sorts the split by length (stable): batches of near-equal lengths
+    waste the least on padding."""
+    if split.lengths is None:
+        return np.arange(len(split))
+    return np.argsort(split.lengths, kind="stable")
+
+
+def prediction_batches(split, order, batch_size):
+    """Batches of the split's rows in `order`, each padded to the bucket above its longest."""
+    return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(
+        gathered(split), num_parallel_calls=PIPELINE_THREADS)
+
+
+def model_inputs(batches, with_labels):
+    """`(inputs, labels)` batches for `fit`, or inputs alone for `predict`. Boolean
+    token-aligned inputs (KerasHub's padding masks) become int32: under a strategy, Keras
+    averages the first batch across replicas, which booleans cannot do. tf.data's autotuning is
+    off: the pipeline's threads are set (PIPELINE_THREADS), and an autotuned iterator at times
+    took 10 to 50 s to be destroyed at the end of an epoch (waiting on its autotuning thread)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+
+    def cast(inputs):
+        if not isinstance(inputs, dict):
+            return inputs
+        return {name: tf.cast(value, tf.int32) if name in TOKEN_ALIGNED and
+                value.dtype == tf.bool else value for name, value in inputs.items()}
+
+    return batches.map(lambda inputs, labels, idx: (cast(inputs), labels) if with_labels
+                       else cast(inputs)).with_options(options)
+
+
+# ================================================================================================
+# The optimizer, its schedule and the loss
+# ================================================================================================
+
+
+def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0,
+                   accumulation=1):
+    """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
+    Keras clips before it sums the replicas' gradients, so with several replicas each
+    replica's share of the batch is clipped on its own.
+
+    With `accumulation` = N > 1, Keras' optimizer updates every N batches, with their mean
+    gradient (clipped once, the mean), and counts its Adam steps in updates; the schedule, which
+    Keras feeds the count of batches, divides it by N. Updates follow the batches of the whole
+    run, across epoch ends: a group may start in one epoch and end in the next, and the last
+    `total_steps % N` batches of the run make no update."""
+    updates = total_steps // accumulation
+    if not updates:
+        raise GlueError(f"--gradient_accumulation_steps={accumulation} is more than the "
+                        f"{total_steps} batches of the whole training: no update would be made")
+    schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
+                                 accumulation)
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=clip_norm or None,
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None)  # 1: refused
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+@keras.saving.register_keras_serializable(package="glue")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """BERT's schedule, in updates: linear warmup from 0 to the peak, then linear decay to 0.
+    Keras calls it with the number of batches trained, `batches_per_update` of them an
+    update."""
+
+    def __init__(self, peak_learning_rate, warmup_steps, total_steps, batches_per_update=1):
+        self.peak_learning_rate = peak_learning_rate
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.batches_per_update = batches_per_update
+
+    def __call__(self, step):
+        step = keras.ops.cast(keras.ops.floor_divide(step, self.batches_per_update), "float32")
+        warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
+        decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
+        return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
+
+    def get_config(self):
+        return {"peak_learning_rate": self.peak_learning_rate,
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "batches_per_update": self.batches_per_update}
+
+
+def compile_for(model, task, optimizer, jit_compile=False):
+    if task.is_regression:
+        loss = keras.losses.MeanSquaredError()
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
+
+
+# ================================================================================================
+# Finetuning: the model the custom code blocks make, trained with its dev evaluations
+# ================================================================================================
+
+
+def starting_model(task, load_path=None, init_from=None):
+    """The model a run starts from: a finetuned model loaded whole (`load_path`: nothing is
+    trained), or the custom code blocks' model, with the encoder of a finetuned model
+    (`init_from`) in place of the pretrained one when given."""
+    if load_path:
+        return keras.models.load_model(load_path, compile=False)
+    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
+    if init_from:
+        copy_encoder(keras.models.load_model(init_from, compile=False), model, init_from)
+    return model
+
+
+class Preempted(BaseException):
+    """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
+
+
+def finetune(model, split, checkpoints, *, epochs, batch_size, seed, label, tensorboard=None):
+    """Finetunes a compiled `model` in place on a tokenized split, with the dev evaluations
+    `checkpoints` holds, and returns the run's record of it: times, speed, the reported (best or
+    last) evaluation's dev metrics and every evaluation. `checkpoints` also resumes training
+    from its folder, and stops it after a checkpoint on SIGTERM or Ctrl-C. With `tensorboard`,
+    the run's logs go to that folder, their steps counted in batches trained."""
+    steps = steps_per_epoch(split, batch_size)
+    # Made now, the optimizer's variables spare `fit` a second trace of the training step.
+    model.optimizer.build(model.trainable_variables)
+    done = checkpoints.restore(model)
+    if done:
+        logging.info("Resuming from step %d, checkpoint in %s", done, checkpoints.directory)
+    evaluations = checkpoints.evaluations
+    progress = TrainingProgress(label, epochs, steps, batch_size, len(split))
+    logs = tensorboard and TensorBoardLogs(tensorboard, steps, batch_size, done, evaluations)
+    start = time.perf_counter()
+    with checkpoints.stopping_on_signals(), logs or contextlib.nullcontext():
+        for epoch in range(done // steps, epochs):
+            # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
+            # batches as an uninterrupted one; it skips those it has already trained on. Only
+            # the row indices are shuffled, never the rows themselves.
+            progress.resumed_steps = max(done - epoch * steps, 0)
+            order = tf.data.Dataset.range(len(split)).shuffle(len(split), seed=seed + epoch)
+            batches = (batch_by_length(split, order, batch_size)
+                       .skip(progress.resumed_steps)
+                       .apply(tf.data.experimental.assert_cardinality(
+                           steps - progress.resumed_steps))
+                       .apply(lambda batches: model_inputs(batches, with_labels=True))
+                       .prefetch(PIPELINE_THREADS))
+            # The evaluations come before the checkpoint, which then holds them.
+            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
+                      callbacks=[*filter(None, [evaluations, logs]), checkpoints, progress])
+            if checkpoints.stopped_by:
+                raise Preempted(
+                    f"stopped by {checkpoints.stopped_by} at step {checkpoints.batches} of "
+                    f"{epochs * steps}; the checkpoint is in {checkpoints.directory}: run the "
+                    "same command again to resume")
+    evaluation_seconds = evaluations.seconds if evaluations else 0.0
+    record = {"train_seconds": round(seconds_since(start) - evaluation_seconds, 2),
+              "train_examples": len(split)}
+    flops = training_flops(model, split, epochs)
+    if flops and not done and record["train_seconds"] > 0:  # a resumed run did less
+        record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
+        say(f"{label}: train {epochs * len(split) / record['train_seconds']:.0f} ex/s, "
+            f"{record['train_tflops_per_second']:.3f} TFLOP/s of encoder matmuls")
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        # Steps the loss scale skipped, after an overflow.
+        record["skipped_steps"] = epochs * steps - batches_applied(model.optimizer)
+    if evaluations:
+        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
+        record.update(dev_metrics(reported), collapsed=reported["collapsed"],
+                      best_epoch=evaluations.records[evaluations.best]["epoch"],
+                      evaluations=evaluations.records,
+                      dev_predict_seconds=round(evaluation_seconds, 2))
+    return record
+
+
+def batches_applied(optimizer):
+    """The batches the optimizer took: Keras' own count (its public `iterations` counts
+    updates under gradient accumulation), of the inner optimizer under mixed_float16's loss
+    scaling, which does not count the batches it skips. `.numpy()`: under a strategy the
+    counter is a MirroredVariable, which int() refuses."""
+    return int(getattr(optimizer, "inner_optimizer", optimizer)._iterations.numpy())
+
+
+class DevEvaluations(keras.callbacks.Callback):
+    """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
+    evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
+
+    With `keep_best`, a copy of the best evaluation's weights is kept in memory while a later
+    evaluation could still beat it, and `finish` puts it back; the checkpoints save it with the
+    training state, in the same file. The best is the highest task score; a later evaluation
+    must beat it, not tie.
+    """
+
+    def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True):
+        super().__init__()
+        self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
+        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
+        self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
+        self.keep_best = keep_best
+        self.records, self.batches, self.seconds = [], 0, 0.0
+        self.best_weights = None  # None while the model's own weights are the best ones
+
+    def resume(self, batches, records, best_weights):
+        self.batches, self.records, self.best_weights = batches, records, best_weights
+
+    @property
+    def best(self):
+        """The index of the best evaluation so far (the first of equals)."""
+        scores = [run_score(record) for record in self.records]
+        return scores.index(max(scores)) if scores else None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if (self.batches - 1) % self.steps + 1 in self.due:
+            self.run_evaluation()
+
+    def run_evaluation(self):
+        start = time.perf_counter()
+        metrics, collapsed = self.evaluate(self.model)
+        self.seconds += time.perf_counter() - start
+        epoch = self.batches / self.steps
+        self.records.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3),
+                             "step": self.batches, **metrics, "collapsed": collapsed})
+        if self.keep_best and self.best == len(self.records) - 1:
+            # A copy only while a later evaluation could still beat this one.
+            self.best_weights = self.model.get_weights() if self.batches < self.total else None
+
+    def finish(self, model):
+        """Puts the best evaluation's weights back (with `keep_best`) and returns its record
+        (None without evaluations)."""
+        if not self.records:
+            return None
+        best = self.records[self.best] if self.keep_best else self.records[-1]
+        if best is not self.records[-1]:
+            model.set_weights(self.best_weights)
+        self.best_weights = None
+        return best
+
+
+# ================================================================================================
+# Prediction: dev metrics, and the test predictions as the leaderboard's rows
+# ================================================================================================
+
+
+def evaluate(model, eval_rows, task, batch_size, name):
+    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
+    metrics, predicted = {}, []
+    for split, rows in eval_rows.items():
+        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
+        metrics[split] = compute_metrics(task, labels, predictions)
+        predicted.append(predictions)
+    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
+
+
+def predict(model, split, task, batch_size, label=None):
+    """Returns `(idx, labels, predictions)` for a tokenized split, shortest examples first.
+
+    Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
+    """
+    order = shortest_first(split)
+    batches = (prediction_batches(split, order, batch_size)
+               .apply(lambda batches: model_inputs(batches, with_labels=False))
+               .prefetch(PIPELINE_THREADS))
+    trace_for_every_length(model, batches)
+    progress = Progress(label or f"{task.name}  predict", math.ceil(len(split) / batch_size))
+    logits = model.predict(batches, verbose=0, callbacks=[progress.callback(batch_size)])
+    progress.summary(len(split))
+    if task.is_regression:
+        predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
+    else:
+        predictions = logits.argmax(axis=-1)
+    return split.idx[order], split.labels[order], predictions
+
+
+def trace_for_every_length(model, batches):
+    """Traces Keras' prediction step once, for batches of every size and length.
+
+    Left to itself, Keras traces it for the first batch's exact shape, then again for a shape
+    that fits every batch. This relies on Keras' private one-step signature (a list of one
+    batch), and it still pays: `benchmarks/tracing.py` measured the first prediction of MRPC dev
+    at 2.72 s against 3.62 s, later ones alike (Keras 3.15, AMD EPYC, benchmarks/RESULTS.md)."""
+    model.make_predict_function()
+    spec = model.distribute_strategy.experimental_distribute_dataset(batches).element_spec
+    model.predict_function.get_concrete_function([spec])
+
+
+def predict_test(model, test_rows, task, batch_size, name):
+    """Every submission table, computed before any is written: a failure never leaves a
+    partial submission."""
+    tables = {}
+    for file, rows in test_rows.items():
+        idx, _, predictions = predict(model, rows, task, batch_size, f"{name}  predict {file}")
+        tables[file] = submission_table(task, idx, predictions)
+    return tables
+
+
+def compute_metrics(task, labels, predictions):
+    """The task's official GLUE metrics, as fractions; None where undefined (constant input)."""
+    with warnings.catch_warnings():  # a constant input is reported as None instead
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        values = {name: float(METRICS[name](labels, predictions)) for name in task.metrics}
+    return {name: value if math.isfinite(value) else None for name, value in values.items()}
+
+
+def is_collapsed(predictions):
+    """Whether a model gave every dev example the same class (STS-B: the same score)."""
+    return len(predictions) > 1 and float(np.ptp(predictions)) <= COLLAPSED_SPREAD
+
+
+COLLAPSED_SPREAD = 1e-3  # STS-B scores (0 to 5) closer together than this count as one
+
+
+def submission_table(task, idx, predictions):
+    """The leaderboard rows: `index<TAB>prediction`, one per test example, ordered by index."""
+    if len(np.unique(idx)) != len(idx):
+        raise GlueError(f"{task.name}: the test split repeats example indices; check its data")
+    if task.is_regression:
+        spelled = [f"{score:.3f}" for score in predictions]
+    else:
+        spelled = [task.submission_labels[label] for label in predictions]
+    table = pd.DataFrame({"index": idx, "prediction": spelled})
+    return table.sort_values("index", kind="stable")
+
+
+def write_submission(path, table):
+    write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
+
+
+# ================================================================================================
+# The run's own record: run.json, its test predictions and, if asked, its model, in its folder
+# ================================================================================================
+
+RUN_RECORD = "run.json"
+
+
+def write_run(folder, record, tables, model=None):
+    """Writes a finished run's folder: its test predictions, its model (None: none), and last
+    its record, whose presence says the run is whole."""
+    for file, table in tables.items():
+        write_submission(os.path.join(folder, file), table)
+    if model is not None:
+        model.save(os.path.join(folder, "model.keras"))
+    write_json(os.path.join(folder, RUN_RECORD), record)
+
+
+def write_json(path, value):
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=2, sort_keys=True)
+            file.write("\n")
+
+    write_atomically(path, write)
+
+
+def write_atomically(path, write):
+    """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Same folder, so the rename is atomic; a unique name, so concurrent runs never collide;
+    # the same ending, since Keras and numpy insist on theirs (`.keras`, `.npz`).
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def report_run(name, run):
+    """The log line of a finished run."""
+    shown = "  ".join(f"{split} {metric} {percent(value)}"
+                      for split, metrics in dev_metrics(run).items()
+                      for metric, value in metrics.items())
+    at = f" (best evaluation at epoch {run['best_epoch']})" if "best_epoch" in run else ""
+    say(f"{name}: {shown or 'trained (no dev set)'}{at}")
+
+
+def percent(value):
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def seconds_since(start):
+    return round(time.perf_counter() - start, 2)
+
+
+def say(line):
+    """Progress and summary lines: stdout, flushed, so that a log file shows them as they come."""
+    print(line, flush=True)
+
+
+# ================================================================================================
+# Main: one run, from its flags to its folder. A command without --run_dir is a sweep: it starts
+# each of its runs as a `glue.py` process of its own, with that run's flags (`run_sweep`, below).
+# ================================================================================================
+
+
+def quiet_expected_warnings():
+    """--pooling=cls or mean leaves the backbone's pooler unused, and Keras warns at every trace
+    that its variables get no gradient. That is expected, so it is not shown; a missing gradient
+    for any other variable (a real mistake in a custom block) still is."""
+    warnings.filterwarnings(
+        "ignore", r"Gradients do not exist for variables \[('pooled_dense/(kernel|bias)'(, )?)+\] ",
+        UserWarning)
+
+
+def main(argv):
+    own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
+    if not FLAGS.run_dir:
+        return run_sweep(own_flags, argv[0] if argv and argv[0].endswith(".py") else __file__)
+    task = TASKS[FLAGS.task_name[0]]
+    seed, label = int(FLAGS.seed[0]), FLAGS.run_label or task.name
+    trains = not FLAGS.finetuning_model_load_path
+    keras.mixed_precision.set_global_policy(FLAGS.mixed_precision or "float32")
+    quiet_expected_warnings()
+    try:
+        strategy = make_strategy(FLAGS.distribution_strategy, FLAGS.tpu_timeout_seconds)
+        record = {"learning_rate": float(FLAGS.learning_rate[0]) if trains else None,
+                  "seed": seed, "run_id": uuid.uuid4().hex[:12],
+                  "replicas": strategy.num_replicas_in_sync,
+                  "flags": {flag.name: flag.value for flag in own_flags
+                            if flag.name not in HELP_GROUPS[RUN_FLAGS]}}
+        with strategy.scope():
+            # The custom code blocks run in the scope: they may create variables. The preset's
+            # preprocessing loads first, so that a preset that cannot be had fails in seconds.
+            preprocess_fn = tf.function(make_preprocess_fn())
+            start = time.perf_counter()
+            train_rows, eval_rows, test_rows = tokenize_task_data(
+                load_task_data(task, FLAGS.data_dir, trains), task, preprocess_fn)
+            record["tokenize_seconds"] = seconds_since(start)
+            keras.utils.set_random_seed(seed)
+            start = time.perf_counter()
+            model = starting_model(task, FLAGS.finetuning_model_load_path,
+                                   FLAGS.init_from_finetuned)
+            record["load_seconds"] = seconds_since(start)
+            if not trains:  # --finetuning_model_load_path: evaluated as it is
+                model.jit_compile = FLAGS.jit_compile
+                start = time.perf_counter()
+                metrics, collapsed = evaluate(model, eval_rows, task, FLAGS.batch_size, label)
+                record.update(metrics, collapsed=collapsed,
+                              dev_predict_seconds=seconds_since(start))
+            else:
+                steps = steps_per_epoch(train_rows, FLAGS.batch_size)
+                compile_for(model, task, make_optimizer(
+                    record["learning_rate"], FLAGS.epochs * steps, FLAGS.warmup_ratio,
+                    FLAGS.weight_decay, FLAGS.clip_norm, FLAGS.gradient_accumulation_steps),
+                    FLAGS.jit_compile)
+                evaluations = DevEvaluations(
+                    lambda model: evaluate(model, eval_rows, task, FLAGS.batch_size, label),
+                    steps, FLAGS.epochs, FLAGS.evaluations_per_epoch,
+                    FLAGS.select_best_epoch) if eval_rows else None
+                checkpoints = TrainingCheckpoints(FLAGS.run_checkpoints,
+                                                  FLAGS.checkpoint_every_steps, evaluations)
+                record.update(finetune(model, train_rows, checkpoints, epochs=FLAGS.epochs,
+                                       batch_size=FLAGS.batch_size, seed=seed, label=label,
+                                       tensorboard=FLAGS.run_tensorboard))
+            tables = {}
+            if FLAGS.submission_directory:
+                start = time.perf_counter()
+                tables = predict_test(model, test_rows, task, FLAGS.batch_size, label)
+                record.update(test_predict_seconds=seconds_since(start),
+                              test_files={file: len(table) for file, table in tables.items()})
+        report_run(label, record)
+        write_run(FLAGS.run_dir, record, tables, model if FLAGS.keep_model else None)
+    except GlueError as error:
+        sys.exit(f"glue.py: error: {error}")
+    except Preempted as stop:
+        sys.exit(f"glue.py: {stop}")
+
+
+# Nothing below needs editing to bring your own model
+
+
+# ================================================================================================
+# The sweep. A command's tasks run in rounds (a task that starts from another task's model
+# comes after it). Each task's runs are planned from its records; each run is a `glue.py`
+# process of its own, so its memory goes back to the system when it ends and a crash costs that
+# run alone. As a run ends, its folder joins the records, and the task's results, submission
+# files and saved model are made anew from them, under a lock, for every process that shares
+# the folder (a job array) to agree. Then the next task, past a failed one, and the zip.
+# ================================================================================================
+
+
+def run_sweep(own_flags, script):
+    """The command: `own_flags` are glue.py's flags as parsed, `script` the file that starts a
+    run (this one, or a test's wrapper of it)."""
+    options = options_from_flags(own_flags)
+    flag_values = {flag.name: flag for flag in own_flags}
+    try:
+        if options.validate_submission:
+            errors, notices = validate_submission(read_submission(options.validate_submission))
+            for line in notices + errors:
+                print(line)
+            if errors:
+                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
+            print(f"{options.validate_submission}: all 11 files pass")
+            return
+        task_names = expand_task_names(options.task_name)
+        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
+            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
+        recipe = read_recipe(options.recipe, flag_values)
+        check_options(options, task_names)
+        given = {flag.name for flag in own_flags if flag.present}  # they win over the recipe
+        settings = {name: recipe_values(recipe, name, given, flag_values) for name in TASKS}
+        task_names = in_rounds(task_names, settings)
+        check_task_settings(options, task_names, settings)
+        hint = task_names and not options.mixed_precision and not gpu_count() and \
+            strategy_and_tpu(options.distribution_strategy)[0] != "tpu" and bf16_hint(cpu_flags())
+        if hint:
+            say(hint)
+        with records_root(options) as root:
+            check_warm_starts(options, root, task_names, settings)
+            results, failures = run_tasks(task_names, options, root, settings, script)
+            if not task_names:
+                publish_recorded(options, root)
+                report_results(options)
+        report_and_package(options, results)
+        if len(task_names) == 1 and failures:
+            raise GlueError(failures[task_names[0]])
+        if failures:
+            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
+                            f"{', '.join(failures)} (reasons above)")
+    except GlueError as error:
+        sys.exit(f"glue.py: error: {error}")
+    except Preempted as stop:
+        sys.exit(f"glue.py: {stop}")
+
+
+def run_tasks(task_names, options, root, settings, script):
+    """Runs each task, with its recipe settings (`settings`, of every task), going on past
+    failures. Returns (this command's results, failures). A task that starts from another
+    task's model gets that task's chosen run's; a task the recipe starts any other from keeps
+    its runs' models, in this command or for a later one."""
+    sources = {values.get("init_from_task") for values in settings.values()}
+    results, failures = {}, {}
+    for name in task_names:
+        try:
+            source = settings[name].get("init_from_task")
+            if source in failures:  # its recorded choice, if any, is not this command's
+                raise GlueError(f"starts from {source}'s model, and {source} failed")
+            values = dict(settings[name])
+            if source:
+                values["init_from_finetuned"] = chosen_model(options, root, source, settings)
+            results[name] = run_task(TASKS[name], task_options(options, values), root, script,
+                                     several_tasks=len(task_names) > 1,
+                                     keep_models=name in sources)
+        except GlueError as error:
+            failures[name] = str(error)
+        if name in failures and len(task_names) > 1:
+            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+        report_results(options)
+    return results, failures
+
+
+def run_task(task, options, root, script, several_tasks=False, keep_models=False):
+    """One task: the runs its records of these settings lack are trained, each written to
+    its own folder as it ends; then its results and submission are made anew from the records.
+    Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
+    starts from this one's). Returns its entry; fails with a line when a run was lost."""
+    settings = fingerprint(task, options, run_devices(options))
+    folder = records_folder(root, task, fingerprint_id(settings))
+    previous = read_results(results_path(options)).get(task.name)
+    todo, line = plan_task(task, options, settings, folder, previous, keep_models)
+    say(line)
+    save_path = model_save_path(options, task, several_tasks)
+    lost = []
+    if todo:
+        write_json(os.path.join(folder, "fingerprint.json"), settings)
+        sweep = Sweep(task, options, settings, folder, script, keep_models or bool(save_path))
+        lost = sweep.train(todo, lambda staged, run: record_run(
+            task, options, settings, staged, run, save_path))
+    entry = publish(task, options, settings, folder, save_path)
+    if len(lost) == 1 and len(todo) == 1:
+        raise GlueError(lost[0])
+    if lost:
+        raise GlueError(f"{plural(len(lost), 'run')} lost (lines above); run the same command "
+                        "again to train what is missing")
+    return entry
+
+
+def plan_task(task, options, settings, folder, previous, keep_models=False):
+    """The one decision for a task: which asked runs to train, from what the records of these
+    settings (in `folder`) hold, and the line that says so. Returns `([(learning rate, seed,
+    the chain recorded so far)], line)`.
+
+    An asked run is done when its chain ends in a run that did not collapse (or has no
+    restarts left), and, with a submission folder, has test predictions. --overwrite trains
+    every asked run again. With `keep_models` (another task starts from this one's chosen
+    model), a chosen run recorded without its model is trained again."""
+    records, asked = read_records(folder), asked_runs(options)
+    todo, for_its_model = [], False
+    chosen = summarized(records)["submitted_run"] if records and keep_models else None
+    for learning_rate, seed in asked:
+        chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
+        if chain and options.submission_directory and "test_files" not in chain[-1]:
+            chain = []  # recorded without a submission folder: no test predictions to submit
+        if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
+                not os.path.isfile(run_model(folder, chosen)):
+            chain, for_its_model = [], True  # the model another task starts from
+        if needs_run(chain, options.max_restarts):
+            todo.append((learning_rate, seed, chain))
+    done = len(asked) - len(todo)
+    if for_its_model and len(todo) == 1:
+        line = (f"its chosen run ({describe_run(chosen)}) was recorded without its model, "
+                "which another task starts from: training that run again")
+    elif not todo:
+        line = (f"already complete with these settings ({plural(len(records), 'run')} "
+                "recorded), skipped (--overwrite redoes it)")
+    elif options.overwrite:
+        line = f"--overwrite: training the {plural(len(todo), 'asked run')} again (other " \
+               "recorded runs stay)"
+    elif done:
+        line = f"{done} of {len(asked)} asked runs recorded with these settings; training " \
+               f"the other {len(todo)}"
+    elif previous and previous.get("fingerprint_id", "") != fingerprint_id(settings):
+        line = f"redone, {changed_settings(previous.get('fingerprint'), settings)}"
+    else:
+        line = f"training {plural(len(todo), 'run')}"
+    return todo, f"{task.name}: {line}"
+
+
+@dataclasses.dataclass
+class Started:
+    """A run whose process is running: the asked (learning rate, seed), its chain so far, the
+    seed it runs with (a restart's differs), its name and folder, its process and device slot."""
+
+    learning_rate: float
+    seed: int
+    chain: list
+    run_seed: int
+    name: str
+    staged: str
+    process: object
+    slot: int
+    rerun: list  # the flags that rerun it alone
+
+
+class Sweep:
+    """Trains a task's asked runs, each with its restarts, as processes of their own,
+    `--parallel_runs` at a time, each on its share of the devices. A run that ends without its
+    record (it failed, crashed or was killed) is lost: the others go on, and the command ends
+    naming it. SIGTERM or Ctrl-C to the command reaches the runs, which checkpoint and stop."""
+
+    def __init__(self, task, options, settings, folder, script, keep_models):
+        self.task, self.options, self.settings, self.folder = task, options, settings, folder
+        self.script, self.keep_models = script, keep_models
+        self.several = len(asked_runs(options)) > 1 or options.max_restarts > 0
+        self.slots = device_slots(options.parallel_runs, gpu_count(), available_cores())
+        self.running, self.lost, self.stopped_by, self.said_why = [], [], None, False
+
+    def train(self, todo, record):
+        """Runs `todo` ([(learning rate, seed, chain)]); `record(staged folder, run)` puts each
+        finished run among the records. Returns the lost runs' lines."""
+        waiting = collections.deque(todo)
+        with self.passing_on_signals():
+            while waiting or self.running:
+                if self.stopped_by:
+                    waiting.clear()  # no new run; the running ones checkpoint and stop
+                while waiting and len(self.running) < len(self.slots):
+                    self.start(*waiting.popleft())
+                if not self.running:
+                    break
+                run = self.next_finished()
+                self.running.remove(run)
+                if self.finish(run, record) and needs_run(run.chain, self.options.max_restarts):
+                    waiting.appendleft((run.learning_rate, run.seed, run.chain))
+                elif self.said_why:
+                    waiting.clear()  # the task's other runs would fail alike
+        if self.stopped_by:
+            raise Preempted(f"stopped by {self.stopped_by}; the runs keep their checkpoints: run "
+                            "the same command again to resume")
+        return self.lost
+
+    def start(self, learning_rate, seed, chain):
+        options, task = self.options, self.task
+        run_seed = seed + RESTART_SEED_STEP * len(chain)
+        name = run_name(task, learning_rate, run_seed, self.several)
+        staged = os.path.join(self.folder, f".tmp-{uuid.uuid4().hex[:12]}")
+        os.makedirs(staged)
+        values = {**vars(options), "task_name": [task.name], "seed": [str(run_seed)],
+                  "learning_rate": options.learning_rate[:1] if learning_rate is None else
+                  [str(learning_rate)]}
+        extra = {"run_dir": staged, "run_label": name, "keep_model": self.keep_models,
+                 "run_checkpoints": checkpoint_folder(options.checkpoint_dir, task, learning_rate,
+                                                      run_seed, self.settings),
+                 "run_tensorboard": tensorboard_folder(options, task, learning_rate, run_seed)}
+        rerun = arguments({key: values[key] for key in run_flag_names(values)})
+        slot = min(set(range(len(self.slots))) - {run.slot for run in self.running})
+        process = start_run([sys.executable, self.script, *rerun, *arguments(extra)],
+                            os.path.join(staged, "log.txt"), *self.slots[slot])
+        self.running.append(Started(learning_rate, seed, chain, run_seed, name, staged,
+                                    process, slot, rerun))
+
+    def next_finished(self):
+        while True:
+            for run in self.running:
+                if run.process.poll() is not None:
+                    run.process.finish()
+                    return run
+            time.sleep(0.1)
+
+    def finish(self, run, record):
+        """Records a finished run, or names it lost; returns whether it was recorded."""
+        path = os.path.join(run.staged, RUN_RECORD)
+        if run.process.returncode != 0 or not os.path.isfile(path):
+            self.lose(run)
+            return False
+        result = read_json(path)
+        result["command"] = shlex.join(["python", "glue.py", *run.rerun])
+        if run.chain:
+            result.update(restart_of=run.seed, restarted_from=run.chain[-1]["run_id"])
+        run.chain.append(result)
+        if result.get("collapsed"):
+            then = (f"restarting with seed {result['seed'] + RESTART_SEED_STEP}"
+                    if needs_run(run.chain, self.options.max_restarts) else
+                    "counted as it is in the summary (--max_restarts gives it another try)")
+            say(f"{run.name}: COLLAPSED: every dev prediction is the same; {then}")
+        record(run.staged, result)
+        return True
+
+    def lose(self, run):
+        """Keeps a lost run's log in its run folder, and says why it was lost in one line."""
+        final = run_folder(self.folder, run.learning_rate, run.run_seed)
+        os.makedirs(final, exist_ok=True)
+        log = os.path.join(final, "lost.log")
+        os.replace(os.path.join(run.staged, "log.txt"), log)
+        shutil.rmtree(run.staged, ignore_errors=True)
+        with open(log, encoding="utf-8", errors="replace") as file:
+            tail = [line.rstrip() for line in file.readlines()[-6:] if line.strip()]
+        code = run.process.returncode
+        if tail and tail[-1].startswith("glue.py: "):  # bad input, no TPU, or stopped
+            self.lost.append(tail[-1].removeprefix("glue.py: ").removeprefix("error: "))
+            self.said_why = True  # in its own line, already shown
+            return
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else \
+            f"exit status {code}" + (f": {tail[-1][:200]}" if tail else "")
+        line = f"{run.name}: LOST ({how}); its log: {log}"
+        print("\n    ".join([line, *tail[-5:]]), file=sys.stderr, flush=True)
+        self.lost.append(line)
+
+    @contextlib.contextmanager
+    def passing_on_signals(self):
+        """While the runs train, SIGTERM or Ctrl-C to the command passes SIGTERM on to them:
+        they checkpoint and stop, and the command waits for them, then stops too."""
+        def stop(signum, frame):
+            self.stopped_by = self.stopped_by or signal.Signals(signum).name
+            for run in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(run.process.pid, signal.SIGTERM)
+
+        previous = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def start_run(command, log_path, environment=None, cores=None):
+    """Starts one run's process. Its output reaches this process' stdout and stderr line by line
+    as it comes, and its log file whole. `cores`: the CPU cores it may use (None: all). If this
+    process dies first, the kernel sends the run SIGTERM, so no run outlives its command."""
+    def in_child():
+        if cores:
+            os.sched_setaffinity(0, cores)
+        with contextlib.suppress(OSError, AttributeError):  # Linux only: PR_SET_PDEATHSIG
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by `finish`)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+        env={**os.environ, **(environment or {}), "PYTHONUNBUFFERED": "1"},
+        preexec_fn=in_child)
+    lock = threading.Lock()
+
+    def copy(lines, terminal):
+        for line in lines:
+            terminal.write(line)
+            terminal.flush()
+            with lock:
+                log.write(line)
+                log.flush()
+
+    copiers = [threading.Thread(target=copy, args=pair, daemon=True)
+               for pair in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))]
+    for thread in copiers:
+        thread.start()
+
+    def finish():
+        for thread in copiers:
+            thread.join()
+        log.close()
+
+    process.finish = finish
+    return process
+
+
+def device_slots(parallel_runs, gpus, cores):
+    """`[(environment, cores)]` for each of `parallel_runs` runs at once: with GPUs, each run's
+    share of them (CUDA_VISIBLE_DEVICES); on CPU, each run's share of the cores, which sets its
+    TensorFlow thread pools. One run at a time sees everything."""
+    if parallel_runs == 1:
+        return [({}, None)]
+    if gpus:
+        share = gpus // parallel_runs
+        return [({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(i * share, (i + 1) * share)))},
+                 None) for i in range(parallel_runs)]
+    share = cores // parallel_runs
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return [({}, set(mine[i * share:(i + 1) * share]) or None) for i in range(parallel_runs)]
+
+
+def run_devices(options):
+    """`(strategy, replicas)` as a run of this command will make them, for its fingerprint:
+    said from the devices' count alone, since the command itself sets up no device."""
+    name, _ = strategy_and_tpu(options.distribution_strategy)
+    gpus = gpu_count() // options.parallel_runs
+    if name == "tpu":
+        return "TPUStrategy", "the TPU's"
+    if name == "one_device" or (name == "auto" and gpus < 2):
+        return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
+                1)
+    return "MirroredStrategy", gpus or len(tf.config.list_logical_devices("CPU"))
+
+
+def gpu_count():
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+# The flags only a command reads: they shape which runs it starts and what it makes of them,
+# not a run. Every other glue.py flag, a researcher's own included, goes to each run's process.
+SWEEP_FLAGS = ("max_restarts", "results_path", "finetuning_model_save_path", "report",
+               "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
+               "fill_missing_from", "validate_submission", "checkpoint_dir", "parallel_runs")
+
+
+def run_flag_names(names):
+    """The flags among `names` that a run's process gets."""
+    return [name for name in names
+            if name not in SWEEP_FLAGS + HELP_GROUPS[RUN_FLAGS]]
+
+
+def arguments(values):
+    """Flag values as command-line arguments (None: left out, the flag's default)."""
+    spelled = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            spelled.append(f"--{'' if value else 'no'}{name}")
+        elif isinstance(value, list):
+            spelled.append(f"--{name}={','.join(map(str, value))}")
+        elif value is not None:
+            spelled.append(f"--{name}={value}")
+    return spelled
+
+
+def record_run(task, options, settings, staged, run, save_path):
+    """Puts a finished run's folder in place among the records, its model dropped unless it
+    leads its learning rate, and makes the task's results anew, under the results lock: nothing
+    may read the folder half replaced."""
+    folder = os.path.dirname(staged)
+    write_json(os.path.join(staged, RUN_RECORD), run)
+    with updating_results(results_path(options)) as results:
+        if not leads_its_rate(run, read_records(folder)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(staged, "model.keras"))
+        put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
+        publish_into(results, task, options, settings, folder, save_path)
+    checkpoints = checkpoint_folder(options.checkpoint_dir, task, run["learning_rate"],
+                                    run["seed"], settings)
+    if checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
+
+# ================================================================================================
+# Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
+# per learning rate; the rate with the best median wins, and its best run is submitted.
+# ================================================================================================
+
+
+def run_order(run):
+    """Runs sort by learning rate, then seed: choices never depend on the order of recording."""
+    return run["learning_rate"] or 0.0, run["seed"]
+
+
+def rate_label(learning_rate):
+    return "none" if learning_rate is None else f"{learning_rate:g}"
+
+
+def chains(runs):
+    """The runs as chains, in run order: each asked run, then the restarts that followed it
+    while it collapsed. A restart names the run it followed (`restarted_from`), so one left by
+    an earlier attempt that --overwrite redid follows nothing and is left out."""
+    followers = {run["restarted_from"]: run for run in runs if "restarted_from" in run}
+    found = []
+    for head in sorted(runs, key=run_order):
+        if "restart_of" in head:
+            continue
+        chain = [head]
+        while chain[-1].get("collapsed") and chain[-1].get("run_id") in followers:
+            chain.append(followers[chain[-1]["run_id"]])
+        found.append(chain)
+    return found
+
+
+def chain_of(runs, learning_rate, seed):
+    """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
+    return next((chain for chain in chains(runs)
+                 if run_key(chain[0]) == (learning_rate, seed)), [])
+
+
+def counted_runs(runs):
+    """The runs that summaries count: a collapsed run that was restarted counts through its
+    last restart instead."""
+    return sorted((chain[-1] for chain in chains(runs)), key=run_order)
+
+
+def runs_by_rate(runs):
+    by_rate = {}
+    for run in counted_runs(runs):
+        by_rate.setdefault(rate_label(run["learning_rate"]), []).append(run)
+    return by_rate
+
+
+def best_run(counted):
+    """The counted run with the best task score on dev (the first of equals in run order)."""
+    return max(sorted(counted, key=run_order), key=run_score)
+
+
+def chosen_runs(runs):
+    """The counted runs of the learning rate with the best median task score over its seeds
+    (the smallest rate of equals)."""
+    return max(runs_by_rate(runs).values(),
+               key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
+
+
+def spread(values):
+    """Median, mean, sample standard deviation (0 for one value), min and max of the defined
+    values, and how many there were."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return {"runs": 0}
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def seed_summary(rate_runs):
+    """Per dev split and metric, the spread over one learning rate's runs; the spread of their
+    task scores; and how many of them collapsed."""
+    summary = {split: {name: spread([run.get(split, {}).get(name) for run in rate_runs])
+                       for name in metrics}
+               for split, metrics in dev_metrics(rate_runs[0]).items()}
+    return {**summary, "task_score": spread(map(run_score, rate_runs)),
+            "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
+
+
+PROCESS_KEYS = ("flags", "tokenize_seconds", "replicas")  # what a run's process adds to it
+
+
+def summarized(runs):
+    """A task's results entry made from its run records: every run of a live chain; the
+    submitted run (the chosen rate's best) with its dev metrics and times, and its process's
+    flags; the spread over seeds of every rate; and the task's GLUE score, the median of the
+    chosen rate's task scores."""
+    runs = [run for chain in chains(runs) for run in chain]
+    rate_runs = chosen_runs(runs)
+    submitted = best_run(rate_runs)
+    entry = {"runs": sorted(({key: value for key, value in run.items() if key not in PROCESS_KEYS}
+                             for run in runs), key=run_order),
+             **dev_metrics(submitted),
+             "submitted_run": {"learning_rate": submitted["learning_rate"],
+                               "seed": submitted["seed"]}}
+    entry.update({key: submitted[key] for key in (
+        "learning_rate", "train_examples", "load_seconds", "train_seconds", *PROCESS_KEYS)
+        if key in submitted})
+    entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
+                                     submitted.get("test_predict_seconds", 0.0), 2)
+    by_rate = runs_by_rate(runs)
+    entry["seed_summary"] = {rate: seed_summary(rate_runs) for rate, rate_runs in by_rate.items()}
+    if dev_metrics(submitted):
+        entry["glue_task_score"] = statistics.median(map(run_score, rate_runs))
+    if len(by_rate) > 1:  # the sweep at a glance: each rate's medians
+        entry["learning_rate_sweep"] = {
+            rate: {split: {name: values.get("median") for name, values in metrics.items()}
+                   for split, metrics in dev_metrics(summary).items()}
+            for rate, summary in entry["seed_summary"].items()}
+    return entry
+
+
+def entry_score(entry):
+    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
+
+
+def glue_score(results):
+    """The GLUE average over the tasks in `results`: each task's score, then their mean.
+
+    A task's score is the median over its chosen learning rate's runs of their task scores
+    (`glue_task_score`; one run: its task score). MNLI counts once, however its dev splits
+    were run: the entry with both (`mnli`), else the mean of `mnli_matched`'s and
+    `mnli_mismatched`'s.
+    """
+    entries_by_task = {}
+    for name, entry in sorted(results.items()):
+        if name in TASKS and dev_metrics(entry):
+            entries_by_task.setdefault(TASKS[name].training_data, []).append(entry)
+    scores = {}
+    for name, entries in sorted(entries_by_task.items()):
+        whole = [entry for entry in entries
+                 if len(dev_metrics(entry)) == len(TASKS[name].eval_splits)]
+        scores[name] = statistics.fmean(map(entry_score, whole[:1] or entries))
+    if not scores:
+        return None
+    return {"average": sum(scores.values()) / len(scores), "tasks": scores}
+
+# ================================================================================================
+# Publishing: the results JSON, the submission files and the saved model, made anew from the
+# records; the results table
+# ================================================================================================
+
+
+def leads_its_rate(run, records):
+    """Whether `run` is the best counted run of its learning rate, with the records of the
+    other runs: only such a run keeps its model (the submitted run is one, whatever runs come
+    later, unless a better one is redone worse or restarted)."""
+    runs = [other for other in records if run_key(other) != run_key(run)] + [run]
+    same_rate = [other for other in counted_runs(runs)
+                 if other["learning_rate"] == run["learning_rate"]]
+    return bool(same_rate) and best_run(same_rate) is run
+
+
+def publish(task, options, settings, folder, save_path=None):
+    """Makes the task's entry in the results JSON, its top-level submission files and the
+    saved model anew from the run records of `settings`, under the results lock, so that
+    processes finishing at once agree. Returns the entry (None when no run is recorded)."""
+    with updating_results(results_path(options)) as results:
+        return publish_into(results, task, options, settings, folder, save_path)
+
+
+def publish_into(results, task, options, settings, folder, save_path):
+    """`publish`, with the results JSON already open under its lock."""
+    records = read_records(folder)
+    if not records:
+        return results.get(task.name)
+    entry = {**summarized(records), "fingerprint": settings,
+             "fingerprint_id": fingerprint_id(settings)}
+    submitted = entry["submitted_run"]
+    chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
+    rows = options.submission_directory and submit_files(
+        task, chosen, options.submission_directory)
+    if rows:
+        entry.update(submission_rows=rows, submission_files_run=dict(submitted))
+    if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
+        save_chosen_model(task, chosen, save_path)
+    results[task.name] = entry
+    return entry
+
+
+def publish_recorded(options, root):
+    """`--task_name=none`: every recorded task's results and submission files made anew from
+    the records of its latest settings (after a job array's runs have all ended, say)."""
+    entries = {name: entry for name, entry in read_results(results_path(options)).items()
+               if name in TASKS and isinstance(entry, dict)}
+    for name, entry in entries.items():
+        if "fingerprint_id" not in entry:
+            say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
+                "record its runs)")
+            continue
+        task = TASKS[name]
+        publish(task, options, entry["fingerprint"],
+                records_folder(root, task, entry["fingerprint_id"]),
+                model_save_path(options, task, several_tasks=len(entries) > 1))
+
+
+def report_results(options):
+    """The report of the results JSON, in the submission folder, made anew (it may fail only
+    with a warning line: the results are recorded already)."""
+    if not (options.report and options.submission_directory and results_path(options)):
+        return
+    try:  # under the lock: a report is never older than the results beside it
+        with updating_results(results_path(options)) as results:
+            write_report(results, options.submission_directory)
+    except Exception as error:
+        say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
+
+
+def report_and_package(options, results):
+    """Prints the results table, then fills and zips the submission if asked to."""
+    table = format_results(read_results(results_path(options)) or results)
+    if table:
+        print(table)
+    if options.fill_missing_from:
+        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
+        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
+    if options.make_submission_zip:
+        print(f"Wrote {make_submission_zip(options.submission_directory)}")
+
+
+SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
+
+
+SUBMISSION_HEADER = "index\tprediction"
+
+
+def format_results(results):
+    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
+    the median ± sample standard deviation over the chosen learning rate's runs."""
+    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
+    for task_name, entry in sorted(results.items()):
+        if task_name not in TASKS:
+            continue
+        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
+        summary = entry.get("seed_summary", {}).get(rate)
+        for split, metrics in dev_metrics(entry).items():
+            if summary:
+                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
+                shown += f"  ({runs_text(summary)})"
+            else:  # an entry of one run, as older versions wrote
+                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
+            lines.append(f"{task_name:<16} {split:<22} {shown}")
+    score = glue_score(results)
+    if not score:
+        return ""  # no dev metrics to show (AX has none)
+    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
+                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
+    recipes = sorted({entry.get("flags", {}).get("recipe") for name, entry in results.items()
+                      if name in TASKS} - {None})
+    if recipes:
+        lines.append(f"Recipe: {', '.join(recipes)}")
+    return "\n".join(lines)
+
+
+def spread_text(name, values):
+    if not values["runs"]:
+        return f"{name} n/a"
+    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
+
+
+def runs_text(summary):
+    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
+    text = f"{runs} run{'s' * (runs != 1)}"
+    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
+                 for values in metrics.values()} - {runs}
+    if undefined:
+        text += f"; a metric is undefined in {runs - min(undefined)}"
+    return text + (f", {collapsed} collapsed" if collapsed else "")
+
+# ================================================================================================
+# Checking the options before any work: one clear line, before anything is read or trained
+# ================================================================================================
+
+
+# The flags' own checks, which absl runs as it parses them.
+STRATEGIES = ("auto", "one_device", "mirrored", "tpu")
+MULTI_WORKER = ("multi-worker training is retired: every GLUE encoder fits on one machine; use "
+                "--parallel_runs=N for several runs at once on one machine, or job arrays (one "
+                "seed each) into one shared --submission_directory across machines")
+
+
+def strategy_and_tpu(value):
+    """`--distribution_strategy`'s strategy name, and the TPU named after `tpu:` (else None)."""
+    name, _, tpu = value.partition(":")
+    return name, tpu or None
+
+
+def _valid_strategy(value):
+    name, _ = strategy_and_tpu(value)
+    if name == "multi_worker_mirrored":
+        raise flags.ValidationError(MULTI_WORKER)
+    return name in STRATEGIES and (name == "tpu" or ":" not in value)
+
+
+def _valid_learning_rates(values):
+    try:
+        rates = [float(value) for value in values]
+    except ValueError:
+        return False
+    return bool(rates) and min(rates) > 0 and len(set(rates)) == len(rates)
+
+
+flags.register_validator(
+    "task_name", lambda names: bool(names) and all(
+        name in ("all", "none") or name in TASKS for name in names),
+    "each name must be all, none, or a GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, "
+    "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
+flags.register_validator("learning_rate", _valid_learning_rates,
+                         "give positive numbers, comma-separated, each once")
+flags.register_validator(
+    "distribution_strategy", _valid_strategy,
+    f"use {', '.join(STRATEGIES[:-1])} or tpu:<name or grpc://host:port>")
+flags.register_validator("seed", lambda values: bool(values) and all(
+    re.fullmatch(r"\d+", value.strip()) for value in values),
+    "give non-negative integers, comma-separated")
+
+
+def expand_task_names(names):
+    """`all`, `none` and comma lists to task names, each once, in order."""
+    expanded = []
+    for name in names:
+        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
+            if task_name not in expanded:
+                expanded.append(task_name)
+    return expanded
+
+
+def check_options(options, task_names):
+    """Fails on bad combinations and paths before any data is read or any minute spent."""
+    for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
+        path = getattr(options, name)
+        if path and not path.endswith(".keras"):
+            raise GlueError(f"--{name}={path}: the path must end in `.keras`")
+    if options.finetuning_model_load_path:
+        if not os.path.isfile(options.finetuning_model_load_path):
+            raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
+                            " no such file")
+        if len(task_names) != 1 or len(options.learning_rate) != 1 or len(options.seed) != 1:
+            raise GlueError("--finetuning_model_load_path takes one task, one --seed and no "
+                            "learning-rate sweep (nothing is trained)")
+        if options.init_from_finetuned:
+            raise GlueError("--init_from_finetuned starts a finetuning, and "
+                            "--finetuning_model_load_path skips it: give one of them")
+    if options.init_from_finetuned and (not options.init_from_finetuned.endswith(".keras") or
+                                        not os.path.isfile(options.init_from_finetuned)):
+        raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
+                        "file; give a model saved by --finetuning_model_save_path")
+    check_runs(options, task_names)
+    if options.data_dir and not os.path.isdir(options.data_dir):
+        raise GlueError(f"--data_dir={options.data_dir}: no such folder")
+    if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
+        raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
+                        "folder, a Hugging Face model folder, or a KerasHub preset id")
+    if (options.make_submission_zip or options.fill_missing_from) and \
+            not options.submission_directory:
+        raise GlueError("--make_submission_zip and --fill_missing_from need "
+                        "--submission_directory")
+    if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
+        raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
+    check_output_paths(options)
+    check_multi_worker(os.environ.get("TF_CONFIG"))
+    if results_path(options):
+        read_results(results_path(options))
+    if task_names:
+        check_downloads_possible(options, task_names)
+    if options.data_dir and len(task_names) > 1:
+        check_all_data_files(options, task_names)
+
+
+def check_all_data_files(options, task_names):
+    """Opens and checks every file the tasks will read (paths, headers, labels, indices),
+    streaming, so that a bad file of the last task fails now, not hours in."""
+    checked = set()
+    for name in task_names:
+        for dataset, split in task_splits(TASKS[name], not options.finetuning_model_load_path):
+            if (dataset, split) not in checked:
+                checked.add((dataset, split))
+                try:
+                    check_local_split(options.data_dir, dataset, split)
+                except GlueError as error:
+                    raise GlueError(f"{name}: {error}") from None
+
+
+def check_runs(options, task_names, where=""):
+    """The runs asked for make sense: a sweep needs a dev set, and no seed may repeat or meet a
+    restart seed. `where`: what set them, for the line (a recipe's task)."""
+    if len(options.learning_rate) * len(options.seed) > 1 and any(
+            not TASKS[name].eval_splits for name in task_names):
+        raise GlueError(f"{where}ax has no dev set to choose a run by; give one --learning_rate "
+                        "and one --seed, or run mnli, which also writes AX.tsv")
+    seeds = [int(seed) for seed in options.seed]
+    clashes = [(seed, other) for seed in seeds for other in seeds
+               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
+               (other - seed) % RESTART_SEED_STEP == 0]
+    if len(set(seeds)) < len(seeds) or clashes:
+        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
+            "a seed repeats"
+        raise GlueError(f"{where}--seed={','.join(options.seed)}: {clash} under --max_restarts="
+                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
+                        "other seeds")
+
+
+def check_output_paths(options):
+    """Every folder the run will write to exists or can be made, and takes a file."""
+    folders = [("submission_directory", options.submission_directory),
+               ("checkpoint_dir", options.checkpoint_dir),
+               ("tensorboard_dir", tensorboard_root(options))]
+    for flag, path in [("results_path", results_path(options)),
+                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
+        if path and os.path.isdir(path):
+            raise GlueError(f"--{flag}={path} is a folder; give a file path")
+        folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
+    for flag, folder in folders:
+        if folder:
+            check_writable_folder(flag, folder)
+
+
+def check_writable_folder(flag, folder):
+    """`folder` exists, or can be made, and takes files (nothing is made yet)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
+                        "is made if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
+
+
+def check_downloads_possible(options, task_names):
+    """Offline, fails at once, naming everything that cannot be downloaded and the flags that
+    fix it: tensorflow-datasets would retry for minutes first."""
+    problem = None
+    if not options.data_dir:
+        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
+        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
+        problem = next(filter(None, map(download_problem, builders)), None)
+    if not problem:
+        return
+    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
+        try:
+            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
+        except Exception as error:  # KerasHub raises many types: no network, unknown id
+            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
+                            "Pass --data_dir=<folder in the glue_data/ layout> and "
+                            "--preset=<local preset or model folder>") from None
+    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
+                    "local GLUE files instead")
+
+
+def explain_preset_failure(preset, error):
+    try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
+        backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
+    except Exception:
+        backbone = None
+    if backbone is not None and not is_text_backbone(backbone):
+        return (f"preset {preset!r} holds a {type(backbone).__name__}, not a text encoder; "
+                "GLUE needs one (BERT, RoBERTa, DistilBERT, DeBERTaV3, ...)")
+    return (f"cannot load preset {preset!r} ({first_line(error)}); download it where you have "
+            "network and pass --preset=<local dir>")
+
+
+def looks_like_path(preset):
+    return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
+
+
+def task_datasets(task):
+    """The GLUE datasets a task reads: its training data and those of its test files."""
+    return {task.training_data} | {output.dataset for output in task.outputs}
+
+
+def results_path(options):
+    if options.results_path or not options.submission_directory:
+        return options.results_path
+    return os.path.join(options.submission_directory, "glue_results.json")
+
+
+def tensorboard_folder(options, task, learning_rate, seed):
+    """Where one run's TensorBoard logs go (None: nowhere): `<task>/lr<rate>_seed<seed>`, so
+    that TensorBoard's run selector is the sweep."""
+    root = tensorboard_root(options)
+    if not root or learning_rate is None:
+        return None
+    return os.path.join(root, task.name, f"lr{rate_label(learning_rate)}_seed{seed}")
+
+
+def tensorboard_root(options):
+    if not options.tensorboard:
+        return None
+    return options.tensorboard_dir or (options.submission_directory and os.path.join(
+        options.submission_directory, "tensorboard"))
+
+
+def model_save_path(options, task, several_tasks):
+    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
+    path = options.finetuning_model_save_path
+    if path and several_tasks:
+        return f"{path.removesuffix('.keras')}_{task.name}.keras"
+    return path
+
+
+def check_multi_worker(tf_config):
+    """Multi-worker training is retired; a TF_CONFIG of one task (what single-node platforms
+    set) is no cluster, and runs as before."""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        cluster = json.loads(tf_config or "{}").get("cluster") or {}
+        if sum(len(addresses) for addresses in cluster.values()) > 1:
+            raise GlueError(f"TF_CONFIG names a cluster of several workers: {MULTI_WORKER}")
+
+
+def check_devices_fit(options, task_names, settings):
+    """What the devices cannot do, said before any work: accumulating gradients over several
+    replicas (Keras 3.15 fails inside its update, keras-team/keras#20582), and more runs at once
+    than there are GPUs or cores to share out."""
+    gpus, cores = gpu_count(), available_cores()
+    if options.parallel_runs > (gpus or cores):
+        raise GlueError(f"--parallel_runs={options.parallel_runs}: there are "
+                        f"{plural(gpus, 'GPU') if gpus else plural(cores, 'core')} to share out; "
+                        f"give at most {gpus or cores}")
+    replicas = run_devices(options)[1]
+    for name in task_names:
+        steps = task_options(options, settings[name]).gradient_accumulation_steps
+        if steps > 1 and replicas != 1:
+            raise GlueError(f"{name}: --gradient_accumulation_steps={steps} needs one replica "
+                            f"(Keras cannot accumulate over {replicas}, keras-team/keras#20582); "
+                            "give the replicas a larger --batch_size instead")
+
+
+# ================================================================================================
 # Recipes: the per-task settings of a published protocol, for --recipe. Each maps task names
 # (and "defaults", for every task) to flags, spelled without dashes, and says in "source" where
 # the settings come from. "init_from_task" starts a task from another task's chosen model, in a
@@ -552,32 +2083,941 @@ RECIPES = {
 }
 
 
+RECIPE_SETTINGS = ("learning_rate", "seed", "epochs", "batch_size", "gradient_accumulation_steps",
+                   "warmup_ratio", "weight_decay", "clip_norm", "max_sequence_length",
+                   "evaluations_per_epoch", "select_best_epoch", "max_restarts")
+
+
+def read_recipe(name, flag_values):
+    """The recipe `--recipe` names (None for none): a shipped one, or a JSON file. A bad one is
+    one line naming its first wrong key."""
+    if not name:
+        return None
+    if name in RECIPES:
+        recipe = RECIPES[name]
+    elif not os.path.isfile(name):
+        raise GlueError(f"--recipe={name}: neither a shipped recipe ({', '.join(RECIPES)}) nor "
+                        "a JSON file")
+    else:
+        try:
+            with open(name, encoding="utf-8") as file:
+                recipe = json.load(file)
+        except (OSError, ValueError) as error:
+            raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
+    if not isinstance(recipe, dict):
+        raise GlueError(f"--recipe={name}: give a JSON object whose keys are task names")
+    for key, settings in recipe.items():
+        if key == "source" and isinstance(settings, str):
+            continue
+        if key not in TASKS and key != "defaults":
+            raise GlueError(f"--recipe={name}: unknown key {key!r}; the keys are task names "
+                            f"({', '.join(TASKS)}), defaults and source (a string)")
+        if not isinstance(settings, dict):
+            raise GlueError(f"--recipe={name}: {key} must map settings to values")
+        for setting, value in settings.items():
+            problem = recipe_value_problem(setting, value, flag_values)
+            if problem:
+                raise GlueError(f"--recipe={name}: {key}.{setting}: {problem}")
+    return recipe
+
+
+def recipe_value_problem(setting, value, flag_values):
+    """What is wrong with one recipe value (None: nothing), judged as its flag would be."""
+    if setting == "init_from_task":
+        return None if value in TASKS else f"{value!r} is not a task name"
+    if setting not in RECIPE_SETTINGS:
+        return f"unknown setting; a recipe sets {', '.join(RECIPE_SETTINGS)} and init_from_task"
+    if setting in ("learning_rate", "seed"):
+        kind = int if setting == "seed" else (int, float)
+        if isinstance(value, list) and value and all(
+                isinstance(item, kind) and not isinstance(item, bool) for item in value) and (
+                setting == "seed" or min(value) > 0):
+            return None
+        return f"give a list of {'integers' if setting == 'seed' else 'positive numbers'}, " \
+               f"got {value!r}"
+    flag = flag_values[setting]
+    kind, wanted = {"bool": (bool, "true or false"), "int": (int, "an integer"),
+                    "float": ((int, float), "a number")}[flag.flag_type()]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        return f"give {wanted}, got {value!r}"
+    try:
+        flag.parser.parse(value)  # its bounds
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def recipe_values(recipe, task_name, given, flag_values):
+    """The settings a recipe gives one task: its "defaults", then the task's own entry, less
+    the flags given on the command line (`given`), which win (--init_from_finetuned wins over
+    init_from_task); each as its flag holds it (a list of strings, 0 as 0.0 for a float)."""
+    values = {**recipe.get("defaults", {}), **recipe.get(task_name, {})} if recipe else {}
+    if "init_from_finetuned" in given:
+        values.pop("init_from_task", None)
+    return {name: [str(item) for item in value] if isinstance(value, list) else
+            value if name == "init_from_task" else flag_values[name].parser.parse(value)
+            for name, value in values.items() if name not in given}
+
+
+def in_rounds(task_names, settings):
+    """The tasks in the order they can run: a task that starts from another task's chosen model
+    comes after that task (in its second round); otherwise as asked. A recipe whose tasks start
+    from each other is refused even if this command runs only some of them."""
+    for name in settings:
+        if settings[name].get("init_from_task") == name:
+            raise GlueError(f"--recipe: {name} cannot start from its own model")
+    ordered_by_start(list(settings), settings)
+    return ordered_by_start(task_names, settings)
+
+
+def ordered_by_start(task_names, settings):
+    """`task_names`, each after the task it starts from (if that is among them)."""
+    ordered, waiting = [], list(task_names)
+    while waiting:
+        ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
+        if not ready:
+            raise GlueError(f"--recipe: {', '.join(waiting)} start from each other's models; "
+                            "give init_from_task a task that does not start from them")
+        ordered += ready
+        waiting = [name for name in waiting if name not in ready]
+    return ordered
+
+
+def chosen_model(options, root, task_name, settings):
+    """The model of a task's chosen run under the settings this command gives that task (its
+    recipe's, `settings[task_name]`), as its run folder kept it; a line if there is none."""
+    task, values = TASKS[task_name], dict(settings[task_name])
+    if values.get("init_from_task"):
+        values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
+                                                     settings)
+    source = fingerprint(task, task_options(options, values), run_devices(options))
+    folder = records_folder(root, task, fingerprint_id(source))
+    records = read_records(folder)
+    if not records:
+        raise GlueError(f"init_from_task: {task_name} has no recorded runs with this command's "
+                        "settings for it to start from; run it in the same command (or before, "
+                        "into the same folder)")
+    chosen = summarized(records)["submitted_run"]
+    path = run_model(folder, chosen)
+    if not os.path.isfile(path):
+        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; run "
+                        f"{task_name} again with --overwrite in the same command")
+    say(f"{task_name}'s chosen run ({describe_run(chosen)}, settings "
+        f"{fingerprint_id(source)}) is the model to start from")
+    return path
+
+
+def check_task_settings(options, task_names, settings):
+    """Each task's runs make sense with its recipe settings too (`check_runs`; check_options
+    checked the command line's), a warm start is a finetuning, which
+    --finetuning_model_load_path skips, and the devices can run them."""
+    for name in task_names:
+        if settings[name].get("init_from_task") and options.finetuning_model_load_path:
+            raise GlueError(f"{name}: the recipe starts it from another task's model, and "
+                            "--finetuning_model_load_path skips finetuning: give one of them")
+        if settings[name]:
+            check_runs(task_options(options, settings[name]), [name],
+                       where=f"{name}, with the recipe: ")
+    check_devices_fit(options, task_names, settings)
+
+
+def check_warm_starts(options, root, task_names, settings):
+    """A task that starts from one not in this command needs that task's chosen model now."""
+    for name in task_names:
+        source = settings[name].get("init_from_task")
+        if source and source not in task_names:
+            try:
+                chosen_model(options, root, source, settings)
+            except GlueError as error:
+                raise GlueError(f"{name}: {error}") from None
+
+
+def task_options(options, values):
+    """The options of one task: `options`, with its recipe's `values` (parsed as their flags
+    parse them, see `recipe_values`) in place."""
+    return types.SimpleNamespace(**{**vars(options), **{
+        name: value for name, value in values.items() if name != "init_from_task"}})
+
 # ================================================================================================
-# Loading. Both sources yield tfds-style examples: the task's text features as strings,
-# `label` (class id, float score for STS-B, -1 on test splits) and `idx`.
+# Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
+# fingerprint holds everything else that shapes its models and numbers: the settings, the
+# code, the contents of the files it reads, the libraries and the devices. Runs are recorded,
+# reused, resumed and summarized only under the same one.
 # ================================================================================================
 
 
-def load_task_data(task, options):
-    """Opens every split the task needs, dev and test first, checking files and labels before
-    any training. Returns `(train, {dev split: examples}, {submission file: examples})`; no
-    training split when nothing is trained."""
-    examples = {(dataset, split): load_split(options.data_dir, dataset, split)
-                for dataset, split in task_splits(task, options)}
-    eval_examples = {split: examples[task.training_data, split] for split in task.eval_splits}
-    test_examples = {output.file: examples[output.dataset, output.split]
-                     for output in task.outputs}
-    return examples.get((task.training_data, "train")), eval_examples, test_examples
+# What a task's fingerprint leaves out of the flags its runs get: the run's own place in the
+# sweep, where data and models come from (their contents count instead), and how the run is
+# placed on devices (the strategy and replicas count instead).
+FINGERPRINT_LEFT_OUT = ("task_name", "learning_rate", "seed", "recipe", "data_dir",
+                        "submission_directory", "checkpoint_every_steps",
+                        "distribution_strategy", "tpu_timeout_seconds")
 
 
-def task_splits(task, options):
-    """The `(dataset, split)` pairs a task reads: its dev splits, its test splits, then its
-    training split unless nothing is trained."""
-    splits = [(task.training_data, split) for split in task.eval_splits]
-    splits += [(output.dataset, output.split) for output in task.outputs]
-    if not options.finetuning_model_load_path:
-        splits.append((task.training_data, "train"))
-    return splits
+FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
+                     "finetuning_model_load_path": "file"}  # counted by their contents
+
+
+# The code that shapes the numbers: the custom code blocks, how data is read and tokenized, and
+# how a model is trained, evaluated and predicts test, with every definition of this file they
+# use, followed name by name. Definitions that only print or explain are left out.
+CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
+              "load_task_data", "tokenize_task_data", "starting_model", "make_optimizer",
+              "compile_for", "finetune", "DevEvaluations", "evaluate", "main",
+              "predict_test", "make_strategy")
+
+
+CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "GlueError",
+                 "explain_preset_failure", "first_line", "training_flops", "per_second",
+                 "clock", "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
+                 "HELP_GROUPS", "RUN_FLAGS", "report_run", "write_run")
+
+
+def fingerprint(task, options, devices):
+    """What a task's runs depend on, besides their learning rate and seed: every flag its runs
+    get (a researcher's own flags too), except those of FINGERPRINT_LEFT_OUT; the contents of
+    the files they read; the code; the libraries; and `devices`, the (strategy, replicas)."""
+    settings = {name: getattr(options, name) for name in run_flag_names(vars(options))
+                if name not in FINGERPRINT_LEFT_OUT + tuple(FINGERPRINT_FILES)}
+    settings.update({name: file_id(getattr(options, name)) for name in FINGERPRINT_FILES})
+    settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
+        options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
+        for dataset, split in task_splits(task, not options.finetuning_model_load_path)}
+    settings["code"] = code_ids()
+    settings["versions"] = {
+        "python": ".".join(platform.python_version_tuple()[:2]), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
+        "tensorflow_datasets": tfds.__version__}
+    settings["strategy"], settings["replicas"] = devices
+    return settings
+
+
+def file_id(path):
+    """A local file or folder by its contents; anything else (a preset id, None) as it is."""
+    if path and os.path.exists(os.path.expanduser(path)):
+        return contents_id(path)
+    return path
+
+
+def fingerprint_id(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def contents_id(path):
+    """`sha256:<hex>` of a file's bytes, or of a folder's file names and bytes (hidden files
+    left out): a file replaced at the same path changes it, a folder moved does not."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        return f"sha256:{file_digest(path)[:16]}"
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(name for name in files if not name.startswith(".")):
+            file = os.path.join(folder, name)
+            digest.update(f"{os.path.relpath(file, path)}\0{file_digest(file)}\0".encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def file_digest(path):
+    stat = os.stat(path)
+    return digest_of_file(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def digest_of_file(path, size, mtime_ns):
+    """Each file is read once a process, however many tasks share it (a changed file has
+    another size or modification time, and is read again)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+@functools.cache
+def code_ids():
+    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree
+    written back as code: comments, docstrings, line breaks and line numbers do not count."""
+    with open(os.path.abspath(__file__), encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    definitions = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            definitions.update({target.id: node for target in targets
+                                if isinstance(target, ast.Name)})
+    ids, todo = {}, list(CODE_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in ids or name not in definitions or name in CODE_LEFT_OUT:
+            continue
+        node = without_docstrings(definitions[name])
+        ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
+        todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
+    return dict(sorted(ids.items()))
+
+
+def without_docstrings(node):
+    for inner in ast.walk(node):
+        body = getattr(inner, "body", None)
+        if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(
+                body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+                body[0].value.value, str):
+            inner.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def changed_settings(old, new):
+    """What differs between two fingerprints, in words: `the code of GlueClassifier changed`,
+    `--preset folder contents changed`, `epochs 2 -> 3`."""
+    if not old or "code" not in old:
+        return "the recorded results were made by an older glue.py"
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        parts = ", ".join(sorted(key for key in set(before) | set(after)
+                                 if before.get(key) != after.get(key))) \
+            if isinstance(before, dict) and isinstance(after, dict) else ""
+        if name == "code":
+            changes.append(f"the code of {parts} changed")
+        elif name == "data":
+            changes.append(f"--data_dir files changed ({parts})")
+        elif name == "versions":
+            changes.append(", ".join(f"{part} {before.get(part)} -> {after.get(part)}"
+                                     for part in parts.split(", ")))
+        elif name in FINGERPRINT_FILES and all(
+                str(value).startswith("sha256:") for value in (before, after)):
+            changes.append(f"--{name} {FINGERPRINT_FILES[name]} contents changed")
+        else:
+            changes.append(f"{name} {before!r} -> {after!r}")
+    return "; ".join(changes)
+
+
+def asked_runs(options):
+    """The (learning rate, seed) pairs asked for, rate by rate; no learning rate when nothing
+    is trained."""
+    seeds = [int(seed) for seed in options.seed]
+    if options.finetuning_model_load_path:
+        return [(None, seeds[0])]
+    return [(float(rate), seed) for rate in options.learning_rate for seed in seeds]
+
+
+def run_key(run):
+    return run["learning_rate"], run["seed"]
+
+
+def needs_run(chain, max_restarts):
+    """Whether an asked run has work left: not run yet, or collapsed with restarts left."""
+    return not chain or (bool(chain[-1].get("collapsed")) and len(chain) - 1 < max_restarts)
+
+
+RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
+
+
+def run_name(task, learning_rate, seed, several):
+    """How progress lines name a run."""
+    if not several:
+        return task.name
+    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
+
+
+def describe_run(run):
+    rate = "no training" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
+    return f"{rate}, seed {run['seed']}"
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
+    """Where one run keeps its training state (None: nowhere); never shared with another run,
+    nor with the same run under other settings or code."""
+    if not checkpoint_dir or learning_rate is None:
+        return None
+    return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
+                                        f"{fingerprint_id(settings)}")
+
+# ================================================================================================
+# Devices: one tf.distribute strategy for a run. The custom code blocks and the optimizer run
+# inside its scope; Keras splits each global batch across its replicas.
+# ================================================================================================
+
+
+def make_strategy(value, tpu_timeout_seconds=600):
+    """The strategy `--distribution_strategy=value` asks for, on the devices this process sees."""
+    name, tpu = strategy_and_tpu(value)
+    if name == "tpu":
+        return tpu_strategy(tpu, tpu_timeout_seconds)
+    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
+    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
+            tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(local_devices[0])
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(local_devices)
+    raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+
+
+def tpu_strategy(tpu, timeout_seconds):
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
+                      f"within --tpu_timeout_seconds={timeout_seconds}; check the address in "
+                      "--distribution_strategy=tpu:<address>"):
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as error:
+        raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
+                        "pass --distribution_strategy=tpu:<TPU name or grpc://host:port>, or "
+                        "tpu:local on a TPU VM") from None
+    return tf.distribute.TPUStrategy(resolver)
+
+
+@contextlib.contextmanager
+def watchdog(seconds, message):
+    """Ends this process with `message` unless the block is done within `seconds`.
+
+    For TensorFlow's wait for a TPU, which lasts forever by default, holds the GIL (so no
+    Python thread could step in) and ignores SIGTERM: a separate process kills this one."""
+    code = ("import os, select, signal, sys\n"
+            "if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:\n"
+            "    print('glue.py: error: ' + sys.argv[3], file=sys.stderr, flush=True)\n"
+            "    os.kill(int(sys.argv[1]), signal.SIGKILL)\n")
+    guard = subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(seconds),
+                              message], stdin=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        guard.stdin.close()  # the guard sees end-of-file and leaves quietly
+        guard.wait()
+
+# ================================================================================================
+# Checkpoints: resuming exactly after a crash or preemption
+# ================================================================================================
+
+
+class TrainingCheckpoints(keras.callbacks.Callback):
+    """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
+    step boundary after SIGTERM or Ctrl-C, into `directory` (None: nowhere); `restore` returns
+    the number of batches to resume after.
+
+    The state is every model variable (dropout seeds included, which Keras' weight files leave
+    out), every optimizer variable, the number of batches trained, the dev evaluations so far
+    and the best one's weights: one file per checkpoint, written atomically, so a kill at any
+    instant resumes to the same best evaluation. The count of batches, not the optimizer's
+    step, says where to resume: under mixed_float16 the loss-scale optimizer does not count the
+    steps it skips.
+    """
+
+    def __init__(self, directory, every_steps=0, evaluations=None):
+        super().__init__()
+        self.directory = directory
+        self.every_steps = every_steps
+        self.evaluations = evaluations  # the run's dev evaluations, saved alongside
+        self.stopped_by = None  # the signal that asked training to stop
+        self.batches = 0  # batches trained, in all epochs
+
+    def paths(self):
+        return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
+
+    def state(self, model):
+        return model.variables + model.optimizer.variables
+
+    def restore(self, model):
+        if not self.directory or not self.paths():
+            return 0
+        with np.load(self.paths()[-1]) as saved:
+            arrays = positional_arrays(saved)
+            batches = int(saved["batches"]) if "batches" in saved.files else None
+            evaluations = json.loads(str(saved["evaluations"])) \
+                if "evaluations" in saved.files else []
+            best = [saved[name] for name in sorted(
+                (name for name in saved.files if name.startswith("best_")),
+                key=lambda name: int(name.removeprefix("best_")))]
+        state = self.state(model)
+        if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
+            raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
+                            "delete it or pass another --checkpoint_dir")
+        for variable, array in zip(state, arrays):
+            variable.assign(array)
+        self.batches = batches
+        if self.evaluations:
+            self.evaluations.resume(batches, evaluations, best or None)
+        return batches
+
+    def save(self):
+        if not self.directory:
+            return
+        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
+        arrays = [np.asarray(variable) for variable in self.state(self.model)]
+        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
+        best = (self.evaluations and self.evaluations.best_weights) or []
+        write_atomically(path, lambda temporary: np.savez(
+            temporary, *arrays, batches=np.array(self.batches),
+            evaluations=np.array(evaluations),
+            **{f"best_{i}": weight for i, weight in enumerate(best)}))
+        for older in self.paths():
+            if older != path:
+                os.remove(older)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.stopped_by or (self.every_steps and self.batches % self.every_steps == 0):
+            self.save()
+        if self.stopped_by:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.stopped_by:
+            self.save()
+
+    @contextlib.contextmanager
+    def stopping_on_signals(self):
+        """While active, SIGTERM (what preemption sends, and a command to its runs when it is
+        stopped) or Ctrl-C asks training to stop at the next step boundary."""
+        def stop(signum, frame):
+            self.stopped_by = self.stopped_by or signal.Signals(signum).name
+
+        previous = {signum: signal.signal(signum, stop)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def positional_arrays(saved):
+    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
+    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
+                                                 for name in saved.files))]
+
+# ================================================================================================
+# Progress: lines that a person at a terminal, or tailing a log file, can follow; speed
+# ================================================================================================
+
+
+PROGRESS_SECONDS = 60  # a progress line at least this often,
+
+
+PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
+
+
+QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
+
+
+def clock(seconds):
+    """`12.3s`, `8m18s` or `2h05m`."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def per_second(amount, seconds, unit):
+    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
+
+
+class Progress:
+    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
+    steps: at least every 5% of them and every PROGRESS_SECONDS. The 5% lines wait
+    `quiet_seconds`, so a phase over by then prints only its summary (tokenizing and
+    predicting mostly are); the minute's line never waits. `start`: steps done before (resume).
+    """
+
+    def __init__(self, label, total, *, start=0, quiet_seconds=QUIET_SECONDS, unit="ex"):
+        self.label, self.total, self.start, self.unit = label, total, start, unit
+        self.quiet_seconds = quiet_seconds
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start
+
+    def update(self, step, examples, details=lambda: ""):
+        now = time.perf_counter()
+        due = (now - self.started >= self.quiet_seconds and
+               step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
+               or now - self.last_time >= PROGRESS_SECONDS)
+        if not due or step >= self.total:
+            return
+        self.last_step, self.last_time = step, now
+        elapsed = now - self.started
+        remaining = elapsed / (step - self.start) * (self.total - step)
+        say(f"{self.label}  step {step}/{self.total}  {details()}"
+            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"ETA {clock(remaining)}")
+
+    def callback(self, batch_size):
+        """A Keras callback that updates this progress as `predict` goes, batch by batch."""
+        return keras.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: (
+            self.update(batch + 1, (batch + 1) * batch_size)))
+
+    def summary(self, amount, noun="rows", details=""):
+        seconds = time.perf_counter() - self.started
+        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
+            f"({per_second(amount, seconds, noun)}){details}")
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """A header per epoch, progress lines with the running loss, and a summary per epoch."""
+
+    def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
+        super().__init__()
+        self.label, self.epochs, self.steps = label, epochs, steps_per_epoch
+        self.batch_size, self.num_examples = batch_size, num_examples
+        self.resumed_steps = 0  # steps of the coming epoch trained before a resume
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.progress = Progress(f"{self.label}  epoch {epoch + 1}/{self.epochs}", self.steps,
+                                 start=self.resumed_steps, quiet_seconds=0)
+        resumed = f", resuming after step {self.resumed_steps}" if self.resumed_steps else ""
+        say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
+                             lambda: f"loss {float(logs['loss']):.4f}  ")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = f", loss {float(logs['loss']):.4f}" if logs else ""
+        if self.resumed_steps:  # a part of an epoch: count its steps, not its examples
+            self.progress.summary(self.steps - self.resumed_steps, "steps", loss)
+        else:
+            self.progress.summary(self.num_examples, "ex", loss)
+        self.resumed_steps = 0
+
+
+class TensorBoardLogs(keras.callbacks.Callback):
+    """One run's TensorBoard event files, laid out as Keras' own `TensorBoard` callback lays
+    them out (`train/` and `validation/`; tags `batch_loss`, `epoch_loss`,
+    `epoch_learning_rate`, ...), but with the step the number of batches trained, carried over
+    a resume: the curves of a sweep's runs line up, and a resumed run continues its own. (Keras'
+    callback restarts its step at every `fit`, logs epochs at `step=epoch`, and logs no
+    learning rate per batch.)
+
+    `train/`: the loss (Keras' mean over the epoch so far), the learning rate and examples per
+    second, every 1% of an epoch, at least every PROGRESS_SECONDS, and at each epoch's end.
+    `validation/`: every dev metric of every dev split, and the task score, at every evaluation.
+    A run started afresh replaces its folder; a resumed one first drops what was logged after
+    its checkpoint. As a context manager, it closes (and flushes) its writers however the run
+    ends: glue.py leaves through `os._exit`, which would lose unflushed events.
+    """
+
+    def __init__(self, folder, steps_per_epoch, batch_size, resumed_batches=0, evaluations=None):
+        super().__init__()
+        self.every, self.batch_size = max(steps_per_epoch // 100, 1), batch_size
+        self.evaluations = evaluations
+        self.batches = resumed_batches
+        self.logged = len(evaluations.records) if evaluations else 0  # before the checkpoint
+        kinds = ("train", "validation")
+        for kind in kinds:
+            if resumed_batches:
+                drop_events_after(os.path.join(folder, kind), resumed_batches)
+            else:
+                shutil.rmtree(os.path.join(folder, kind), ignore_errors=True)
+        self.writers = {kind: tf.summary.create_file_writer(os.path.join(folder, kind))
+                        for kind in kinds}
+        self.last_point = self.epoch_start = (time.perf_counter(), resumed_batches)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        for writer in self.writers.values():
+            writer.close()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = (time.perf_counter(), self.batches)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.batches % self.every == 0 or \
+                time.perf_counter() - self.last_point[0] >= PROGRESS_SECONDS:
+            self.log_training("batch", logs, self.last_point)
+        for record in self.evaluations.records[self.logged:] if self.evaluations else ():
+            self.log_evaluation(record)
+            self.logged += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.log_training("epoch", logs, self.epoch_start)
+
+    def log_training(self, prefix, logs, since):
+        now = time.perf_counter()
+        speed = (self.batches - since[1]) * self.batch_size / max(now - since[0], 1e-9)
+        self.write("train", self.batches, {
+            f"{prefix}_loss": float(logs["loss"]),
+            f"{prefix}_learning_rate": float(self.model.optimizer.learning_rate),
+            f"{prefix}_examples_per_second": speed})
+        self.last_point = (now, self.batches)
+
+    def log_evaluation(self, record):
+        splits = dev_metrics(record)
+        scalars = {f"epoch_{metric}" + (f"_{split.removeprefix('validation_')}"
+                                        if len(splits) > 1 else ""): value
+                   for split, metrics in splits.items() for metric, value in metrics.items()
+                   if value is not None}
+        self.write("validation", record["step"], {**scalars, "epoch_task_score":
+                                                  run_score(record)})
+
+    def write(self, kind, step, scalars):
+        # tf.summary.scalar is TensorBoard's, which TensorFlow no longer installs: this writes
+        # what it writes, through TensorFlow's own tf.summary.write.
+        with self.writers[kind].as_default(step=step):
+            for tag, value in scalars.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=SCALAR_METADATA)
+        self.writers[kind].flush()  # a killed run keeps what it logged
+
+
+SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
+    plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
+    data_class="DATA_CLASS_SCALAR").SerializeToString()
+
+
+def drop_events_after(folder, last_step):
+    """Rewrites a folder's event files without the events after `last_step`: what a killed run
+    logged past its last checkpoint, and its resumed run will log again."""
+    paths = sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")))
+    kept = []
+    for path in paths:
+        with contextlib.suppress(tf.errors.DataLossError):  # a last record cut short by a kill
+            for record in tf.data.TFRecordDataset(path):
+                if tf.compat.v1.Event.FromString(record.numpy()).step <= last_step:
+                    kept.append(record.numpy())
+    if not paths:
+        return
+
+    def write(temporary):
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in kept:
+                writer.write(record)
+
+    # Named after the oldest file, so that TensorBoard reads it before the new writer's.
+    write_atomically(f"{paths[0]}.kept", write)
+    for path in paths:
+        os.remove(path)
+
+
+def copy_encoder(source, target, source_path):
+    """Sets the weights of `target`'s KerasHub backbone to those of `source`'s."""
+    source_encoder, target_encoder = backbone_in(source), backbone_in(target)
+    if source_encoder is None or target_encoder is None:
+        holder = source_path if source_encoder is None else "the custom code blocks' model"
+        raise GlueError(f"--init_from_finetuned: {holder} holds no KerasHub backbone to take "
+                        "the encoder from")
+    weights = source_encoder.get_weights()
+    if [weight.shape for weight in weights] != [tuple(variable.shape)
+                                                for variable in target_encoder.weights]:
+        raise GlueError(f"--init_from_finetuned={source_path}: its encoder "
+                        f"({type(source_encoder).__name__}) differs from the --preset's "
+                        f"({type(target_encoder).__name__}); give the preset it was finetuned "
+                        "from")
+    target_encoder.set_weights(weights)
+
+
+def backbone_in(model):
+    """The KerasHub backbone inside a model, however deep (None if there is none)."""
+    for layer in model.layers:
+        if isinstance(layer, keras_hub.models.Backbone):
+            return layer
+        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
+            return backbone_in(layer)
+    return None
+
+
+def training_flops(model, split, epochs):
+    """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
+    backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
+    bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
+    (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
+    scores and their sum. None for a model without a KerasHub backbone (or without
+    `num_layers` and `hidden_dim`).
+    """
+    backbone = backbone_in(model)
+    layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
+    if not layers or not hidden:
+        return None
+    dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
+                        if weight.path.endswith("kernel") and not any(
+                            part in weight.path for part in ("embedding", "pool")))
+    if split.lengths is None:
+        widths = np.full(len(split), split.padded_length, np.float64)
+    else:
+        all_widths = np.array(bucket_widths(split), np.float64)
+        widths = all_widths[np.searchsorted(all_widths, split.lengths)]
+    forward = 2 * dense_weights * widths.sum() + 4 * layers * hidden * (widths ** 2).sum()
+    return 3 * epochs * float(forward)
+
+
+# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
+# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
+BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
+
+
+def bf16_hint(flags):
+    """One line for a CPU that computes bfloat16 fast (None for others)."""
+    for flag, name, speedup in BF16_SPEEDUPS:
+        if flag in flags:
+            return (f"This CPU has {name}: --mixed_precision=mixed_bfloat16 would train about "
+                    f"{speedup:g}x faster, with dev metrics within a point of float32 (the "
+                    "default stays float32, so that numbers do not change with the hardware)")
+    return None
+
+
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
+        for line in file:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+# ================================================================================================
+# GLUE files: the local glue_data/ layout, read and checked, or tensorflow-datasets
+# ================================================================================================
+
+
+# ================================================================================================
+# Tokenizing, inside: each split tokenized on a thread per core, kept without its padding, and
+# gathered into padded batches as they are made
+# ================================================================================================
+
+
+def tokenize(examples, task, preprocess_fn, split_name=""):
+    """Tokenizes a split once, before training, into a `TokenizedSplit`.
+
+    `preprocess_fn` (a `tf.function`) runs eagerly on batches of 1024 rows, traced once for
+    batches of any size, on a thread per core (TensorFlow releases the GIL while it runs).
+    Inside a `tf.data` map every new pipeline would set the tokenizer up again (about 0.3 s);
+    this way one setup serves every split. Rows stream in: no raw text is kept.
+    """
+    batches = examples.batch(TOKENIZE_BATCH).map(
+        lambda example: (*features_and_label(task)(example), example["idx"]))
+    preprocess_fn.get_concrete_function(*batches.element_spec[:2])
+    progress = Progress(f"{task.name}  tokenize {split_name}".rstrip(),
+                        int(batches.cardinality()), unit="rows")
+
+    def tokenize_batch(batch):
+        features, labels, idx = batch
+        return without_padding(*preprocess_fn(features, labels), idx)
+
+    pieces, rows = [], 0
+    tokenized = map_in_threads(tokenize_batch, batches, TOKENIZE_THREADS)
+    for step, piece in enumerate(tokenized, start=1):
+        pieces.append(piece)
+        rows += len(piece)
+        progress.update(step, rows)
+    split = joined(pieces)
+    progress.summary(len(split))
+    return split
+
+
+def without_padding(inputs, labels, idx):
+    """A `TokenizedSplit` of one batch of `preprocess_fn`'s output."""
+    inputs = tf.nest.map_structure(np.asarray, inputs)
+    labels, idx = np.asarray(labels), np.asarray(idx)
+    if not isinstance(inputs, dict) or "padding_mask" not in inputs or \
+            inputs["padding_mask"].ndim != 2:
+        return TokenizedSplit(inputs, labels, idx)
+    mask = inputs["padding_mask"].astype(bool)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    split = TokenizedSplit({}, labels, idx, lengths, mask.shape[1])
+    for name, value in inputs.items():
+        if name not in TOKEN_ALIGNED or value.shape != mask.shape:
+            split.inputs[name] = value
+            continue
+        split.dtypes[name] = value.dtype
+        if name != "padding_mask":
+            split.tokens[name] = smallest_integers(value[mask])  # row by row, the real tokens
+            padding = value[~mask][:1]  # padding as `preprocess_fn` pads
+            split.pad_values[name] = padding[0] if len(padding) else value.dtype.type(0)
+    return split
+
+
+def smallest_integers(values):
+    """`values` in the smallest integer type that holds them (token ids fit in 32 bits)."""
+    if values.dtype.kind not in "iu" or not len(values):
+        return values
+    low, high = values.min(), values.max()
+    fits = [kind for kind in (np.int8, np.int16, np.int32)
+            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max]
+    return values.astype(fits[0]) if fits else values
+
+
+def joined(pieces):
+    """One `TokenizedSplit` of the pieces, freeing each piece's tokens once they are copied."""
+    first = pieces[0]
+    split = dataclasses.replace(
+        first,
+        inputs=tf.nest.map_structure(lambda *parts: np.concatenate(parts),
+                                     *[piece.inputs for piece in pieces]),
+        labels=np.concatenate([piece.labels for piece in pieces]),
+        idx=np.concatenate([piece.idx for piece in pieces]),
+        tokens={})
+    if first.lengths is None:
+        return split
+    split.lengths = np.concatenate([piece.lengths for piece in pieces])
+    split.offsets = np.concatenate([[0], np.cumsum(split.lengths, dtype=np.int64)])
+    for name in list(first.tokens):
+        split.tokens[name] = np.concatenate([piece.tokens.pop(name) for piece in pieces])
+    split.pad_values = {name: next((piece.pad_values[name] for piece in pieces
+                                    if piece.lengths.min() < piece.padded_length), value)
+                        for name, value in first.pad_values.items()}
+    return split
+
+
+def map_in_threads(function, items, threads):
+    """`map(function, items)` on a few threads, in order, with a bounded backlog."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) > 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def gathered(split):
+    """`rows_of` as a tf.data map over batches of row indices. The arrays stay in numpy, out of
+    the tf.data graph, which would copy captured tensors into every pipeline it makes."""
+    example = rows_of(split, np.arange(1))
+    shapes = tf.nest.map_structure(
+        lambda array: tf.TensorShape([None] + list(array.shape[1:])), example)
+    if split.lengths is not None:  # token-aligned inputs vary in width from batch to batch
+        for name in [*split.tokens, "padding_mask"]:
+            shapes[0][name] = tf.TensorShape([None, None])
+
+    def gather(indices):
+        arrays = tf.numpy_function(
+            lambda rows: tf.nest.flatten(rows_of(split, rows)), [indices],
+            [tf.string if array.dtype == object else tf.as_dtype(array.dtype)
+             for array in tf.nest.flatten(example)], stateful=False)
+        for array, shape in zip(arrays, tf.nest.flatten(shapes)):
+            array.set_shape(shape)
+        return tf.nest.pack_sequence_as(example, arrays)
+
+    return gather
+
+
+def rows_of(split, indices):
+    """Rows `indices` of a split as one batch, `(inputs, labels, idx)` in numpy arrays, each
+    token-aligned input padded to the bucket width above the batch's longest row."""
+    inputs = tf.nest.map_structure(lambda values: values[indices], split.inputs)
+    if split.lengths is not None:
+        lengths = split.lengths[indices]
+        widths = bucket_widths(split)
+        width = widths[np.searchsorted(widths, lengths.max())]
+        real = np.arange(width) < lengths[:, None]
+        where = split.offsets[indices][:, None] + np.minimum(np.arange(width),
+                                                             lengths[:, None] - 1)
+        for name, values in split.tokens.items():
+            inputs[name] = np.where(real, values[where], split.pad_values[name]).astype(
+                split.dtypes[name])
+        inputs["padding_mask"] = real.astype(split.dtypes["padding_mask"])
+    return inputs, split.labels[indices], split.idx[indices]
 
 
 def load_split(data_dir, dataset, split):
@@ -740,2304 +3180,13 @@ def count(examples):
     known = int(examples.cardinality())
     return known if known >= 0 else int(examples.reduce(0, lambda total, _: total + 1))
 
-
-def features_and_label(task):
-    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
-    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
-
-
-# ================================================================================================
-# Tokenized splits and their batches: each split is tokenized once, then batched by length
-# ================================================================================================
-
-# Batches hold examples of similar length, padded to a multiple of 8 tokens: within 7 of their
-# longest example. The training and prediction steps are traced once for inputs of any length,
-# so many lengths cost no more tracing than few (with --jit_compile, XLA compiles each length).
-BUCKET_WIDTHS = tuple(range(8, 513, 8))
-TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
-TOKENIZE_BATCH = 1024
-
-
-def available_cores():
-    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
-PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
-
-
-@dataclasses.dataclass
-class TokenizedSplit:
-    """A tokenized split, one row per example, in file order, in numpy arrays.
-
-    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
-    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
-    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
-    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
-    Inputs without a `padding_mask` (a custom preprocessing may give any) are kept as they are,
-    in `inputs`, with the other inputs.
-    """
-
-    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
-    labels: np.ndarray
-    idx: np.ndarray
-    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
-    padded_length: int = None  # the length `preprocess_fn` padded to
-    tokens: dict = dataclasses.field(default_factory=dict)
-    offsets: np.ndarray = None
-    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
-    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
-
-    def __len__(self):
-        return len(self.labels)
-
-
-def tokenize_task_data(data, task, preprocess_fn):
-    """Tokenizes every split `load_task_data` opened, dev and test first: a bad line in them
-    then fails within seconds, not after the training split."""
-    train_examples, eval_examples, test_examples = data
-
-    def tokenize_each(splits):
-        return {name: tokenize(examples, task, preprocess_fn, name)
-                for name, examples in splits.items()}
-
-    eval_rows, test_rows = tokenize_each(eval_examples), tokenize_each(test_examples)
-    train_rows = None if train_examples is None else tokenize(train_examples, task,
-                                                              preprocess_fn, "train")
-    return train_rows, eval_rows, test_rows
-
-
-def tokenize(examples, task, preprocess_fn, split_name=""):
-    """Tokenizes a split once, before training, into a `TokenizedSplit`.
-
-    `preprocess_fn` (a `tf.function`) runs eagerly on batches of 1024 rows, traced once for
-    batches of any size, on a thread per core (TensorFlow releases the GIL while it runs).
-    Inside a `tf.data` map every new pipeline would set the tokenizer up again (about 0.3 s);
-    this way one setup serves every split. Rows stream in: no raw text is kept.
-    """
-    batches = examples.batch(TOKENIZE_BATCH).map(
-        lambda example: (*features_and_label(task)(example), example["idx"]))
-    preprocess_fn.get_concrete_function(*batches.element_spec[:2])
-    progress = Progress(f"{task.name}  tokenize {split_name}".rstrip(),
-                        int(batches.cardinality()), quiet_seconds=QUIET_SECONDS, unit="rows")
-
-    def tokenize_batch(batch):
-        features, labels, idx = batch
-        return without_padding(*preprocess_fn(features, labels), idx)
-
-    pieces, rows = [], 0
-    tokenized = map_in_threads(tokenize_batch, batches, TOKENIZE_THREADS)
-    for step, piece in enumerate(tokenized, start=1):
-        pieces.append(piece)
-        rows += len(piece)
-        progress.update(step, rows)
-    split = joined(pieces)
-    progress.summary(len(split))
-    return split
-
-
-def map_in_threads(function, items, threads):
-    """`map(function, items)` on a few threads, in order, with a bounded backlog."""
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending = collections.deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) > 2 * threads:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def without_padding(inputs, labels, idx):
-    """A `TokenizedSplit` of one batch of `preprocess_fn`'s output."""
-    inputs = tf.nest.map_structure(np.asarray, inputs)
-    labels, idx = np.asarray(labels), np.asarray(idx)
-    if not isinstance(inputs, dict) or "padding_mask" not in inputs or \
-            inputs["padding_mask"].ndim != 2:
-        return TokenizedSplit(inputs, labels, idx)
-    mask = inputs["padding_mask"].astype(bool)
-    lengths = mask.sum(axis=1).astype(np.int32)
-    split = TokenizedSplit({}, labels, idx, lengths, mask.shape[1])
-    for name, value in inputs.items():
-        if name not in TOKEN_ALIGNED or value.shape != mask.shape:
-            split.inputs[name] = value
-            continue
-        split.dtypes[name] = value.dtype
-        if name != "padding_mask":
-            split.tokens[name] = smallest_integers(value[mask])  # row by row, the real tokens
-            padding = value[~mask][:1]  # padding as `preprocess_fn` pads
-            split.pad_values[name] = padding[0] if len(padding) else value.dtype.type(0)
-    return split
-
-
-def smallest_integers(values):
-    """`values` in the smallest integer type that holds them (token ids fit in 32 bits)."""
-    if values.dtype.kind not in "iu" or not len(values):
-        return values
-    low, high = values.min(), values.max()
-    fits = [kind for kind in (np.int8, np.int16, np.int32)
-            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max]
-    return values.astype(fits[0]) if fits else values
-
-
-def joined(pieces):
-    """One `TokenizedSplit` of the pieces, freeing each piece's tokens once they are copied."""
-    first = pieces[0]
-    split = dataclasses.replace(
-        first,
-        inputs=tf.nest.map_structure(lambda *parts: np.concatenate(parts),
-                                     *[piece.inputs for piece in pieces]),
-        labels=np.concatenate([piece.labels for piece in pieces]),
-        idx=np.concatenate([piece.idx for piece in pieces]),
-        tokens={})
-    if first.lengths is None:
-        return split
-    split.lengths = np.concatenate([piece.lengths for piece in pieces])
-    split.offsets = np.concatenate([[0], np.cumsum(split.lengths, dtype=np.int64)])
-    for name in list(first.tokens):
-        split.tokens[name] = np.concatenate([piece.tokens.pop(name) for piece in pieces])
-    split.pad_values = {name: next((piece.pad_values[name] for piece in pieces
-                                    if piece.lengths.min() < piece.padded_length), value)
-                        for name, value in first.pad_values.items()}
-    return split
-
-
-def bucket_widths(split):
-    """The widths batches are padded to: multiples of 8, up to the padded length."""
-    return [width for width in BUCKET_WIDTHS if width < split.padded_length] + \
-        [split.padded_length]
-
-
-def rows_of(split, indices):
-    """Rows `indices` of a split as one batch, `(inputs, labels, idx)` in numpy arrays, each
-    token-aligned input padded to the bucket width above the batch's longest row."""
-    inputs = tf.nest.map_structure(lambda values: values[indices], split.inputs)
-    if split.lengths is not None:
-        lengths = split.lengths[indices]
-        widths = bucket_widths(split)
-        width = widths[np.searchsorted(widths, lengths.max())]
-        real = np.arange(width) < lengths[:, None]
-        where = split.offsets[indices][:, None] + np.minimum(np.arange(width),
-                                                             lengths[:, None] - 1)
-        for name, values in split.tokens.items():
-            inputs[name] = np.where(real, values[where], split.pad_values[name]).astype(
-                split.dtypes[name])
-        inputs["padding_mask"] = real.astype(split.dtypes["padding_mask"])
-    return inputs, split.labels[indices], split.idx[indices]
-
-
-def gathered(split):
-    """`rows_of` as a tf.data map over batches of row indices. The arrays stay in numpy, out of
-    the tf.data graph, which would copy captured tensors into every pipeline it makes."""
-    example = rows_of(split, np.arange(1))
-    shapes = tf.nest.map_structure(
-        lambda array: tf.TensorShape([None] + list(array.shape[1:])), example)
-    if split.lengths is not None:  # token-aligned inputs vary in width from batch to batch
-        for name in [*split.tokens, "padding_mask"]:
-            shapes[0][name] = tf.TensorShape([None, None])
-
-    def gather(indices):
-        arrays = tf.numpy_function(
-            lambda rows: tf.nest.flatten(rows_of(split, rows)), [indices],
-            [tf.string if array.dtype == object else tf.as_dtype(array.dtype)
-             for array in tf.nest.flatten(example)], stateful=False)
-        for array, shape in zip(arrays, tf.nest.flatten(shapes)):
-            array.set_shape(shape)
-        return tf.nest.pack_sequence_as(example, arrays)
-
-    return gather
-
-
-def batch_by_length(split, order, batch_size):
-    """Batches of rows of similar length, taken in the order of the index dataset `order`.
-
-    Most GLUE inputs are far shorter than the padded length, so this saves most of the
-    arithmetic. The model sees the same real tokens; only padding differs. Only row indices
-    pass through tf.data's bucketing; each batch's rows are gathered at once."""
-    if split.lengths is None:
-        return order.batch(batch_size).map(gathered(split))
-    lengths = tf.constant(split.lengths, tf.int32)
-    widths = bucket_widths(split)
-    return order.bucket_by_sequence_length(
-        lambda index: tf.gather(lengths, index),
-        bucket_boundaries=[width + 1 for width in widths],
-        bucket_batch_sizes=[batch_size] * (len(widths) + 1), no_padding=True,
-    ).map(gathered(split), num_parallel_calls=PIPELINE_THREADS)
-
-
-def steps_per_epoch(split, batch_size):
-    """How many batches `batch_by_length` makes of the split, in whatever order: every bucket
-    gives full batches and one last partial batch."""
-    if split.lengths is None:
-        return math.ceil(len(split) / batch_size)
-    buckets = np.bincount(np.searchsorted(bucket_widths(split), split.lengths))
-    return int(sum(math.ceil(rows / batch_size) for rows in buckets))
-
-
-def shortest_first(split):
-    """The row order that sorts the split by length (stable): batches of near-equal lengths
-    waste the least on padding."""
-    if split.lengths is None:
-        return np.arange(len(split))
-    return np.argsort(split.lengths, kind="stable")
-
-
-def prediction_batches(split, order, batch_size):
-    """Batches of the split's rows in `order`, each padded to the bucket above its longest."""
-    return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(
-        gathered(split), num_parallel_calls=PIPELINE_THREADS)
-
-
-def model_inputs(batches, with_labels):
-    """`(inputs, labels)` batches for `fit`, or inputs alone for `predict`, ready for
-    tf.distribute: every batch is split across replicas and workers (each worker reads the
-    whole, identically ordered stream), so all of them take the same number of steps.
-
-    Boolean token-aligned inputs (KerasHub's padding masks) become int32: under a strategy, Keras
-    averages the first batch across replicas, which booleans cannot do. A custom block's other
-    inputs pass as they are.
-
-    tf.data's autotuning is off: the pipeline's few threads are set (PIPELINE_THREADS), and an
-    autotuned iterator at times took 10 to 50 s to be destroyed at the end of an epoch (its
-    destructor waited on the autotuning thread)."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    options.autotune.enabled = False
-
-    def cast(inputs):
-        if not isinstance(inputs, dict):
-            return inputs
-        return {name: tf.cast(value, tf.int32) if name in TOKEN_ALIGNED and
-                value.dtype == tf.bool else value for name, value in inputs.items()}
-
-    return batches.map(lambda inputs, labels, idx: (cast(inputs), labels) if with_labels
-                       else cast(inputs)).with_options(options)
-
-
-# ================================================================================================
-# Train, evaluate, predict: one run, from the model the custom code blocks make to its dev
-# metrics and test predictions.
-# ================================================================================================
-
-
-def initial_model(task, options):
-    """The model finetuning starts from: the custom code blocks' model, with the encoder of
-    `--init_from_finetuned` in place of the pretrained one when given."""
-    model = make_finetuning_model(load_pretrained_model(), task.num_outputs)
-    if options.init_from_finetuned:
-        finetuned = keras.models.load_model(options.init_from_finetuned, compile=False)
-        copy_encoder(finetuned, model, options.init_from_finetuned)
-    return model
-
-
-def copy_encoder(source, target, source_path):
-    """Sets the weights of `target`'s KerasHub backbone to those of `source`'s."""
-    source_encoder, target_encoder = backbone_in(source), backbone_in(target)
-    if source_encoder is None or target_encoder is None:
-        holder = source_path if source_encoder is None else "the custom code blocks' model"
-        raise GlueError(f"--init_from_finetuned: {holder} holds no KerasHub backbone to take "
-                        "the encoder from")
-    weights = source_encoder.get_weights()
-    if [weight.shape for weight in weights] != [tuple(variable.shape)
-                                                for variable in target_encoder.weights]:
-        raise GlueError(f"--init_from_finetuned={source_path}: its encoder "
-                        f"({type(source_encoder).__name__}) differs from the --preset's "
-                        f"({type(target_encoder).__name__}); give the preset it was finetuned "
-                        "from")
-    target_encoder.set_weights(weights)
-
-
-def backbone_in(model):
-    """The KerasHub backbone inside a model, however deep (None if there is none)."""
-    for layer in model.layers:
-        if isinstance(layer, keras_hub.models.Backbone):
-            return layer
-        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
-            return backbone_in(layer)
-    return None
-
-
-def finetune(task, options, train_rows, eval_rows, learning_rate, seed, strategy, name,
-             checkpoints=None, tensorboard=None):
-    """One run's model, finetuned (or loaded), and its record: dev metrics, every evaluation,
-    whether it collapsed. Run inside `strategy.scope()`, so the model, optimizer and metrics
-    live on its replicas. `checkpoints` and `tensorboard`: the run's own folders for its
-    checkpoints and its TensorBoard logs (None: none)."""
-    keras.utils.set_random_seed(seed)
-    start = time.perf_counter()
-    record = {"learning_rate": learning_rate, "seed": seed}
-
-    def evaluate_model(model):
-        return evaluate(model, eval_rows, task, options.batch_size, name)
-
-    if options.finetuning_model_load_path:
-        model = keras.models.load_model(options.finetuning_model_load_path, compile=False)
-        model.jit_compile = options.jit_compile
-        record["load_seconds"] = seconds_since(start)
-        start = time.perf_counter()
-        metrics, collapsed = evaluate_model(model)
-        record.update(metrics, collapsed=collapsed, dev_predict_seconds=seconds_since(start))
-        return model, record
-    model = initial_model(task, options)
-    record["load_seconds"] = seconds_since(start)
-    evaluations = DevEvaluations(
-        evaluate_model, steps_per_epoch(train_rows, options.batch_size), options.epochs,
-        options.evaluations_per_epoch, options.select_best_epoch) if eval_rows else None
-    start = time.perf_counter()
-    skipped_steps, resumed_after = train(
-        model, train_rows, task, batch_size=options.batch_size, epochs=options.epochs,
-        learning_rate=learning_rate, warmup_ratio=options.warmup_ratio,
-        weight_decay=options.weight_decay, seed=seed, clip_norm=options.clip_norm,
-        accumulation=options.gradient_accumulation_steps,
-        evaluations=evaluations, checkpoint_dir=checkpoints, tensorboard_dir=tensorboard,
-        checkpoint_every_steps=options.checkpoint_every_steps,
-        write_checkpoints=strategy.extended.should_checkpoint,
-        jit_compile=options.jit_compile, label=name)
-    evaluation_seconds = evaluations.seconds if evaluations else 0.0
-    record["train_seconds"] = round(seconds_since(start) - evaluation_seconds, 2)
-    record["train_examples"] = len(train_rows)
-    flops = training_flops(model, train_rows, options.epochs)
-    if flops and not resumed_after and record["train_seconds"] > 0:  # a resumed run did less
-        record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
-        rate = per_second(options.epochs * len(train_rows), record["train_seconds"], "ex")
-        say(f"{name}: train {rate}, {record['train_tflops_per_second']:.3f} TFLOP/s of "
-            "encoder matmuls")
-    if options.mixed_precision == "mixed_float16":
-        record["skipped_steps"] = skipped_steps  # by the loss scale, after an overflow
-    if evaluations:
-        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
-        record.update(dev_metrics(reported), collapsed=reported["collapsed"],
-                      best_epoch=evaluations.records[evaluations.best]["epoch"],
-                      evaluations=evaluations.records,
-                      dev_predict_seconds=round(evaluation_seconds, 2))
-    return model, record
-
-
-def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0,
-                   accumulation=1):
-    """AdamW on BERT's schedule; `clip_norm` clips the gradients' global norm (0: not at all).
-    Keras clips before it sums the replicas' gradients, so with several replicas each
-    replica's share of the batch is clipped on its own.
-
-    With `accumulation` = N > 1, Keras' optimizer updates every N batches, with their mean
-    gradient (clipped once, the mean), and counts its Adam steps in updates; the schedule, which
-    Keras feeds the count of batches, divides it by N. Updates follow the batches of the whole
-    run, across epoch ends: a group may start in one epoch and end in the next, and the last
-    `total_steps % N` batches of the run make no update."""
-    updates = total_steps // accumulation
-    if not updates:
-        raise GlueError(f"--gradient_accumulation_steps={accumulation} is more than the "
-                        f"{total_steps} batches of the whole training: no update would be made")
-    schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
-                                 accumulation)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=clip_norm or None,
-        gradient_accumulation_steps=accumulation if accumulation > 1 else None)  # 1: refused
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
-@keras.saving.register_keras_serializable(package="glue")
-class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """BERT's schedule, in updates: linear warmup from 0 to the peak, then linear decay to 0.
-    Keras calls it with the number of batches trained, `batches_per_update` of them an
-    update."""
-
-    def __init__(self, peak_learning_rate, warmup_steps, total_steps, batches_per_update=1):
-        self.peak_learning_rate = peak_learning_rate
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.batches_per_update = batches_per_update
-
-    def __call__(self, step):
-        step = keras.ops.cast(keras.ops.floor_divide(step, self.batches_per_update), "float32")
-        warmup = step / self.warmup_steps if self.warmup_steps else 1.0  # no warmup: full rate
-        decay = (self.total_steps - step) / max(self.total_steps - self.warmup_steps, 1)
-        return self.peak_learning_rate * keras.ops.maximum(keras.ops.minimum(warmup, decay), 0.0)
-
-    def get_config(self):
-        return {"peak_learning_rate": self.peak_learning_rate,
-                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "batches_per_update": self.batches_per_update}
-
-
-def compile_for(model, task, optimizer, jit_compile=False):
-    if task.is_regression:
-        loss = keras.losses.MeanSquaredError()
-    else:
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile)
-
-
-def train(model, split, task, *, batch_size, epochs, learning_rate, warmup_ratio,
-          weight_decay, seed, clip_norm=0.0, accumulation=1, evaluations=None,
-          checkpoint_dir=None, checkpoint_every_steps=0, write_checkpoints=True,
-          jit_compile=False, label=None, tensorboard_dir=None):
-    """Finetunes `model` in place on a tokenized split. Returns how many steps the optimizer
-    skipped (under mixed_float16, for a loss scale that overflowed; else 0), and how many
-    batches were trained before a resume (0: none).
-
-    `evaluations`: a `DevEvaluations` to run during training. With `checkpoint_dir`, training
-    resumes from the checkpoint there, and SIGTERM (what preemption sends) stops it at the next
-    step boundary, after a checkpoint. With `tensorboard_dir`, the run's TensorBoard logs go
-    there, their steps counted in batches trained, a resume included.
-    """
-    steps = steps_per_epoch(split, batch_size)
-    compile_for(model, task, make_optimizer(learning_rate, epochs * steps, warmup_ratio,
-                                            weight_decay, clip_norm, accumulation), jit_compile)
-    # Made now, the optimizer's variables spare `fit` a second trace of the training step.
-    model.optimizer.build(model.trainable_variables)
-    checkpoints = TrainingCheckpoints(checkpoint_dir or "", checkpoint_every_steps,
-                                      write_checkpoints and bool(checkpoint_dir), evaluations)
-    done = checkpoints.restore(model) if checkpoint_dir else 0
-    if done:
-        logging.info("Resuming from step %d, checkpoint in %s", done, checkpoint_dir)
-    progress = TrainingProgress(label or task.name, epochs, steps, batch_size, len(split))
-    logs = TensorBoardLogs(tensorboard_dir, steps, batch_size, done, evaluations) if \
-        tensorboard_dir else None
-    with checkpoints.stopping_on_sigterm(), logs or contextlib.nullcontext():
-        for epoch in range(done // steps, epochs):
-            # Each epoch's order depends on (seed, epoch) alone, so a resumed run sees the same
-            # batches as an uninterrupted one; it skips those it has already trained on. Only
-            # the row indices are shuffled, never the rows themselves.
-            progress.resumed_steps = max(done - epoch * steps, 0)
-            order = tf.data.Dataset.range(len(split)).shuffle(len(split), seed=seed + epoch)
-            batches = (batch_by_length(split, order, batch_size)
-                       .skip(progress.resumed_steps)
-                       .apply(tf.data.experimental.assert_cardinality(
-                           steps - progress.resumed_steps))
-                       .apply(lambda batches: model_inputs(batches, with_labels=True))
-                       .prefetch(PIPELINE_THREADS))
-            # The evaluations come before the checkpoint, which then holds them.
-            model.fit(batches, initial_epoch=epoch, epochs=epoch + 1, verbose=0, shuffle=False,
-                      callbacks=[*filter(None, [evaluations, logs]), checkpoints, progress])
-            if checkpoints.sigterm_received:
-                raise Preempted(
-                    f"stopped by SIGTERM at step {checkpoints.batches} of {epochs * steps}; "
-                    f"the checkpoint is in {checkpoint_dir}: run the same command again to "
-                    "resume")
-    return epochs * steps - batches_applied(model.optimizer), done
-
-
-def batches_applied(optimizer):
-    """The batches the optimizer took: Keras' own count (its public `iterations` counts
-    updates under gradient accumulation), of the inner optimizer under mixed_float16's loss
-    scaling, which does not count the batches it skips. `.numpy()`: under a strategy the
-    counter is a MirroredVariable, which int() refuses."""
-    return int(getattr(optimizer, "inner_optimizer", optimizer)._iterations.numpy())
-
-
-class DevEvaluations(keras.callbacks.Callback):
-    """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
-    evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
-
-    With `keep_best`, a copy of the best evaluation's weights is kept in memory while a later
-    evaluation could still beat it, and `finish` puts it back; the checkpoints save it with the
-    training state, in the same file. The best is the highest task score; a later evaluation
-    must beat it, not tie.
-    """
-
-    def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True):
-        super().__init__()
-        self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
-        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
-        self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
-        self.keep_best = keep_best
-        self.records, self.batches, self.seconds = [], 0, 0.0
-        self.best_weights = None  # None while the model's own weights are the best ones
-
-    def resume(self, batches, records, best_weights):
-        self.batches, self.records, self.best_weights = batches, records, best_weights
-
-    @property
-    def best(self):
-        """The index of the best evaluation so far (the first of equals)."""
-        scores = [run_score(record) for record in self.records]
-        return scores.index(max(scores)) if scores else None
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if (self.batches - 1) % self.steps + 1 in self.due:
-            self.run_evaluation()
-
-    def run_evaluation(self):
-        start = time.perf_counter()
-        metrics, collapsed = self.evaluate(self.model)
-        self.seconds += time.perf_counter() - start
-        epoch = self.batches / self.steps
-        self.records.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3),
-                             "step": self.batches, **metrics, "collapsed": collapsed})
-        if self.keep_best and self.best == len(self.records) - 1:
-            # A copy only while a later evaluation could still beat this one.
-            self.best_weights = self.model.get_weights() if self.batches < self.total else None
-
-    def finish(self, model):
-        """Puts the best evaluation's weights back (with `keep_best`) and returns its record
-        (None without evaluations)."""
-        if not self.records:
-            return None
-        best = self.records[self.best] if self.keep_best else self.records[-1]
-        if best is not self.records[-1]:
-            model.set_weights(self.best_weights)
-        self.best_weights = None
-        return best
-
-
-def positional_arrays(saved):
-    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
-    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
-                                                 for name in saved.files))]
-
-
-def evaluate(model, eval_rows, task, batch_size, name):
-    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
-    metrics, predicted = {}, []
-    for split, rows in eval_rows.items():
-        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
-        metrics[split] = compute_metrics(task, labels, predictions)
-        predicted.append(predictions)
-    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
-
-
-def predict(model, split, task, batch_size, label=None):
-    """Returns `(idx, labels, predictions)` for a tokenized split, shortest examples first.
-
-    Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
-    """
-    order = shortest_first(split)
-    batches = (prediction_batches(split, order, batch_size)
-               .apply(lambda batches: model_inputs(batches, with_labels=False))
-               .prefetch(PIPELINE_THREADS))
-    trace_for_every_length(model, batches)
-    progress = Progress(label or f"{task.name}  predict", math.ceil(len(split) / batch_size),
-                        quiet_seconds=QUIET_SECONDS)
-    logits = model.predict(batches, verbose=0, callbacks=[PredictionProgress(progress,
-                                                                             batch_size)])
-    progress.summary(len(split))
-    if task.is_regression:
-        predictions = np.clip(logits.reshape(-1), 0.0, 5.0)
-    else:
-        predictions = logits.argmax(axis=-1)
-    return split.idx[order], split.labels[order], predictions
-
-
-def trace_for_every_length(model, batches):
-    """Traces Keras' prediction step once, for batches of every size and length.
-
-    Left to itself, Keras traces it for the first batch's exact shape, then again for a shape
-    that fits every batch. This relies on Keras' private one-step signature (a list of one
-    batch), and it still pays: `benchmarks/tracing.py` measured the first prediction of MRPC dev
-    at 2.72 s against 3.62 s, later ones alike (Keras 3.15, AMD EPYC, benchmarks/RESULTS.md)."""
-    model.make_predict_function()
-    spec = model.distribute_strategy.experimental_distribute_dataset(batches).element_spec
-    model.predict_function.get_concrete_function([spec])
-
-
-def predict_test(model, test_rows, task, batch_size, name):
-    """Every submission table, computed before any is written: a failure never leaves a
-    partial submission."""
-    tables = {}
-    for file, rows in test_rows.items():
-        idx, _, predictions = predict(model, rows, task, batch_size, f"{name}  predict {file}")
-        tables[file] = submission_table(task, idx, predictions)
-    return tables
-
-
-def compute_metrics(task, labels, predictions):
-    """The task's official GLUE metrics, as fractions; None where undefined (constant input)."""
-    with warnings.catch_warnings():  # a constant input is reported as None instead
-        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
-        values = {name: float(METRICS[name](labels, predictions)) for name in task.metrics}
-    return {name: value if math.isfinite(value) else None for name, value in values.items()}
-
-
-def is_collapsed(predictions):
-    """Whether a model gave every dev example the same class (STS-B: the same score)."""
-    return len(predictions) > 1 and float(np.ptp(predictions)) <= COLLAPSED_SPREAD
-
-
-COLLAPSED_SPREAD = 1e-3  # STS-B scores (0 to 5) closer together than this count as one
-
-
-# ================================================================================================
-# Scores: a run's, a learning rate's over its seeds, a task's, and the GLUE average
-# ================================================================================================
-
-
-def dev_metrics(entry):
-    """The `{split: {metric: value}}` part of a task's results entry."""
-    return {split: metrics for split, metrics in entry.items() if split.startswith("validation")}
-
-
-def task_score(splits):
-    """One number per task as the leaderboard ranks it: the mean of its dev metrics over its
-    dev splits (MNLI: of matched and mismatched accuracy). An undefined metric counts as 0."""
-    values = [value or 0.0 for metrics in splits.values() for value in metrics.values()]
-    return sum(values) / len(values) if values else None
-
-
-def entry_score(entry):
-    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
-
-
-def glue_score(results):
-    """The GLUE average over the tasks in `results`: each task's score, then their mean.
-
-    A task's score is the median over its chosen learning rate's runs of their task scores
-    (`glue_task_score`; one run: its task score). MNLI counts once, however its dev splits
-    were run: the entry with both (`mnli`), else the mean of `mnli_matched`'s and
-    `mnli_mismatched`'s.
-    """
-    entries_by_task = {}
-    for name, entry in sorted(results.items()):
-        if name in TASKS and dev_metrics(entry):
-            entries_by_task.setdefault(TASKS[name].training_data, []).append(entry)
-    scores = {}
-    for name, entries in sorted(entries_by_task.items()):
-        whole = [entry for entry in entries
-                 if len(dev_metrics(entry)) == len(TASKS[name].eval_splits)]
-        scores[name] = statistics.fmean(map(entry_score, whole[:1] or entries))
-    if not scores:
-        return None
-    return {"average": sum(scores.values()) / len(scores), "tasks": scores}
-
-
-# ------------------------------------------------------------------------------------------------
-# Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
-# per learning rate; the rate with the best median wins, and its best run is submitted.
-# ------------------------------------------------------------------------------------------------
-
-
-def run_score(run):
-    return task_score(dev_metrics(run)) or 0.0
-
-
-def run_order(run):
-    """Runs sort by learning rate, then seed: choices never depend on the order of recording."""
-    return run["learning_rate"] or 0.0, run["seed"]
-
-
-def rate_label(learning_rate):
-    return "none" if learning_rate is None else f"{learning_rate:g}"
-
-
-def chains(runs):
-    """The runs as chains, in run order: each asked run, then the restarts that followed it
-    while it collapsed. A restart names the run it followed (`restarted_from`), so one left by
-    an earlier attempt that --overwrite redid follows nothing and is left out."""
-    followers = {run["restarted_from"]: run for run in runs if "restarted_from" in run}
-    found = []
-    for head in sorted(runs, key=run_order):
-        if "restart_of" in head:
-            continue
-        chain = [head]
-        while chain[-1].get("collapsed") and chain[-1].get("run_id") in followers:
-            chain.append(followers[chain[-1]["run_id"]])
-        found.append(chain)
-    return found
-
-
-def chain_of(runs, learning_rate, seed):
-    """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
-    return next((chain for chain in chains(runs)
-                 if run_key(chain[0]) == (learning_rate, seed)), [])
-
-
-def counted_runs(runs):
-    """The runs that summaries count: a collapsed run that was restarted counts through its
-    last restart instead."""
-    return sorted((chain[-1] for chain in chains(runs)), key=run_order)
-
-
-def runs_by_rate(runs):
-    by_rate = {}
-    for run in counted_runs(runs):
-        by_rate.setdefault(rate_label(run["learning_rate"]), []).append(run)
-    return by_rate
-
-
-def best_run(counted):
-    """The counted run with the best task score on dev (the first of equals in run order)."""
-    return max(sorted(counted, key=run_order), key=run_score)
-
-
-def chosen_runs(runs):
-    """The counted runs of the learning rate with the best median task score over its seeds
-    (the smallest rate of equals)."""
-    return max(runs_by_rate(runs).values(),
-               key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
-
-
-def spread(values):
-    """Median, mean, sample standard deviation (0 for one value), min and max of the defined
-    values, and how many there were."""
-    values = [value for value in values if value is not None]
-    if not values:
-        return {"runs": 0}
-    return {"median": statistics.median(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "runs": len(values)}
-
-
-def seed_summary(rate_runs):
-    """Per dev split and metric, the spread over one learning rate's runs; the spread of their
-    task scores; and how many of them collapsed."""
-    summary = {split: {name: spread([run.get(split, {}).get(name) for run in rate_runs])
-                       for name in metrics}
-               for split, metrics in dev_metrics(rate_runs[0]).items()}
-    return {**summary, "task_score": spread(map(run_score, rate_runs)),
-            "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
-
-
-PROCESS_KEYS = ("flags", "tokenize_seconds", "replicas")  # what a run's process adds to it
-
-
-def summarized(runs):
-    """A task's results entry made from its run records: every run of a live chain; the
-    submitted run (the chosen rate's best) with its dev metrics and times, and its process's
-    flags; the spread over seeds of every rate; and the task's GLUE score, the median of the
-    chosen rate's task scores."""
-    runs = [run for chain in chains(runs) for run in chain]
-    rate_runs = chosen_runs(runs)
-    submitted = best_run(rate_runs)
-    entry = {"runs": sorted(({key: value for key, value in run.items() if key not in PROCESS_KEYS}
-                             for run in runs), key=run_order),
-             **dev_metrics(submitted),
-             "submitted_run": {"learning_rate": submitted["learning_rate"],
-                               "seed": submitted["seed"]}}
-    entry.update({key: submitted[key] for key in (
-        "learning_rate", "train_examples", "load_seconds", "train_seconds", *PROCESS_KEYS)
-        if key in submitted})
-    entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
-                                     submitted.get("test_predict_seconds", 0.0), 2)
-    by_rate = runs_by_rate(runs)
-    entry["seed_summary"] = {rate: seed_summary(rate_runs) for rate, rate_runs in by_rate.items()}
-    if dev_metrics(submitted):
-        entry["glue_task_score"] = statistics.median(map(run_score, rate_runs))
-    if len(by_rate) > 1:  # the sweep at a glance: each rate's medians
-        entry["learning_rate_sweep"] = {
-            rate: {split: {name: values.get("median") for name, values in metrics.items()}
-                   for split, metrics in dev_metrics(summary).items()}
-            for rate, summary in entry["seed_summary"].items()}
-    return entry
-
-
-# ================================================================================================
-# Writing the submission file and the results table
-# ================================================================================================
-
-SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
-SUBMISSION_HEADER = "index\tprediction"
-
-
-def submission_table(task, idx, predictions):
-    """The leaderboard rows: `index<TAB>prediction`, one per test example, ordered by index."""
-    if len(np.unique(idx)) != len(idx):
-        raise GlueError(f"{task.name}: the test split repeats example indices; check its data")
-    if task.is_regression:
-        spelled = [f"{score:.3f}" for score in predictions]
-    else:
-        spelled = [task.submission_labels[label] for label in predictions]
-    table = pd.DataFrame({"index": idx, "prediction": spelled})
-    return table.sort_values("index", kind="stable")
-
-
-def write_submission(path, table):
-    write_atomically(path, lambda temporary: table.to_csv(temporary, sep="\t", index=False))
-
-
-def format_results(results):
-    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
-    the median ± sample standard deviation over the chosen learning rate's runs."""
-    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
-    for task_name, entry in sorted(results.items()):
-        if task_name not in TASKS:
-            continue
-        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
-        summary = entry.get("seed_summary", {}).get(rate)
-        for split, metrics in dev_metrics(entry).items():
-            if summary:
-                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
-                shown += f"  ({runs_text(summary)})"
-            else:  # an entry of one run, as older versions wrote
-                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
-            lines.append(f"{task_name:<16} {split:<22} {shown}")
-    score = glue_score(results)
-    if not score:
-        return ""  # no dev metrics to show (AX has none)
-    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
-                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
-    recipes = sorted({entry.get("flags", {}).get("recipe") for name, entry in results.items()
-                      if name in TASKS} - {None})
-    if recipes:
-        lines.append(f"Recipe: {', '.join(recipes)}")
-    return "\n".join(lines)
-
-
-def percent(value):
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def spread_text(name, values):
-    if not values["runs"]:
-        return f"{name} n/a"
-    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
-
-
-def runs_text(summary):
-    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
-    text = f"{runs} run{'s' * (runs != 1)}"
-    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
-                 for values in metrics.values()} - {runs}
-    if undefined:
-        text += f"; a metric is undefined in {runs - min(undefined)}"
-    return text + (f", {collapsed} collapsed" if collapsed else "")
-
-
-# ================================================================================================
-# Main. One task: decide from its run records what is left to do; tokenize once; finetune
-# each run, evaluating it on dev as it trains, and write its folder (record, test predictions,
-# model) as it ends; make the results and the submission anew from the records. Then the next
-# task, past a failed one, and the zip.
-# ================================================================================================
-
-
-def main(argv):
-    del argv
-    options = options_from_flags()
-    quiet_expected_warnings()
-    try:
-        if options.validate_submission:
-            errors, notices = validate_submission(read_submission(options.validate_submission))
-            for line in notices + errors:
-                print(line)
-            if errors:
-                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
-            print(f"{options.validate_submission}: all 11 files pass")
-            return
-        task_names = expand_task_names(options.task_name)
-        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
-            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
-        recipe = read_recipe(options.recipe, FLAGS)
-        check_options(options, task_names)
-        given = {flag.name for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])
-                 if flag.present}  # on the command line, which wins over the recipe
-        settings = {name: recipe_values(recipe, name, given) for name in TASKS}
-        task_names = in_rounds(task_names, settings)
-        check_task_settings(options, task_names, settings)
-        keras.mixed_precision.set_global_policy(options.mixed_precision or "float32")
-        on_cpu = not tf.config.list_physical_devices("GPU") and \
-            strategy_and_tpu(options.distribution_strategy)[0] != "tpu"
-        hint = bf16_hint(cpu_flags()) if task_names and on_cpu and \
-            not options.mixed_precision else None
-        if hint:
-            say(hint)
-        strategy = tf.distribute.get_strategy()
-        if task_names:
-            strategy = make_strategy(options.distribution_strategy,
-                                     options.worker_timeout_seconds)
-            logging.info("Distribution: --distribution_strategy=%s gives %s with %d replica(s)",
-                         options.distribution_strategy, type(strategy).__name__,
-                         strategy.num_replicas_in_sync)
-            check_devices_fit(options, task_names, settings, strategy)
-        with records_root(options) as root:
-            check_warm_starts(options, root, task_names, settings)
-            results, failures = run_tasks(task_names, options, strategy, root, settings)
-            if not task_names:
-                publish_recorded(options, root)
-                report_results(options)
-        if strategy.extended.should_checkpoint:  # under multi-worker training, the chief
-            report_and_package(options, results)
-        if len(task_names) == 1 and failures:
-            raise GlueError(failures[task_names[0]])
-        if failures:
-            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
-                            f"{', '.join(failures)} (reasons above)")
-    except GlueError as error:
-        sys.exit(f"glue.py: error: {error}")
-    except Preempted as stop:
-        sys.exit(f"glue.py: {stop}")
-
-
-def run_tasks(task_names, options, strategy, root, settings):
-    """Runs each task, with its recipe settings (`settings`, of every task), going on past
-    failures. Returns (this run's results, failures). A task that starts from another task's
-    model gets that task's chosen run's; a task the recipe starts any other from keeps its runs'
-    models, in this command or for a later one.
-
-    A lost worker ends the run: TensorFlow cannot resume collective training in-process."""
-    sources = {values.get("init_from_task") for values in settings.values()}
-    results, failures = {}, {}
-    for name in task_names:
-        try:
-            source = settings[name].get("init_from_task")
-            if source in failures:  # its recorded choice, if any, is not this command's
-                raise GlueError(f"starts from {source}'s model, and {source} failed")
-            start_from = source and chosen_model(options, root, source)
-            with task_options(options, settings[name], start_from) as options_for_task:
-                results[name] = run_task(TASKS[name], options_for_task, strategy, root,
-                                         several_tasks=len(task_names) > 1,
-                                         keep_models=name in sources)
-        except GlueError as error:
-            failures[name] = str(error)
-        except Exception as error:  # a crash in one task must not lose the others' results
-            if lost_worker(error, options.distribution_strategy):
-                raise GlueError(lost_worker_line(name, error, options)) from None
-            logging.exception("%s crashed", name)
-            failures[name] = f"{type(error).__name__}: {error}"
-        if name in failures and len(task_names) > 1:
-            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-        if strategy.extended.should_checkpoint:
-            report_results(options)
-    return results, failures
-
-
-def run_task(task, options, strategy, root, several_tasks=False, keep_models=False):
-    """One task: the runs its records of these settings lack are trained, each written to
-    its own folder as it ends; then its results and submission are made anew from the records.
-    Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
-    starts from this one's). Returns its entry (None on a worker that writes nothing)."""
-    settings = fingerprint(task, options, strategy)
-    folder = records_folder(root, task, fingerprint_id(settings))
-    previous = read_results(results_path(options)).get(task.name)
-    todo, line = plan_task(task, options, settings, folder, previous, keep_models)
-    say(line)
-    save_path = model_save_path(options, task, several_tasks)
-    if todo:
-        train_runs(task, options, strategy, todo, folder, settings, save_path,
-                   keep_models or bool(save_path))
-    if not strategy.extended.should_checkpoint:  # under multi-worker training, the chief writes
-        return None
-    return publish(task, options, settings, folder, save_path)
-
-
-def plan_task(task, options, settings, folder, previous, keep_models=False):
-    """The one decision for a task: which asked runs to train, from what the records of these
-    settings (in `folder`) hold, and the line that says so. Returns `([(learning rate, seed,
-    the chain recorded so far)], line)`.
-
-    An asked run is done when its chain ends in a run that did not collapse (or has no
-    restarts left), and, with a submission folder, has test predictions. --overwrite trains
-    every asked run again. With `keep_models` (another task starts from this one's chosen
-    model), a chosen run recorded without its model is trained again."""
-    records, asked = read_records(folder), asked_runs(options)
-    todo, for_its_model = [], False
-    chosen = summarized(records)["submitted_run"] if records and keep_models else None
-    for learning_rate, seed in asked:
-        chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
-        if chain and options.submission_directory and "test_files" not in chain[-1]:
-            chain = []  # recorded without a submission folder: no test predictions to submit
-        if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
-                not os.path.isfile(run_model(folder, chosen)):
-            chain, for_its_model = [], True  # the model another task starts from
-        if needs_run(chain, options.max_restarts):
-            todo.append((learning_rate, seed, chain))
-    done = len(asked) - len(todo)
-    if for_its_model and len(todo) == 1:
-        line = (f"its chosen run ({describe_run(chosen)}) was recorded without its model, "
-                "which another task starts from: training that run again")
-    elif not todo:
-        line = (f"already complete with these settings ({plural(len(records), 'run')} "
-                "recorded), skipped (--overwrite redoes it)")
-    elif options.overwrite:
-        line = f"--overwrite: training the {plural(len(todo), 'asked run')} again (other " \
-               "recorded runs stay)"
-    elif done:
-        line = f"{done} of {len(asked)} asked runs recorded with these settings; training " \
-               f"the other {len(todo)}"
-    elif previous and previous.get("fingerprint_id", "") != fingerprint_id(settings):
-        line = f"redone, {changed_settings(previous.get('fingerprint'), settings)}"
-    else:
-        line = f"training {plural(len(todo), 'run')}"
-    return todo, f"{task.name}: {line}"
-
-
-def train_runs(task, options, strategy, todo, folder, settings, save_path, keep_models):
-    """Trains the asked runs of `todo`, each with its restarts, on splits tokenized once. Each
-    run's folder is written as the run ends, then the task's results are made anew. Only one
-    model is alive at a time. Under multi-worker training every worker trains; only the chief
-    writes."""
-    several = len(asked_runs(options)) > 1 or options.max_restarts > 0
-    writes = strategy.extended.should_checkpoint
-    with strategy.scope():
-        # The custom code blocks run in the scope too: they may create variables. The preset's
-        # preprocessing loads first, so that a preset that cannot be had fails in seconds.
-        preprocess_fn = tf.function(make_preprocess_fn())
-        start = time.perf_counter()
-        train_rows, eval_rows, test_rows = tokenize_task_data(
-            load_task_data(task, options), task, preprocess_fn)
-        process = {"tokenize_seconds": seconds_since(start),
-                   "replicas": strategy.num_replicas_in_sync, "flags": vars(options)}
-        release_freed_memory()
-        for learning_rate, seed, chain in todo:
-            while needs_run(chain, options.max_restarts):
-                run_seed = seed + RESTART_SEED_STEP * len(chain)
-                name = run_name(task, learning_rate, run_seed, several)
-                checkpoints = checkpoint_folder(options.checkpoint_dir, task, learning_rate,
-                                                run_seed, settings)
-                logs = writes and tensorboard_folder(options, task, learning_rate, run_seed)
-                model, run = finetune(task, options, train_rows, eval_rows, learning_rate,
-                                      run_seed, strategy, name, checkpoints, logs or None)
-                run.update(process, run_id=uuid.uuid4().hex[:12])
-                if chain:
-                    run.update(restart_of=seed, restarted_from=chain[-1]["run_id"])
-                tables = {}
-                if options.submission_directory:
-                    start = time.perf_counter()
-                    tables = predict_test(model, test_rows, task, options.batch_size, name)
-                    run.update(test_predict_seconds=seconds_since(start),
-                               test_files={file: len(table) for file, table in tables.items()})
-                chain.append(run)
-                report_run(name, run, needs_run(chain, options.max_restarts))
-                if writes:
-                    record_run(task, options, settings, folder, run, tables,
-                               model if keep_models else None, save_path)
-                    if checkpoints:
-                        shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
-                model = None  # only one model alive at a time
-                gc.collect()
-
-
-def record_run(task, options, settings, folder, run, tables, model, save_path):
-    """Writes a run's folder (its record, its test predictions, and `model` (None: none) if
-    it leads its learning rate), then makes the task's results anew. The folder is made aside,
-    and put in place under the results lock, as nothing may read it half replaced."""
-    keep_model = model is not None and not options.finetuning_model_load_path and \
-        leads_its_rate(run, read_records(folder))
-    staged = stage_run_folder(folder, run, tables, model if keep_model else None)
-    with updating_results(results_path(options)) as results:
-        put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
-        write_json(os.path.join(folder, "fingerprint.json"), settings)
-        publish_into(results, task, options, settings, folder, save_path)
-
-
-def leads_its_rate(run, records):
-    """Whether `run` is the best counted run of its learning rate, with the records of the
-    other runs: only such a run keeps its model (the submitted run is one, whatever runs come
-    later, unless a better one is redone worse or restarted)."""
-    runs = [other for other in records if run_key(other) != run_key(run)] + [run]
-    same_rate = [other for other in counted_runs(runs)
-                 if other["learning_rate"] == run["learning_rate"]]
-    return bool(same_rate) and best_run(same_rate) is run
-
-
-def publish(task, options, settings, folder, save_path=None):
-    """Makes the task's entry in the results JSON, its top-level submission files and the
-    saved model anew from the run records of `settings`, under the results lock, so that
-    processes finishing at once agree. Returns the entry (None when no run is recorded)."""
-    with updating_results(results_path(options)) as results:
-        return publish_into(results, task, options, settings, folder, save_path)
-
-
-def publish_into(results, task, options, settings, folder, save_path):
-    """`publish`, with the results JSON already open under its lock."""
-    records = read_records(folder)
-    if not records:
-        return results.get(task.name)
-    entry = {**summarized(records), "fingerprint": settings,
-             "fingerprint_id": fingerprint_id(settings)}
-    submitted = entry["submitted_run"]
-    chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
-    rows = options.submission_directory and submit_files(
-        task, chosen, options.submission_directory)
-    if rows:
-        entry.update(submission_rows=rows, submission_files_run=dict(submitted))
-    if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
-        save_chosen_model(task, chosen, save_path)
-    results[task.name] = entry
-    return entry
-
-
-def publish_recorded(options, root):
-    """`--task_name=none`: every recorded task's results and submission files made anew from
-    the records of its latest settings (after a job array's runs have all ended, say)."""
-    entries = {name: entry for name, entry in read_results(results_path(options)).items()
-               if name in TASKS and isinstance(entry, dict)}
-    for name, entry in entries.items():
-        if "fingerprint_id" not in entry:
-            say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
-                "record its runs)")
-            continue
-        task = TASKS[name]
-        publish(task, options, entry["fingerprint"],
-                records_folder(root, task, entry["fingerprint_id"]),
-                model_save_path(options, task, several_tasks=len(entries) > 1))
-
-
-def report_run(name, run, restarts_left):
-    """The log line of a finished run, and a warning if it collapsed."""
-    shown = "  ".join(f"{split} {metric} {percent(value)}"
-                      for split, metrics in dev_metrics(run).items()
-                      for metric, value in metrics.items())
-    at = f" (best evaluation at epoch {run['best_epoch']})" if "best_epoch" in run else ""
-    say(f"{name}: {shown or 'trained (no dev set)'}{at}")
-    if run.get("collapsed"):
-        then = (f"restarting with seed {run['seed'] + RESTART_SEED_STEP}" if restarts_left else
-                "counted as it is in the summary (--max_restarts gives it another try)")
-        say(f"{name}: COLLAPSED: every dev prediction is the same; {then}")
-
-
-def report_results(options):
-    """The report of the results JSON, in the submission folder, made anew (it may fail only
-    with a warning line: the results are recorded already)."""
-    if not (options.report and options.submission_directory and results_path(options)):
-        return
-    try:  # under the lock: a report is never older than the results beside it
-        with updating_results(results_path(options)) as results:
-            write_report(results, options.submission_directory)
-    except Exception as error:
-        say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
-
-
-def report_and_package(options, results):
-    """Prints the results table, then fills and zips the submission if asked to."""
-    table = format_results(read_results(results_path(options)) or results)
-    if table:
-        print(table)
-    if options.fill_missing_from:
-        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
-        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
-    if options.make_submission_zip:
-        print(f"Wrote {make_submission_zip(options.submission_directory)}")
-
-
-# Nothing below needs editing to bring your own model
-
-
-# ================================================================================================
-# Checking the options before any work: one clear line, before anything is read or trained
-# ================================================================================================
-
-
-class GlueError(Exception):
-    """Bad input that deserves one clear line, not a traceback."""
-
-
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-def expand_task_names(names):
-    """`all`, `none` and comma lists to task names, each once, in order."""
-    expanded = []
-    for name in names:
-        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
-            if task_name not in expanded:
-                expanded.append(task_name)
-    return expanded
-
-
-def check_options(options, task_names):
-    """Fails on bad combinations and paths before any data is read or any minute spent."""
-    for name in ("finetuning_model_save_path", "finetuning_model_load_path"):
-        path = getattr(options, name)
-        if path and not path.endswith(".keras"):
-            raise GlueError(f"--{name}={path}: the path must end in `.keras`")
-    if options.finetuning_model_load_path:
-        if not os.path.isfile(options.finetuning_model_load_path):
-            raise GlueError(f"--finetuning_model_load_path={options.finetuning_model_load_path}:"
-                            " no such file")
-        if len(task_names) != 1 or len(options.learning_rate) != 1 or len(options.seed) != 1:
-            raise GlueError("--finetuning_model_load_path takes one task, one --seed and no "
-                            "learning-rate sweep (nothing is trained)")
-        if options.init_from_finetuned:
-            raise GlueError("--init_from_finetuned starts a finetuning, and "
-                            "--finetuning_model_load_path skips it: give one of them")
-    if options.init_from_finetuned and (not options.init_from_finetuned.endswith(".keras") or
-                                        not os.path.isfile(options.init_from_finetuned)):
-        raise GlueError(f"--init_from_finetuned={options.init_from_finetuned}: no such `.keras` "
-                        "file; give a model saved by --finetuning_model_save_path")
-    check_runs(options, task_names)
-    if options.data_dir and not os.path.isdir(options.data_dir):
-        raise GlueError(f"--data_dir={options.data_dir}: no such folder")
-    if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
-        raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
-                        "folder, a Hugging Face model folder, or a KerasHub preset id")
-    if (options.make_submission_zip or options.fill_missing_from) and \
-            not options.submission_directory:
-        raise GlueError("--make_submission_zip and --fill_missing_from need "
-                        "--submission_directory")
-    if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
-        raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
-    check_output_paths(options)
-    if results_path(options):
-        read_results(results_path(options))
-    if task_names:
-        check_downloads_possible(options, task_names)
-    if options.data_dir and len(task_names) > 1:
-        check_all_data_files(options, task_names)
-
-
-def check_all_data_files(options, task_names):
-    """Opens and checks every file the tasks will read (paths, headers, labels, indices),
-    streaming, so that a bad file of the last task fails now, not hours in."""
-    checked = set()
-    for name in task_names:
-        for dataset, split in task_splits(TASKS[name], options):
-            if (dataset, split) not in checked:
-                checked.add((dataset, split))
-                try:
-                    check_local_split(options.data_dir, dataset, split)
-                except GlueError as error:
-                    raise GlueError(f"{name}: {error}") from None
-
-
-def check_runs(options, task_names, where=""):
-    """The runs asked for make sense: a sweep needs a dev set, and no seed may repeat or meet a
-    restart seed. `where`: what set them, for the line (a recipe's task)."""
-    if len(options.learning_rate) * len(options.seed) > 1 and any(
-            not TASKS[name].eval_splits for name in task_names):
-        raise GlueError(f"{where}ax has no dev set to choose a run by; give one --learning_rate "
-                        "and one --seed, or run mnli, which also writes AX.tsv")
-    seeds = [int(seed) for seed in options.seed]
-    clashes = [(seed, other) for seed in seeds for other in seeds
-               if 0 < (other - seed) / RESTART_SEED_STEP <= options.max_restarts and
-               (other - seed) % RESTART_SEED_STEP == 0]
-    if len(set(seeds)) < len(seeds) or clashes:
-        clash = f"{clashes[0][1]} is a restart seed of {clashes[0][0]}" if clashes else \
-            "a seed repeats"
-        raise GlueError(f"{where}--seed={','.join(options.seed)}: {clash} under --max_restarts="
-                        f"{options.max_restarts} (restart k of seed s uses s + 1000 k); give "
-                        "other seeds")
-
-
-def check_output_paths(options):
-    """Every folder the run will write to exists or can be made, and takes a file."""
-    folders = [("submission_directory", options.submission_directory),
-               ("checkpoint_dir", options.checkpoint_dir),
-               ("tensorboard_dir", tensorboard_root(options))]
-    for flag, path in [("results_path", results_path(options)),
-                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
-        if path and os.path.isdir(path):
-            raise GlueError(f"--{flag}={path} is a folder; give a file path")
-        folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
-    for flag, folder in folders:
-        if folder:
-            check_writable_folder(flag, folder)
-
-
-def check_writable_folder(flag, folder):
-    """`folder` exists, or can be made, and takes files. Nothing is made now: under
-    multi-worker training only the chief writes."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
-                        "is made if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
-
-
-def check_downloads_possible(options, task_names):
-    """Offline, fails at once, naming everything that cannot be downloaded and the flags that
-    fix it: tensorflow-datasets would retry for minutes first."""
-    problem = None
-    if not options.data_dir:
-        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
-        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
-        problem = next(filter(None, map(download_problem, builders)), None)
-    if not problem:
-        return
-    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
-        try:
-            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
-        except Exception as error:  # KerasHub raises many types: no network, unknown id
-            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
-                            "Pass --data_dir=<folder in the glue_data/ layout> and "
-                            "--preset=<local preset or model folder>") from None
-    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
-                    "local GLUE files instead")
-
-
-def looks_like_path(preset):
-    return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
-
-
-def task_datasets(task):
-    """The GLUE datasets a task reads: its training data and those of its test files."""
-    return {task.training_data} | {output.dataset for output in task.outputs}
-
-
-def results_path(options):
-    if options.results_path or not options.submission_directory:
-        return options.results_path
-    return os.path.join(options.submission_directory, "glue_results.json")
-
-
-def tensorboard_folder(options, task, learning_rate, seed):
-    """Where one run's TensorBoard logs go (None: nowhere): `<task>/lr<rate>_seed<seed>`, so
-    that TensorBoard's run selector is the sweep."""
-    root = tensorboard_root(options)
-    if not root or learning_rate is None:
-        return None
-    return os.path.join(root, task.name, f"lr{rate_label(learning_rate)}_seed{seed}")
-
-
-def tensorboard_root(options):
-    if not options.tensorboard:
-        return None
-    return options.tensorboard_dir or (options.submission_directory and os.path.join(
-        options.submission_directory, "tensorboard"))
-
-
-def model_save_path(options, task, several_tasks):
-    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
-    path = options.finetuning_model_save_path
-    if path and several_tasks:
-        return f"{path.removesuffix('.keras')}_{task.name}.keras"
-    return path
-
-
-def quiet_expected_warnings():
-    """--pooling=cls or mean leaves the backbone's pooler unused, and Keras warns at every trace
-    that its variables get no gradient. That is expected, so it is not shown; a missing gradient
-    for any other variable (a real mistake in a custom block) still is."""
-    warnings.filterwarnings(
-        "ignore", r"Gradients do not exist for variables \[('pooled_dense/(kernel|bias)'(, )?)+\] ",
-        UserWarning)
-
-
-# ================================================================================================
-# Recipes: reading and checking one, and each task's settings from it
-# ================================================================================================
-
-RECIPE_SETTINGS = ("learning_rate", "seed", "epochs", "batch_size", "gradient_accumulation_steps",
-                   "warmup_ratio", "weight_decay", "clip_norm", "max_sequence_length",
-                   "evaluations_per_epoch", "select_best_epoch", "max_restarts")
-
-
-def read_recipe(name, flag_values):
-    """The recipe `--recipe` names (None for none): a shipped one, or a JSON file. A bad one is
-    one line naming its first wrong key."""
-    if not name:
-        return None
-    if name in RECIPES:
-        recipe = RECIPES[name]
-    elif not os.path.isfile(name):
-        raise GlueError(f"--recipe={name}: neither a shipped recipe ({', '.join(RECIPES)}) nor "
-                        "a JSON file")
-    else:
-        try:
-            with open(name, encoding="utf-8") as file:
-                recipe = json.load(file)
-        except (OSError, ValueError) as error:
-            raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
-    if not isinstance(recipe, dict):
-        raise GlueError(f"--recipe={name}: give a JSON object whose keys are task names")
-    for key, settings in recipe.items():
-        if key == "source" and isinstance(settings, str):
-            continue
-        if key not in TASKS and key != "defaults":
-            raise GlueError(f"--recipe={name}: unknown key {key!r}; the keys are task names "
-                            f"({', '.join(TASKS)}), defaults and source (a string)")
-        if not isinstance(settings, dict):
-            raise GlueError(f"--recipe={name}: {key} must map settings to values")
-        for setting, value in settings.items():
-            problem = recipe_value_problem(setting, value, flag_values)
-            if problem:
-                raise GlueError(f"--recipe={name}: {key}.{setting}: {problem}")
-    return recipe
-
-
-def recipe_value_problem(setting, value, flag_values):
-    """What is wrong with one recipe value (None: nothing), judged as its flag would be."""
-    if setting == "init_from_task":
-        return None if value in TASKS else f"{value!r} is not a task name"
-    if setting not in RECIPE_SETTINGS:
-        return f"unknown setting; a recipe sets {', '.join(RECIPE_SETTINGS)} and init_from_task"
-    if setting in ("learning_rate", "seed"):
-        kind = int if setting == "seed" else (int, float)
-        if isinstance(value, list) and value and all(
-                isinstance(item, kind) and not isinstance(item, bool) for item in value) and (
-                setting == "seed" or min(value) > 0):
-            return None
-        return f"give a list of {'integers' if setting == 'seed' else 'positive numbers'}, " \
-               f"got {value!r}"
-    flag = flag_values[setting]
-    kind, wanted = {"bool": (bool, "true or false"), "int": (int, "an integer"),
-                    "float": ((int, float), "a number")}[flag.flag_type()]
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        return f"give {wanted}, got {value!r}"
-    try:
-        flag.parser.parse(value)  # its bounds
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def recipe_values(recipe, task_name, given):
-    """The settings a recipe gives one task: its "defaults", then the task's own entry, less
-    the flags given on the command line (`given`), which win (--init_from_finetuned wins over
-    init_from_task)."""
-    values = {**recipe.get("defaults", {}), **recipe.get(task_name, {})} if recipe else {}
-    if "init_from_finetuned" in given:
-        values.pop("init_from_task", None)
-    return {name: value for name, value in values.items() if name not in given}
-
-
-def in_rounds(task_names, settings):
-    """The tasks in the order they can run: a task that starts from another task's chosen model
-    comes after that task (in its second round); otherwise as asked. A recipe whose tasks start
-    from each other is refused even if this command runs only some of them."""
-    for name in settings:
-        if settings[name].get("init_from_task") == name:
-            raise GlueError(f"--recipe: {name} cannot start from its own model")
-    ordered_by_start(list(settings), settings)
-    return ordered_by_start(task_names, settings)
-
-
-def ordered_by_start(task_names, settings):
-    """`task_names`, each after the task it starts from (if that is among them)."""
-    ordered, waiting = [], list(task_names)
-    while waiting:
-        ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
-        if not ready:
-            raise GlueError(f"--recipe: {', '.join(waiting)} start from each other's models; "
-                            "give init_from_task a task that does not start from them")
-        ordered += ready
-        waiting = [name for name in waiting if name not in ready]
-    return ordered
-
-
-def chosen_model(options, root, task_name):
-    """The model of a task's chosen run, as its run folder kept it; a line if there is none."""
-    entry = read_results(results_path(options)).get(task_name)
-    if not isinstance(entry, dict) or "fingerprint_id" not in entry:
-        raise GlueError(f"init_from_task: {task_name} has no recorded runs to start from; run it "
-                        "in the same command (or before, into the same folder)")
-    path = run_model(records_folder(root, TASKS[task_name], entry["fingerprint_id"]),
-                     entry["submitted_run"])
-    if not os.path.isfile(path):
-        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; run "
-                        f"{task_name} again with --overwrite in the same command")
-    return path
-
-
-def check_task_settings(options, task_names, settings):
-    """Each task's runs make sense with its recipe settings too (`check_runs`; check_options
-    checked the command line's), and a warm start is a finetuning, which
-    --finetuning_model_load_path skips."""
-    for name in task_names:
-        if settings[name].get("init_from_task") and options.finetuning_model_load_path:
-            raise GlueError(f"{name}: the recipe starts it from another task's model, and "
-                            "--finetuning_model_load_path skips finetuning: give one of them")
-        if settings[name]:
-            with task_options(options, settings[name]) as task:
-                check_runs(task, [name], where=f"{name}, with the recipe: ")
-
-
-def check_devices_fit(options, task_names, settings, strategy):
-    """What the devices cannot do, said before any work: accumulating gradients over several
-    replicas (Keras 3.15 fails inside its update, keras-team/keras#20582), and a warm start
-    within one multi-worker command (the other workers could look for the model before the
-    chief has written it)."""
-    for name in task_names:
-        with task_options(options, settings[name]) as task:
-            steps = task.gradient_accumulation_steps
-        if steps > 1 and strategy.num_replicas_in_sync > 1:
-            raise GlueError(f"{name}: --gradient_accumulation_steps={steps} needs one replica "
-                            f"(Keras cannot accumulate over {strategy.num_replicas_in_sync}, "
-                            "keras-team/keras#20582); give the replicas a larger --batch_size "
-                            "instead")
-        source = settings[name].get("init_from_task")
-        if source in task_names and strategy_and_tpu(options.distribution_strategy)[0] == \
-                "multi_worker_mirrored":
-            raise GlueError(f"{name} starts from {source}'s model: under "
-                            f"multi_worker_mirrored, run {source} first, in a command of its "
-                            f"own, then {name}")
-
-
-def check_warm_starts(options, root, task_names, settings):
-    """A task that starts from one not in this command needs that task's chosen model now."""
-    for name in task_names:
-        source = settings[name].get("init_from_task")
-        if source and source not in task_names:
-            try:
-                chosen_model(options, root, source)
-            except GlueError as error:
-                raise GlueError(f"{name}: {error}") from None
-
-
-@contextlib.contextmanager
-def task_options(options, values, init_from=None):
-    """The options of one task: `options`, with the recipe's `values` (and the model to start
-    from) in place. It sets them in the global FLAGS too while the task runs, since the custom
-    code blocks read FLAGS, and puts the old values back afterwards."""
-    changes = {name: [str(item) for item in value] if isinstance(value, list) else
-               FLAGS[name].parser.parse(value)  # as the flag holds it: 0 as 0.0 for a float
-               for name, value in values.items() if name != "init_from_task"}
-    if init_from:
-        changes["init_from_finetuned"] = init_from
-    before = {name: FLAGS[name].value for name in changes}
-    try:
-        for name, value in changes.items():
-            setattr(FLAGS, name, value)
-        yield types.SimpleNamespace(**{**vars(options), **changes})
-    finally:
-        for name, value in before.items():
-            setattr(FLAGS, name, value)
-
-
-# ================================================================================================
-# Runs and fingerprints. A run is one (learning rate, seed) pair inside a task. A task's
-# fingerprint holds everything else that shapes its models and numbers: the settings, the
-# code, the contents of the files it reads, the libraries and the devices. Runs are recorded,
-# reused, resumed and summarized only under the same one.
-# ================================================================================================
-
-FINGERPRINT_FLAGS = ("max_sequence_length", "epochs", "batch_size", "warmup_ratio",
-                     "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                     "gradient_accumulation_steps", "pooling", "use_default_classifier",
-                     "mixed_precision", "jit_compile")
-FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
-                     "finetuning_model_load_path": "file"}  # counted by their contents
-
-# The code that shapes the numbers: the custom code blocks, how data is read and tokenized, and
-# how a model is trained, evaluated and predicts test, with every definition of this file they
-# use, followed name by name. Definitions that only print or explain are left out.
-CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
-              "load_task_data", "tokenize_task_data", "finetune", "predict_test",
-              "make_strategy")
-CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "PredictionProgress", "GlueError",
-                 "explain_preset_failure", "first_line", "training_flops", "per_second",
-                 "clock", "seconds_since", "TensorBoardLogs")
-
-
-def fingerprint(task, options, strategy):
-    """What a task's runs depend on, besides their learning rate and seed."""
-    settings = {name: getattr(options, name) for name in FINGERPRINT_FLAGS}
-    settings.update({name: file_id(getattr(options, name)) for name in FINGERPRINT_FILES})
-    settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
-        options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
-        for dataset, split in task_splits(task, options)}
-    settings["code"] = code_ids()
-    settings["versions"] = {
-        "python": ".".join(platform.python_version_tuple()[:2]), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
-        "tensorflow_datasets": tfds.__version__}
-    settings["strategy"] = type(strategy).__name__
-    settings["replicas"] = strategy.num_replicas_in_sync
-    return settings
-
-
-def file_id(path):
-    """A local file or folder by its contents; anything else (a preset id, None) as it is."""
-    if path and os.path.exists(os.path.expanduser(path)):
-        return contents_id(path)
-    return path
-
-
-def fingerprint_id(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def contents_id(path):
-    """`sha256:<hex>` of a file's bytes, or of a folder's file names and bytes (hidden files
-    left out): a file replaced at the same path changes it, a folder moved does not."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        return f"sha256:{file_digest(path)[:16]}"
-    digest = hashlib.sha256()
-    for folder, subfolders, files in os.walk(path):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(name for name in files if not name.startswith(".")):
-            file = os.path.join(folder, name)
-            digest.update(f"{os.path.relpath(file, path)}\0{file_digest(file)}\0".encode())
-    return f"sha256:{digest.hexdigest()[:16]}"
-
-
-def file_digest(path):
-    stat = os.stat(path)
-    return digest_of_file(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.cache
-def digest_of_file(path, size, mtime_ns):
-    """Each file is read once a process, however many tasks share it (a changed file has
-    another size or modification time, and is read again)."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-@functools.cache
-def code_ids():
-    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree
-    written back as code: comments, docstrings, line breaks and line numbers do not count."""
-    with open(os.path.abspath(__file__), encoding="utf-8") as file:
-        tree = ast.parse(file.read())
-    definitions = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            definitions[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            definitions.update({target.id: node for target in targets
-                                if isinstance(target, ast.Name)})
-    ids, todo = {}, list(CODE_ROOTS)
-    while todo:
-        name = todo.pop()
-        if name in ids or name not in definitions or name in CODE_LEFT_OUT:
-            continue
-        node = without_docstrings(definitions[name])
-        ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
-        todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
-    return dict(sorted(ids.items()))
-
-
-def without_docstrings(node):
-    for inner in ast.walk(node):
-        body = getattr(inner, "body", None)
-        if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(
-                body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str):
-            inner.body = body[1:] or [ast.Pass()]
-    return node
-
-
-def changed_settings(old, new):
-    """What differs between two fingerprints, in words: `the code of GlueClassifier changed`,
-    `--preset folder contents changed`, `epochs 2 -> 3`."""
-    if not old or "code" not in old:
-        return "the recorded results were made by an older glue.py"
-    changes = []
-    for name in sorted(set(old) | set(new)):
-        before, after = old.get(name), new.get(name)
-        if before == after:
-            continue
-        parts = ", ".join(sorted(key for key in set(before) | set(after)
-                                 if before.get(key) != after.get(key))) \
-            if isinstance(before, dict) and isinstance(after, dict) else ""
-        if name == "code":
-            changes.append(f"the code of {parts} changed")
-        elif name == "data":
-            changes.append(f"--data_dir files changed ({parts})")
-        elif name == "versions":
-            changes.append(", ".join(f"{part} {before.get(part)} -> {after.get(part)}"
-                                     for part in parts.split(", ")))
-        elif name in FINGERPRINT_FILES and all(
-                str(value).startswith("sha256:") for value in (before, after)):
-            changes.append(f"--{name} {FINGERPRINT_FILES[name]} contents changed")
-        else:
-            changes.append(f"{name} {before!r} -> {after!r}")
-    return "; ".join(changes)
-
-
-def asked_runs(options):
-    """The (learning rate, seed) pairs asked for, rate by rate; no learning rate when nothing
-    is trained."""
-    seeds = [int(seed) for seed in options.seed]
-    if options.finetuning_model_load_path:
-        return [(None, seeds[0])]
-    return [(float(rate), seed) for rate in options.learning_rate for seed in seeds]
-
-
-def run_key(run):
-    return run["learning_rate"], run["seed"]
-
-
-def needs_run(chain, max_restarts):
-    """Whether an asked run has work left: not run yet, or collapsed with restarts left."""
-    return not chain or (bool(chain[-1].get("collapsed")) and len(chain) - 1 < max_restarts)
-
-
-RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
-
-
-def run_name(task, learning_rate, seed, several):
-    """How progress lines name a run."""
-    if not several:
-        return task.name
-    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
-
-
-def describe_run(run):
-    rate = "no training" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
-    return f"{rate}, seed {run['seed']}"
-
-
-def plural(count, noun):
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
-def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
-    """Where one run keeps its training state (None: nowhere); never shared with another run,
-    nor with the same run under other settings or code."""
-    if not checkpoint_dir or learning_rate is None:
-        return None
-    return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
-                                        f"{fingerprint_id(settings)}")
-
-
-def seconds_since(start):
-    return round(time.perf_counter() - start, 2)
-
-
-# ================================================================================================
-# Devices: one tf.distribute strategy for the whole run. The custom code blocks and the optimizer
-# run inside its scope; Keras splits each global batch across its replicas.
-# ================================================================================================
-
-TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                     '"task": {"type": "worker", "index": 0}}')
-
-
-def make_strategy(value, worker_timeout_seconds=600):
-    """The strategy `--distribution_strategy=value` asks for, on the devices this process sees."""
-    name, tpu = strategy_and_tpu(value)
-    if name == "multi_worker_mirrored":  # first: it must set up TensorFlow's runtime itself
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        patch_keras_for_multi_worker()
-        return multi_worker_strategy(worker_timeout_seconds)
-    if name == "tpu":
-        return tpu_strategy(tpu, worker_timeout_seconds)
-    gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
-    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
-    if name == "auto":
-        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
-            tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(local_devices[0])
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(local_devices)
-    raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
-
-
-def lost_worker(error, distribution_strategy):
-    """Whether `error` says that another machine (a worker, or the TPU) stopped answering: only
-    where training spans machines. On one machine the same errors are the task's own (a data
-    read that failed, say)."""
-    return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)) and \
-        strategy_and_tpu(distribution_strategy)[0] in ("multi_worker_mirrored", "tpu")
-
-
-def lost_worker_line(task_name, error, options):
-    resume = " (it resumes from the checkpoints)" if options.checkpoint_dir else ""
-    worker = re.search(r"/job:\w+/replica:\d+/task:\d+", str(error))
-    return (f"{task_name}: lost contact with {worker[0] if worker else 'a worker'} "
-            f"({type(error).__name__}); start glue.py again on every worker with the same "
-            f"command{resume}")
-
-
-def check_tf_config(text):
-    """Fails with one line unless `text` is a TF_CONFIG that names this worker in its cluster."""
-    fix = f"set TF_CONFIG on every worker, for example {TF_CONFIG_EXAMPLE}"
-    if not text:
-        raise GlueError(f"multi_worker_mirrored reads the cluster from TF_CONFIG, which is not "
-                        f"set; {fix}")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise GlueError(f"TF_CONFIG is not valid JSON ({error}); {fix}") from None
-    cluster = config.get("cluster") if isinstance(config, dict) else None
-    if not isinstance(cluster, dict) or not cluster or any(
-            job not in ("chief", "worker") or not isinstance(addresses, list) or not addresses or
-            not all(isinstance(address, str) and ":" in address for address in addresses)
-            for job, addresses in cluster.items()):
-        raise GlueError("TF_CONFIG: `cluster` must map `worker` (and optionally `chief`) to "
-                        f"lists of host:port addresses; {fix}")
-    task = config.get("task")
-    if not isinstance(task, dict) or task.get("type") not in cluster or \
-            not isinstance(task.get("index"), int) or \
-            not 0 <= task["index"] < len(cluster[task["type"]]):
-        raise GlueError(f"TF_CONFIG: `task` must name a job of the cluster and this worker's "
-                        f"index in it, got {task!r}; {fix}")
-
-
-def multi_worker_strategy(timeout_seconds):
-    # Later, a dead worker stops sending heartbeats and TensorFlow fails the others within
-    # seconds; a hung one trips the time limit on each exchange.
-    with watchdog(timeout_seconds, "the workers in TF_CONFIG did not all start within "
-                  f"--worker_timeout_seconds={timeout_seconds}; start glue.py on every worker"):
-        return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(
-                timeout_seconds=timeout_seconds))
-
-
-@contextlib.contextmanager
-def watchdog(seconds, message):
-    """Ends this process with `message` unless the block is done within `seconds`.
-
-    For TensorFlow's waits for other machines, which last forever by default, hold the GIL (so
-    no Python thread could step in) and ignore SIGTERM: a separate process kills this one."""
-    code = ("import os, select, signal, sys\n"
-            "if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:\n"
-            "    print('glue.py: error: ' + sys.argv[3], file=sys.stderr, flush=True)\n"
-            "    os.kill(int(sys.argv[1]), signal.SIGKILL)\n")
-    guard = subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(seconds),
-                              message], stdin=subprocess.PIPE)
-    try:
-        yield
-    finally:
-        guard.stdin.close()  # the guard sees end-of-file and leaves quietly
-        guard.wait()
-
-
-def patch_keras_for_multi_worker():
-    """Keras 3 (3.15 included) cannot `fit` under MultiWorkerMirroredStrategy (keras-team/keras
-    #20329, #20585): it averages the first batch with one `strategy.reduce` over the whole input
-    structure, and averages scalar logs along an axis they lack. These two replacements make the
-    same reductions one tensor at a time. Nothing changes for the other strategies."""
-    from keras.src.backend.tensorflow import trainer  # noqa: PLC0415
-    if getattr(trainer, "patched_for_multi_worker", False):
-        return
-    check_keras_internals(trainer)
-    reduce_per_replica = trainer.reduce_per_replica
-
-    def first_replica(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return value.values[0]
-        return value
-
-    def mean_per_tensor(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or \
-                not trainer._collective_all_reduce_multi_worker(strategy):
-            return reduce_per_replica(values, strategy, reduction)
-        return tf.nest.map_structure(lambda value: strategy.reduce(
-            "MEAN", value, axis=0 if first_replica(value).shape.rank else None), values)
-
-    def build_from_first_replica(model, iterator=None, data_batch=None):
-        if model._distribute_strategy is None:
-            return
-        for _, _, batches in iterator or ():
-            data_batch = tf.nest.map_structure(first_replica, next(batches))
-            break
-        with model.distribute_strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    trainer.reduce_per_replica = mean_per_tensor
-    trainer.TensorFlowTrainer._maybe_symbolic_build = build_from_first_replica
-    trainer.patched_for_multi_worker = True
-
-
-# The private Keras functions the multi-worker patch replaces or calls, with the parameters it
-# was written against, and the Keras versions it was checked on.
-PATCHED_KERAS_VERSIONS = ("3.15.",)
-
-PATCHED_KERAS_FUNCTIONS = {
-    "reduce_per_replica": ("values", "strategy", "reduction"),
-    "TensorFlowTrainer._maybe_symbolic_build": ("self", "iterator", "data_batch"),
-    "_collective_all_reduce_multi_worker": ("strategy",),
-}
-
-
-def check_keras_internals(trainer, version=keras.__version__):
-    """Fails with one line unless Keras is a version the multi-worker patch was written for,
-    with the private functions it replaces as it knew them: a newer Keras may have fixed the
-    bug, or moved what the patch relies on."""
-    changed = []
-    for path, parameters in PATCHED_KERAS_FUNCTIONS.items():
-        function = trainer
-        for part in path.split("."):
-            function = getattr(function, part, None)
-        if function is None or tuple(inspect.signature(function).parameters) != parameters:
-            changed.append(path)
-    if not version.startswith(PATCHED_KERAS_VERSIONS) or changed:
-        raise GlueError(
-            f"--distribution_strategy=multi_worker_mirrored patches private functions of Keras "
-            f"{', '.join(PATCHED_KERAS_VERSIONS)}x, and this is Keras {version}"
-            f"{' (changed: ' + ', '.join(changed) + ')' if changed else ''}; install the "
-            "Keras of requirements.txt (pip install -r requirements.txt)")
-
-
-def tpu_strategy(tpu, timeout_seconds):
-    try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        with watchdog(timeout_seconds, f"the TPU {tpu or resolver.master()} did not answer "
-                      f"within --worker_timeout_seconds={timeout_seconds}; check the address in "
-                      "--distribution_strategy=tpu:<address>"):
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as error:
-        raise GlueError(f"cannot reach the TPU {tpu or '(none given)'} ({first_line(error)}); "
-                        "pass --distribution_strategy=tpu:<TPU name or grpc://host:port>, or "
-                        "tpu:local on a TPU VM") from None
-    return tf.distribute.TPUStrategy(resolver)
-
-
-# ================================================================================================
-# Checkpoints: resuming exactly after a crash or preemption
-# ================================================================================================
-
-
-class Preempted(BaseException):
-    """SIGTERM stopped training after a checkpoint. Not an Exception: it ends the whole run."""
-
-
-class TrainingCheckpoints(keras.callbacks.Callback):
-    """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
-    step boundary after a SIGTERM; `restore` returns the number of batches to resume after.
-
-    The state is every model variable (dropout seeds included, which Keras' weight files leave
-    out), every optimizer variable, the number of batches trained, the dev evaluations so far
-    and the best one's weights: one file per checkpoint, written atomically, so a kill at any
-    instant resumes to the same best evaluation. The count of batches, not the optimizer's
-    step, says where to resume: under mixed_float16 the loss-scale optimizer does not count the
-    steps it skips.
-    """
-
-    def __init__(self, directory, every_steps=0, write=True, evaluations=None):
-        super().__init__()
-        self.directory = directory
-        self.every_steps = every_steps
-        self.write = write  # under multi-worker training only the chief writes; all read
-        self.evaluations = evaluations  # the run's dev evaluations, saved alongside
-        self.sigterm_received = False
-        self.batches = 0  # batches trained, in all epochs
-
-    def paths(self):
-        return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
-
-    def state(self, model):
-        return model.variables + model.optimizer.variables
-
-    def restore(self, model):
-        if not self.paths():
-            return 0
-        with np.load(self.paths()[-1]) as saved:
-            arrays = positional_arrays(saved)
-            batches = int(saved["batches"]) if "batches" in saved.files else None
-            evaluations = json.loads(str(saved["evaluations"])) \
-                if "evaluations" in saved.files else []
-            best = [saved[name] for name in sorted(
-                (name for name in saved.files if name.startswith("best_")),
-                key=lambda name: int(name.removeprefix("best_")))]
-        state = self.state(model)
-        if batches is None or [a.shape for a in arrays] != [tuple(v.shape) for v in state]:
-            raise GlueError(f"{self.paths()[-1]} is a checkpoint of another model or setting; "
-                            "delete it or pass another --checkpoint_dir")
-        for variable, array in zip(state, arrays):
-            variable.assign(array)
-        self.batches = batches
-        if self.evaluations:
-            self.evaluations.resume(batches, evaluations, best or None)
-        return batches
-
-    def save(self):
-        if not self.write:
-            return
-        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
-        arrays = [np.asarray(variable) for variable in self.state(self.model)]
-        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
-        best = (self.evaluations and self.evaluations.best_weights) or []
-        write_atomically(path, lambda temporary: np.savez(
-            temporary, *arrays, batches=np.array(self.batches),
-            evaluations=np.array(evaluations),
-            **{f"best_{i}": weight for i, weight in enumerate(best)}))
-        for older in self.paths():
-            if older != path:
-                os.remove(older)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if self.sigterm_received or (self.every_steps and self.batches % self.every_steps == 0):
-            self.save()
-        if self.sigterm_received:
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.sigterm_received:
-            self.save()
-
-    @contextlib.contextmanager
-    def stopping_on_sigterm(self):
-        """While active, SIGTERM asks training to stop at the next step boundary."""
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(
-            self, "sigterm_received", True))
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def release_freed_memory():
-    """Hands the memory freed by tokenizing (many small batches, on several threads) back to
-    the system; glibc keeps it otherwise, and the process would stay that much larger."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-# ================================================================================================
-# Progress: lines that a person at a terminal, or tailing a log file, can follow; speed
-# ================================================================================================
-
-PROGRESS_SECONDS = 60  # a progress line at least this often,
-PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
-QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
-
-
-def say(line):
-    """Progress and summary lines: stdout, flushed, so that a log file shows them as they come."""
-    print(line, flush=True)
-
-
-def clock(seconds):
-    """`12.3s`, `8m18s` or `2h05m`."""
-    if seconds < 60:
-        return f"{max(seconds, 0):.1f}s"
-    minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def per_second(amount, seconds, unit):
-    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
-
-
-class Progress:
-    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
-    steps: at least every 5% of them and every PROGRESS_SECONDS. With `quiet_seconds`, the 5%
-    lines wait that long, so a phase over by then prints only its summary (tokenizing and
-    predicting mostly are); the minute's line never waits. `start`: steps done before (resume).
-    """
-
-    def __init__(self, label, total, *, start=0, quiet_seconds=0, unit="ex"):
-        self.label, self.total, self.start, self.unit = label, total, start, unit
-        self.quiet_seconds = quiet_seconds
-        self.started = self.last_time = time.perf_counter()
-        self.last_step = start
-
-    def update(self, step, examples, details=lambda: ""):
-        now = time.perf_counter()
-        due = (now - self.started >= self.quiet_seconds and
-               step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
-               or now - self.last_time >= PROGRESS_SECONDS)
-        if not due or step >= self.total:
-            return
-        self.last_step, self.last_time = step, now
-        elapsed = now - self.started
-        remaining = elapsed / (step - self.start) * (self.total - step)
-        say(f"{self.label}  step {step}/{self.total}  {details()}"
-            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
-            f"ETA {clock(remaining)}")
-
-    def summary(self, amount, noun="rows", details=""):
-        seconds = time.perf_counter() - self.started
-        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
-            f"({per_second(amount, seconds, noun)}){details}")
-
-
-class TrainingProgress(keras.callbacks.Callback):
-    """A header per epoch, progress lines with the running loss, and a summary per epoch."""
-
-    def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
-        super().__init__()
-        self.label, self.epochs, self.steps = label, epochs, steps_per_epoch
-        self.batch_size, self.num_examples = batch_size, num_examples
-        self.resumed_steps = 0  # steps of the coming epoch trained before a resume
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.progress = Progress(f"{self.label}  epoch {epoch + 1}/{self.epochs}", self.steps,
-                                 start=self.resumed_steps)
-        resumed = f", resuming after step {self.resumed_steps}" if self.resumed_steps else ""
-        say(f"{self.progress.label}: {self.steps} steps of {self.batch_size} examples{resumed}")
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.progress.update(self.resumed_steps + batch + 1, (batch + 1) * self.batch_size,
-                             lambda: f"loss {float(logs['loss']):.4f}  ")
-
-    def on_epoch_end(self, epoch, logs=None):
-        loss = f", loss {float(logs['loss']):.4f}" if logs else ""
-        if self.resumed_steps:  # a part of an epoch: count its steps, not its examples
-            self.progress.summary(self.steps - self.resumed_steps, "steps", loss)
-        else:
-            self.progress.summary(self.num_examples, "ex", loss)
-        self.resumed_steps = 0
-
-
-class PredictionProgress(keras.callbacks.Callback):
-    def __init__(self, progress, batch_size):
-        super().__init__()
-        self.progress, self.batch_size = progress, batch_size
-
-    def on_predict_batch_end(self, batch, logs=None):
-        self.progress.update(batch + 1, (batch + 1) * self.batch_size)
-
-
-class TensorBoardLogs(keras.callbacks.Callback):
-    """One run's TensorBoard event files, laid out as Keras' own `TensorBoard` callback lays
-    them out (`train/` and `validation/`; tags `batch_loss`, `epoch_loss`,
-    `epoch_learning_rate`, ...), but with the step the number of batches trained, carried over
-    a resume: the curves of a sweep's runs line up, and a resumed run continues its own. (Keras'
-    callback restarts its step at every `fit`, logs epochs at `step=epoch`, and logs no
-    learning rate per batch.)
-
-    `train/`: the loss (Keras' mean over the epoch so far), the learning rate and examples per
-    second, every 1% of an epoch, at least every PROGRESS_SECONDS, and at each epoch's end.
-    `validation/`: every dev metric of every dev split, and the task score, at every evaluation.
-    A run started afresh replaces its folder; a resumed one first drops what was logged after
-    its checkpoint. As a context manager, it closes (and flushes) its writers however the run
-    ends: glue.py leaves through `os._exit`, which would lose unflushed events.
-    """
-
-    def __init__(self, folder, steps_per_epoch, batch_size, resumed_batches=0, evaluations=None):
-        super().__init__()
-        self.every, self.batch_size = max(steps_per_epoch // 100, 1), batch_size
-        self.evaluations = evaluations
-        self.batches = resumed_batches
-        self.logged = len(evaluations.records) if evaluations else 0  # before the checkpoint
-        kinds = ("train", "validation")
-        for kind in kinds:
-            if resumed_batches:
-                drop_events_after(os.path.join(folder, kind), resumed_batches)
-            else:
-                shutil.rmtree(os.path.join(folder, kind), ignore_errors=True)
-        self.writers = {kind: tf.summary.create_file_writer(os.path.join(folder, kind))
-                        for kind in kinds}
-        self.last_point = self.epoch_start = (time.perf_counter(), resumed_batches)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        for writer in self.writers.values():
-            writer.close()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = (time.perf_counter(), self.batches)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if self.batches % self.every == 0 or \
-                time.perf_counter() - self.last_point[0] >= PROGRESS_SECONDS:
-            self.log_training("batch", logs, self.last_point)
-        for record in self.evaluations.records[self.logged:] if self.evaluations else ():
-            self.log_evaluation(record)
-            self.logged += 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.log_training("epoch", logs, self.epoch_start)
-
-    def log_training(self, prefix, logs, since):
-        now = time.perf_counter()
-        speed = (self.batches - since[1]) * self.batch_size / max(now - since[0], 1e-9)
-        self.write("train", self.batches, {
-            f"{prefix}_loss": float(logs["loss"]),
-            f"{prefix}_learning_rate": float(self.model.optimizer.learning_rate),
-            f"{prefix}_examples_per_second": speed})
-        self.last_point = (now, self.batches)
-
-    def log_evaluation(self, record):
-        splits = dev_metrics(record)
-        scalars = {f"epoch_{metric}" + (f"_{split.removeprefix('validation_')}"
-                                        if len(splits) > 1 else ""): value
-                   for split, metrics in splits.items() for metric, value in metrics.items()
-                   if value is not None}
-        self.write("validation", record["step"], {**scalars, "epoch_task_score":
-                                                  run_score(record)})
-
-    def write(self, kind, step, scalars):
-        # tf.summary.scalar is TensorBoard's, which TensorFlow no longer installs: this writes
-        # what it writes, through TensorFlow's own tf.summary.write.
-        with self.writers[kind].as_default(step=step):
-            for tag, value in scalars.items():
-                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=SCALAR_METADATA)
-        self.writers[kind].flush()  # a killed run keeps what it logged
-
-
-SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
-    plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class="DATA_CLASS_SCALAR").SerializeToString()
-
-
-def drop_events_after(folder, last_step):
-    """Rewrites a folder's event files without the events after `last_step`: what a killed run
-    logged past its last checkpoint, and its resumed run will log again."""
-    paths = sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*")))
-    kept = []
-    for path in paths:
-        with contextlib.suppress(tf.errors.DataLossError):  # a last record cut short by a kill
-            for record in tf.data.TFRecordDataset(path):
-                if tf.compat.v1.Event.FromString(record.numpy()).step <= last_step:
-                    kept.append(record.numpy())
-    if not paths:
-        return
-
-    def write(temporary):
-        with tf.io.TFRecordWriter(temporary) as writer:
-            for record in kept:
-                writer.write(record)
-
-    # Named after the oldest file, so that TensorBoard reads it before the new writer's.
-    write_atomically(f"{paths[0]}.kept", write)
-    for path in paths:
-        os.remove(path)
-
-
-def training_flops(model, split, epochs):
-    """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
-    backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
-    bucket's width. Per token, 2 FLOPs per kernel weight of the encoder's dense layers
-    (embeddings and pooler left out); per attention layer, 4 x hidden x width FLOPs for the
-    scores and their sum. None for a model without a KerasHub backbone (or without
-    `num_layers` and `hidden_dim`).
-    """
-    backbone = backbone_in(model)
-    layers, hidden = getattr(backbone, "num_layers", None), getattr(backbone, "hidden_dim", None)
-    if not layers or not hidden:
-        return None
-    dense_weights = sum(math.prod(weight.shape) for weight in backbone.trainable_weights
-                        if weight.path.endswith("kernel") and not any(
-                            part in weight.path for part in ("embedding", "pool")))
-    if split.lengths is None:
-        widths = np.full(len(split), split.padded_length, np.float64)
-    else:
-        all_widths = np.array(bucket_widths(split), np.float64)
-        widths = all_widths[np.searchsorted(all_widths, split.lengths)]
-    forward = 2 * dense_weights * widths.sum() + 4 * layers * hidden * (widths ** 2).sum()
-    return 3 * epochs * float(forward)
-
-
-# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
-# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
-BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
-
-
-def bf16_hint(flags):
-    """One line for a CPU that computes bfloat16 fast (None for others)."""
-    for flag, name, speedup in BF16_SPEEDUPS:
-        if flag in flags:
-            return (f"This CPU has {name}: --mixed_precision=mixed_bfloat16 would train about "
-                    f"{speedup:g}x faster, with dev metrics within a point of float32 (the "
-                    "default stays float32, so that numbers do not change with the hardware)")
-    return None
-
-
-def cpu_flags():
-    """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
-        for line in file:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 # ================================================================================================
 # Submission files: validating, zipping. Every file is written to a temporary file
 # beside it, then renamed, so an interrupted run never leaves a half-written file behind.
 # ================================================================================================
 
+
 SHOWN_PROBLEMS_PER_FILE = 10
-
-
-def write_atomically(path, write):
-    """Calls `write(temporary_path)`, then renames the temporary file to `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Same folder, so the rename is atomic; a unique name, so concurrent runs never collide;
-    # the same ending, since Keras and numpy insist on theirs (`.keras`, `.npz`).
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_bytes(path, data):
@@ -3187,15 +3336,12 @@ def make_submission_zip(directory):
     write_atomically(path, write)
     return path
 
-
 # ================================================================================================
 # Run records and the results JSON. Each run's folder is the record of that run, written once,
-# at once, by the process that made it: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds
-# run.json, the run's test predictions and, if asked for, its model. The results JSON, the
-# top-level submission files and the saved model are made from the records, under a lock.
+# by the run's process: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds run.json, its
+# log, its test predictions and, if asked for, its model. The results JSON, the top-level
+# submission files and the saved model are made from the records, under a lock.
 # ================================================================================================
-
-RUN_RECORD = "run.json"
 
 
 @contextlib.contextmanager
@@ -3233,26 +3379,13 @@ def read_records(folder):
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name, RUN_RECORD)
             if not name.startswith(".") and os.path.isfile(path):
-                with open(path, encoding="utf-8") as file:
-                    records.append(json.load(file))
+                records.append(read_json(path))
     return sorted(records, key=run_order)
 
 
-def stage_run_folder(folder, run, tables, model=None):
-    """Writes one run's folder whole under a temporary name beside its final one; returns it
-    (`put_in_place` renames it)."""
-    staged = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}")
-    os.makedirs(staged)
-    try:
-        for file, table in tables.items():
-            write_submission(os.path.join(staged, file), table)
-        if model is not None:
-            model.save(os.path.join(staged, "model.keras"))
-        write_json(os.path.join(staged, RUN_RECORD), run)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    return staged
+def read_json(path):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 def put_in_place(staged, final):
@@ -3342,20 +3475,12 @@ def updating_results(path):
         write_json(path, results)
 
 
-def write_json(path, value):
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(value, file, indent=2, sort_keys=True)
-            file.write("\n")
-
-    write_atomically(path, write)
-
-
 # ================================================================================================
 # The results report: glue_report.md in the submission folder, its figures beside it in
 # glue_report/, made from the results JSON alone whenever that changes. matplotlib is imported
 # only to draw them, and a figure that cannot be drawn costs one warning line, never a result.
 # ================================================================================================
+
 
 REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
 
@@ -3484,16 +3609,14 @@ def draw_seed_spread(drawn, entries):
              title="runs (o; x: collapsed) and their median (bar); * the chosen rate")
     axes.grid(axis="y", alpha=0.3)
 
-
 # ================================================================================================
 # Command line
 # ================================================================================================
 
 
-def options_from_flags():
-    """glue.py's flags as a plain namespace: everything below `main` takes its options so."""
-    return types.SimpleNamespace(**{
-        flag.name: flag.value for flag in FLAGS.get_key_flags_for_module(sys.modules[__name__])})
+def options_from_flags(own_flags):
+    """glue.py's flags as a plain namespace, as a command reads them."""
+    return types.SimpleNamespace(**{flag.name: flag.value for flag in own_flags})
 
 
 HELP_ARGUMENTS = ("--help", "-help", "-?", "--helpshort")

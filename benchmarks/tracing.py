@@ -36,7 +36,7 @@ def measure(variant, data, model_path):
         glue.trace_for_every_length = lambda model, batches: None
     task = glue.TASKS["mrpc"]
     _, eval_rows, _ = glue.tokenize_task_data(
-        glue.load_task_data(task, glue.options_from_flags()), task,
+        glue.load_task_data(task, data), task,
         glue.tf.function(glue.make_preprocess_fn()))
     model = glue.make_finetuning_model(glue.load_pretrained_model(), task.num_outputs)
     glue.compile_for(model, task, "adam")

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+import traceback
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -172,12 +173,51 @@ def entry_of(folder, task="rte"):
 
 
 def options_for(*args):
-    """glue.py's options for the given flags, as `main` reads them."""
+    """glue.py's options for the given flags, as a command reads them."""
     flags.FLAGS(["glue.py", *args])
     try:
-        return glue.options_from_flags()
+        return glue.options_from_flags(glue.FLAGS.get_key_flags_for_module(glue))
     finally:
         flags.FLAGS.unparse_flags()
+
+
+class InProcessRun:
+    """A run that a sweep starts, run at once in the test's own process by `glue.main`, the
+    function a run's process runs: the test's patches reach it, and it pays no TensorFlow
+    import. Its log holds its error line, as a run process' would."""
+
+    def __init__(self, command, log_path, environment=None, cores=None):
+        self.pid, self.returncode = os.getpid(), 0
+        open(log_path, "a").close()
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["glue.py", *command[2:]])
+        try:
+            glue.main([])
+        except SystemExit as stop:
+            self.returncode = 1 if isinstance(stop.code, str) else stop.code or 0
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+                with open(log_path, "a", encoding="utf-8") as log:
+                    log.write(stop.code + "\n")
+        except Exception:
+            self.returncode = 1
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(traceback.format_exc())
+        finally:
+            flags.FLAGS.unparse_flags()
+
+    def poll(self):
+        return self.returncode
+
+    def finish(self):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def runs_in_process(monkeypatch):
+    """Sweeps started in a test's process run their runs in it too (`InProcessRun`); a test
+    that starts glue.py as a process gets real run processes."""
+    monkeypatch.setattr(glue, "start_run", InProcessRun)
 
 
 @pytest.fixture(scope="session")

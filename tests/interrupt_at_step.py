@@ -1,6 +1,9 @@
-"""Runs glue.py like the command line does, but sends itself a signal once training reaches
-the step given in GLUE_TEST_INTERRUPT ("SIGKILL:7" or "SIGTERM:6"): a crash or a preemption at
-a known point, for the resume tests. GLUE_TEST_KILL_AFTER_EVALUATION=N kills it right after the
+"""Runs glue.py like the command line does, but a run sends itself a signal once its training
+reaches the step given in GLUE_TEST_INTERRUPT ("SIGKILL:7" or "SIGTERM:6"): a crash or a
+preemption at a known point, for the resume tests. "SIGTERM:6:command" sends it to the command
+that started the run instead, "SIGKILL:6:group" to the command's whole process group.
+GLUE_TEST_INTERRUPT_SEED=2 interrupts only the run of seed 2. A command started through this
+file starts its runs through it too, so these reach them. GLUE_TEST_KILL_AFTER_EVALUATION=N kills it right after the
 N-th dev evaluation, before any checkpoint holds it. GLUE_TEST_DEV_SCORES ("5:0.5,10:0.9")
 replaces every dev metric of the evaluation after that many batches by that number.
 GLUE_TEST_LOSS_SCALE sets the initial loss scale of mixed_float16 training, so that a test can
@@ -18,12 +21,16 @@ from absl import app  # noqa: E402
 import glue  # noqa: E402
 
 if os.environ.get("GLUE_TEST_INTERRUPT"):
-    signal_name, step = os.environ["GLUE_TEST_INTERRUPT"].split(":")
+    signal_name, step, *whom = os.environ["GLUE_TEST_INTERRUPT"].split(":")
     record_step = glue.TrainingCheckpoints.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.batches + 1 == int(step):
-            os.kill(os.getpid(), getattr(signal, signal_name))
+        if self.batches + 1 == int(step) and os.environ.get(
+                "GLUE_TEST_INTERRUPT_SEED", glue.FLAGS.seed[0]) == glue.FLAGS.seed[0]:
+            if whom == ["group"]:
+                os.killpg(os.getpgid(0), getattr(signal, signal_name))
+            os.kill(os.getppid() if whom == ["command"] else os.getpid(),
+                    getattr(signal, signal_name))
         record_step(self, batch, logs)
 
     glue.TrainingCheckpoints.on_train_batch_end = on_train_batch_end

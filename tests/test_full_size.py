@@ -22,7 +22,7 @@ def nothing_may_run(monkeypatch):
     """Fails the test if any data is read or any model trained."""
     def forbidden(*args, **kwargs):
         raise AssertionError("the run went past its start-up checks")
-    for name in ("load_task_data", "make_preprocess_fn", "train"):
+    for name in ("load_task_data", "make_preprocess_fn", "finetune"):
         monkeypatch.setattr(glue, name, forbidden)
 
 
@@ -58,13 +58,13 @@ def test_progress_lines_reach_a_log_file(tiny_preset, glue_data, tmp_path):
 def test_a_line_every_5_percent_and_every_minute(monkeypatch, capsys):
     now = [0.0]
     monkeypatch.setattr(glue.time, "perf_counter", lambda: now[0])
-    progress = glue.Progress("mnli  epoch 1/3", 1000)
+    progress = glue.Progress("mnli  epoch 1/3", 1000, quiet_seconds=0)
     for step in range(1, 1000):
         now[0] += 0.01
         progress.update(step, 32 * step)
     assert len(capsys.readouterr().out.splitlines()) == 19  # every 50 steps, none at the end
 
-    progress = glue.Progress("mnli  epoch 1/3", 1000)
+    progress = glue.Progress("mnli  epoch 1/3", 1000, quiet_seconds=0)
     for step in range(1, 6):
         now[0] += 61  # slow steps: a line each minute, well before 5% of them
         progress.update(step, 32 * step)
@@ -133,13 +133,13 @@ def test_offline_one_line_names_both_downloads_and_their_flags(run_glue, monkeyp
 @pytest.fixture
 def trainings(monkeypatch):
     """The learning rates finetuned, in order."""
-    rates, train = [], glue.train
+    rates, make = [], glue.make_optimizer
 
-    def recording_train(model, split, task, **kwargs):
-        rates.append(kwargs["learning_rate"])
-        return train(model, split, task, **kwargs)
+    def recording(learning_rate, *args, **kwargs):
+        rates.append(learning_rate)
+        return make(learning_rate, *args, **kwargs)
 
-    monkeypatch.setattr(glue, "train", recording_train)
+    monkeypatch.setattr(glue, "make_optimizer", recording)
     return rates
 
 

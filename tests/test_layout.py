@@ -54,12 +54,76 @@ def test_a_reader_who_stops_at_the_banner_has_seen_the_whole_flow():
     defined = {node.name: node.lineno for node in ast.parse(source).body
                if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     flow = ["make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
-            "GlueClassifier", "sentence_encoder", "load_task_data", "tokenize", "train",
-            "predict", "evaluate", "write_submission", "main", "run_task"]
-    plumbing = ["make_strategy", "patch_keras_for_multi_worker", "TrainingCheckpoints",
-                "validate_submission", "make_submission_zip", "updating_results", "check_options"]
+            "sentence_encoder", "GlueClassifier", "load_task_data", "tokenize_task_data",
+            "make_optimizer", "compile_for", "finetune", "evaluate", "predict",
+            "write_submission", "write_run", "main"]
+    plumbing = ["run_sweep", "plan_task", "start_run", "summarized", "make_strategy",
+                "TrainingCheckpoints", "validate_submission", "make_submission_zip",
+                "updating_results", "check_options", "write_report", "read_recipe"]
+    assert [defined[name] for name in flow] == sorted(defined[name] for name in flow)
     assert all(defined[name] < banner for name in flow)
     assert all(defined[name] > banner for name in plumbing)
     # The custom code blocks come right after the flags, before the task table.
     first_block = lines.index("### Custom code block starts ###")
-    assert first_block < defined["GlueTask"] < defined["load_task_data"] < defined["train"]
+    assert first_block < defined["GlueTask"] < defined["load_task_data"] < defined["finetune"]
+
+
+def top_level_names(tree):
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            yield node.name, node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        yield name.id, node
+
+
+# The budgets of issue 25, the shape of the file as a reader meets it. LINES is not yet the
+# issue's 2,600 (the closing note lists what would have to go); it may only come down.
+LINES, LINE_LENGTH, BANNER_BY, CROSSING, PARAMETERS = 3700, 100, 1100, 12, 8
+
+
+def test_the_file_keeps_its_budgets():
+    source = glue_source()
+    lines = source.splitlines()
+    assert len(lines) <= LINES
+    assert max(map(len, lines)) <= LINE_LENGTH
+    banner = lines.index(BANNER) + 1
+    assert banner <= BANNER_BY
+    tree = ast.parse(source)
+    below = {name for name, node in top_level_names(tree) if node.lineno > banner}
+    used_above = {name.id for node in tree.body if node.lineno < banner
+                  for name in ast.walk(node) if isinstance(name, ast.Name)}
+    assert len(below & used_above) <= CROSSING, sorted(below & used_above)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            count = len(arguments.posonlyargs + arguments.args + arguments.kwonlyargs)
+            assert count <= PARAMETERS, node.name
+
+
+def test_main_reaches_fit_in_three_calls_above_the_banner():
+    tree = ast.parse(glue_source())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+    def calls(function):
+        return {call.func.id for call in ast.walk(functions[function])
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)}
+
+    assert "finetune" in calls("main")
+    assert any(isinstance(call.func, ast.Attribute) and call.func.attr == "fit"
+               for call in ast.walk(functions["finetune"]) if isinstance(call, ast.Call))
+
+
+def test_a_run_reads_its_configuration_from_flags_alone():
+    """One source of configuration inside a run: FLAGS. Only `main` and the custom code blocks
+    read it, and nothing writes a flag's value back."""
+    source = glue_source()
+    tree = ast.parse(source)
+    readers = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+               and any(isinstance(name, ast.Name) and name.id == "FLAGS"
+                       for name in ast.walk(node))}
+    assert readers == {"main", "make_preprocess_fn", "load_pretrained_model",
+                       "make_finetuning_model", "parse_flags"}  # the last: --help
+    assert not re.search(r"setattr\(FLAGS|FLAGS\.\w+ = ", source)

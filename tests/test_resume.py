@@ -10,11 +10,9 @@ import threading
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from absl import flags
 
 import glue
-from conftest import REPO
+from conftest import REPO, options_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 16 training examples in batches of 4 (batched by length: 5 batches an epoch) for 3 epochs.
@@ -22,9 +20,10 @@ TRAINING = ("--task_name=stsb", "--epochs=3", "--batch_size=4", "--max_sequence_
             "--checkpoint_every_steps=1")
 
 
-def glue_command(tiny_preset, data_dir, out, interrupt=None, extra=(), env=None, wrap=False):
-    """Runs glue.py in a child process (through interrupt_at_step.py to interrupt it, or with
-    `wrap` to set the test's loss scale)."""
+def glue_command(tiny_preset, data_dir, out, interrupt=None, extra=(), env=None, wrap=False,
+                 new_session=False):
+    """Runs glue.py as a command (through interrupt_at_step.py to interrupt its run, or with
+    `wrap` to set the test's loss scale); `new_session`: in a process group of its own."""
     script = os.path.join(HERE, "interrupt_at_step.py") if interrupt or wrap else \
         os.path.join(REPO, "glue.py")
     command = [sys.executable, script, *TRAINING, f"--preset={tiny_preset}",
@@ -32,7 +31,8 @@ def glue_command(tiny_preset, data_dir, out, interrupt=None, extra=(), env=None,
                f"--submission_directory={out}",
                f"--finetuning_model_save_path={out / 'model.keras'}", *extra]
     env = dict(os.environ, GLUE_TEST_INTERRUPT=interrupt or "", **(env or {}))
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                          start_new_session=new_session)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def run_folders(out):
 def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
         tiny_preset, glue_data, tmp_path, uninterrupted):
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6")
-    assert killed.returncode == -9
+    assert killed.returncode == 1  # the run was killed; the command names it
+    assert killed.stderr.strip().splitlines()[-1].startswith(
+        "glue.py: error: stsb: LOST (killed by SIGKILL); its log: ")
     folder, = run_folders(tmp_path)
     # The state after epoch 1, with that epoch's evaluation in it.
     assert sorted(os.listdir(folder)) == ["step-000000005.npz"]
@@ -85,14 +87,14 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes_exactly(
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_data, tmp_path,
-                                                           uninterrupted):
+def test_sigterm_to_a_run_saves_a_checkpoint_and_says_how_to_resume(
+        tiny_preset, glue_data, tmp_path, uninterrupted):
     stopped = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGTERM:7")
     assert stopped.returncode == 1
     message = stopped.stderr.strip().splitlines()[-1]
     folder, = run_folders(tmp_path)
-    assert message == (f"glue.py: stopped by SIGTERM at step 7 of 15; the checkpoint is in "
-                       f"{folder}: run the same command again to resume")
+    assert message == (f"glue.py: error: stopped by SIGTERM at step 7 of 15; the checkpoint is "
+                       f"in {folder}: run the same command again to resume")
     assert sorted(os.listdir(folder)) == ["step-000000007.npz"]
     assert "Traceback" not in stopped.stderr
 
@@ -102,15 +104,45 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_preset, glue_dat
     assert_same_training(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_command_reaches_its_run_which_checkpoints(tiny_preset, glue_data,
+                                                                   tmp_path, uninterrupted):
+    stopped = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGTERM:7:command")
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "glue.py: stopped by SIGTERM; the runs keep their checkpoints: run the same command "
+        "again to resume")
+    folder, = run_folders(tmp_path)
+    step, = os.listdir(folder)  # the step the run had reached when the command's SIGTERM came
+    resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from step {int(step[5:14])}" in resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigkill_to_the_whole_command_then_the_same_command_resumes(tiny_preset, glue_data,
+                                                                    tmp_path, uninterrupted):
+    """The process group of the command and its run killed at once (what a job scheduler does
+    at its time limit): the run's checkpoint is resumed, and nothing is left running."""
+    killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:6:group",
+                          new_session=True)
+    assert killed.returncode == -9
+    folder, = run_folders(tmp_path)
+    assert sorted(os.listdir(folder)) == ["step-000000005.npz"]
+    resumed = glue_command(tiny_preset, glue_data[0], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from step 5" in resumed.stderr
+    assert_same_training(tmp_path, uninterrupted)
+
+
 def test_a_checkpoint_of_another_model_is_refused(tiny_preset, glue_data, tmp_path, run_glue):
     args = (*TRAINING, f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
             f"--checkpoint_dir={tmp_path / 'checkpoints'}")
-    flags.FLAGS(["glue.py", *args])
-    options = glue.options_from_flags()
-    flags.FLAGS.unparse_flags()
+    options = options_for(*args)
     task = glue.TASKS["stsb"]
     folder = glue.checkpoint_folder(options.checkpoint_dir, task, 5e-5, 42, glue.fingerprint(
-        task, options, tf.distribute.get_strategy()))
+        task, options, ("_DefaultDistributionStrategy", 1)))
     os.makedirs(folder)
     np.savez(os.path.join(folder, "step-000000003.npz"), np.zeros(3), batches=np.array(3))
     with pytest.raises(SystemExit) as exit_info:
@@ -154,7 +186,7 @@ def test_merges_from_many_writers_at_once_lose_nothing(tmp_path):
 def test_a_checkpoint_made_with_another_batch_size_is_not_resumed(tiny_preset, glue_data,
                                                                   tmp_path):
     killed = glue_command(tiny_preset, glue_data[0], tmp_path, interrupt="SIGKILL:3")
-    assert killed.returncode == -9
+    assert killed.returncode == 1 and "(killed by SIGKILL)" in killed.stderr
     old_folder, = run_folders(tmp_path)
 
     other = glue_command(tiny_preset, glue_data[0], tmp_path, extra=["--batch_size=8"])
@@ -181,7 +213,7 @@ def test_resume_is_exact_under_mixed_float16_when_the_loss_scale_skips_steps(
     out = tmp_path / "resumed"
     killed = glue_command(tiny_preset, glue_data[0], out, interrupt="SIGKILL:9", extra=half,
                           env=env)
-    assert killed.returncode == -9
+    assert killed.returncode == 1 and "(killed by SIGKILL)" in killed.stderr
     resumed = glue_command(tiny_preset, glue_data[0], out, extra=half, env=env, wrap=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from step 8" in resumed.stderr
@@ -196,7 +228,7 @@ def test_resume_is_exact_under_mixed_bfloat16(tiny_preset, glue_data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "resumed"
     killed = glue_command(tiny_preset, glue_data[0], out, interrupt="SIGKILL:9", extra=brain)
-    assert killed.returncode == -9
+    assert killed.returncode == 1 and "(killed by SIGKILL)" in killed.stderr
     resumed = glue_command(tiny_preset, glue_data[0], out, extra=brain)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from step 8" in resumed.stderr
