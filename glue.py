@@ -220,12 +220,6 @@ HELP_GROUPS = {
 }
 RUN_FLAGS = "Set by a command for each run it starts"
 
-# ================================================================================================
-# Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
-# Below them: the pieces they call.
-# ================================================================================================
-
-
 ### Custom code block starts ###
 # (1) Preprocessing: `preprocess_fn(feature, label)` turns a batch of examples into model inputs.
 # `feature` is a tuple of one or two string tensors (the task's sentences); `label` is passed on.
@@ -1033,9 +1027,9 @@ def quiet_expected_warnings():
 
 
 def main(argv):
-    own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
     if not FLAGS.run_dir:
-        return run_sweep(own_flags, argv[0] if argv and argv[0].endswith(".py") else __file__)
+        return run_sweep(FLAGS.get_key_flags_for_module(sys.modules[__name__]),
+                         argv[0] if argv and argv[0].endswith(".py") else __file__)
     task = TASKS[FLAGS.task_name[0]]
     seed, label = int(FLAGS.seed[0]), FLAGS.run_label or task.name
     trains = not FLAGS.finetuning_model_load_path
@@ -1045,9 +1039,7 @@ def main(argv):
         strategy = make_strategy(FLAGS.distribution_strategy, FLAGS.tpu_timeout_seconds)
         record = {"learning_rate": float(FLAGS.learning_rate[0]) if trains else None,
                   "seed": seed, "run_id": uuid.uuid4().hex[:12],
-                  "replicas": strategy.num_replicas_in_sync,
-                  "flags": {flag.name: flag.value for flag in own_flags
-                            if flag.name not in HELP_GROUPS[RUN_FLAGS]}}
+                  "replicas": strategy.num_replicas_in_sync}
         with strategy.scope():
             # The custom code blocks run in the scope: they may create variables. The preset's
             # preprocessing loads first, so that a preset that cannot be had fails in seconds.
@@ -1198,7 +1190,7 @@ def run_task(task, options, root, script, several_tasks=False, keep_models=False
         lost = sweep.train(todo, lambda staged, run: record_run(
             task, options, settings, staged, run, save_path))
     entry = publish(task, options, settings, folder, save_path)
-    if len(lost) == 1 and len(todo) == 1:
+    if lost and (len(todo) == 1 or sweep.said_why):
         raise GlueError(lost[0])
     if lost:
         raise GlueError(f"{plural(len(lost), 'run')} lost (lines above); run the same command "
@@ -1260,7 +1252,7 @@ class Started:
     staged: str
     process: object
     slot: int
-    rerun: list  # the flags that rerun it alone
+    flags: dict  # the flags it runs with, but those of its place in this command
 
 
 class Sweep:
@@ -1280,7 +1272,7 @@ class Sweep:
         """Runs `todo` ([(learning rate, seed, chain)]); `record(staged folder, run)` puts each
         finished run among the records. Returns the lost runs' lines."""
         waiting = collections.deque(todo)
-        with self.passing_on_signals():
+        with on_stop_signals(self.stop), self.stopping_runs_on_failure():
             while waiting or self.running:
                 if self.stopped_by:
                     waiting.clear()  # no new run; the running ones checkpoint and stop
@@ -1292,8 +1284,9 @@ class Sweep:
                 self.running.remove(run)
                 if self.finish(run, record) and needs_run(run.chain, self.options.max_restarts):
                     waiting.appendleft((run.learning_rate, run.seed, run.chain))
-                elif self.said_why:
-                    waiting.clear()  # the task's other runs would fail alike
+                elif self.said_why and waiting:  # the task's other runs would fail alike
+                    say(f"{self.task.name}: {plural(len(waiting), 'asked run')} not started")
+                    waiting.clear()
         if self.stopped_by:
             raise Preempted(f"stopped by {self.stopped_by}; the runs keep their checkpoints: run "
                             "the same command again to resume")
@@ -1308,16 +1301,19 @@ class Sweep:
         values = {**vars(options), "task_name": [task.name], "seed": [str(run_seed)],
                   "learning_rate": options.learning_rate[:1] if learning_rate is None else
                   [str(learning_rate)]}
-        extra = {"run_dir": staged, "run_label": name, "keep_model": self.keep_models,
+        extra = {"run_dir": staged, "run_label": name,
+                 "keep_model": self.keep_models and learning_rate is not None,  # not a loaded one
                  "run_checkpoints": checkpoint_folder(options.checkpoint_dir, task, learning_rate,
                                                       run_seed, self.settings),
                  "run_tensorboard": tensorboard_folder(options, task, learning_rate, run_seed)}
-        rerun = arguments({key: values[key] for key in run_flag_names(values)})
+        flags = {key: values[key] for key in run_flag_names(values)}
         slot = min(set(range(len(self.slots))) - {run.slot for run in self.running})
-        process = start_run([sys.executable, self.script, *rerun, *arguments(extra)],
+        process = start_run([sys.executable, self.script, *arguments(flags), *arguments(extra)],
                             os.path.join(staged, "log.txt"), *self.slots[slot])
         self.running.append(Started(learning_rate, seed, chain, run_seed, name, staged,
-                                    process, slot, rerun))
+                                    process, slot, flags))
+        if self.stopped_by:  # the signal came while it started
+            process.send_signal(signal.SIGTERM)
 
     def next_finished(self):
         while True:
@@ -1330,11 +1326,12 @@ class Sweep:
     def finish(self, run, record):
         """Records a finished run, or names it lost; returns whether it was recorded."""
         path = os.path.join(run.staged, RUN_RECORD)
-        if run.process.returncode != 0 or not os.path.isfile(path):
+        if not os.path.isfile(path):  # written last, at once: the run is whole if it is there
             self.lose(run)
             return False
-        result = read_json(path)
-        result["command"] = shlex.join(["python", "glue.py", *run.rerun])
+        # What its command line said, and the command that reruns it alone.
+        result = {**read_json(path), "flags": run.flags,
+                  "command": shlex.join(["python", "glue.py", *arguments(run.flags)])}
         if run.chain:
             result.update(restart_of=run.seed, restarted_from=run.chain[-1]["run_id"])
         run.chain.append(result)
@@ -1358,7 +1355,10 @@ class Sweep:
         code = run.process.returncode
         if tail and tail[-1].startswith("glue.py: "):  # bad input, no TPU, or stopped
             self.lost.append(tail[-1].removeprefix("glue.py: ").removeprefix("error: "))
-            self.said_why = True  # in its own line, already shown
+            self.said_why |= tail[-1].startswith("glue.py: error: ")  # in its line, shown
+            return
+        if self.stopped_by:
+            self.lost.append(f"{run.name}: stopped before its checkpoint; its log: {log}")
             return
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else \
             f"exit status {code}" + (f": {tail[-1][:200]}" if tail else "")
@@ -1366,46 +1366,46 @@ class Sweep:
         print("\n    ".join([line, *tail[-5:]]), file=sys.stderr, flush=True)
         self.lost.append(line)
 
-    @contextlib.contextmanager
-    def passing_on_signals(self):
-        """While the runs train, SIGTERM or Ctrl-C to the command passes SIGTERM on to them:
-        they checkpoint and stop, and the command waits for them, then stops too."""
-        def stop(signum, frame):
-            self.stopped_by = self.stopped_by or signal.Signals(signum).name
-            for run in self.running:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(run.process.pid, signal.SIGTERM)
+    def stop(self, signal_name):
+        """SIGTERM or Ctrl-C to the command passes SIGTERM on to its runs: they checkpoint and
+        stop, and the command waits for them, then stops too."""
+        self.stopped_by = self.stopped_by or signal_name
+        for run in self.running:
+            run.process.send_signal(signal.SIGTERM)  # nothing, once it has ended
 
-        previous = {signum: signal.signal(signum, stop)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
+    @contextlib.contextmanager
+    def stopping_runs_on_failure(self):
+        """A failure of the command itself (a record it cannot write, say) stops its running
+        runs before it goes on: none trains unattended."""
         try:
             yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        except BaseException:
+            self.stop("the command's failure")
+            for run in self.running:
+                run.process.wait()
+                run.process.finish()
+            raise
 
 
 def start_run(command, log_path, environment=None, cores=None):
     """Starts one run's process. Its output reaches this process' stdout and stderr line by line
     as it comes, and its log file whole. `cores`: the CPU cores it may use (None: all). If this
     process dies first, the kernel sends the run SIGTERM, so no run outlives its command."""
-    def in_child():
-        if cores:
-            os.sched_setaffinity(0, cores)
-        with contextlib.suppress(OSError, AttributeError):  # Linux only: PR_SET_PDEATHSIG
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
-
+    prctl = getattr(LIBC, "prctl", None)  # Linux: PR_SET_PDEATHSIG, set between fork and exec
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by `finish`)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
         env={**os.environ, **(environment or {}), "PYTHONUNBUFFERED": "1"},
-        preexec_fn=in_child)
+        preexec_fn=prctl and (lambda: prctl(1, signal.SIGTERM)))
+    if cores:  # before its Python has started any thread, which would keep the old cores
+        os.sched_setaffinity(process.pid, cores)
     lock = threading.Lock()
 
     def copy(lines, terminal):
         for line in lines:
-            terminal.write(line)
-            terminal.flush()
+            with contextlib.suppress(OSError, ValueError):  # a terminal gone: the log goes on
+                terminal.write(line)
+                terminal.flush()
             with lock:
                 log.write(line)
                 log.flush()
@@ -1424,6 +1424,9 @@ def start_run(command, log_path, environment=None, cores=None):
     return process
 
 
+LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+
+
 def device_slots(parallel_runs, gpus, cores):
     """`[(environment, cores)]` for each of `parallel_runs` runs at once: with GPUs, each run's
     share of them (CUDA_VISIBLE_DEVICES); on CPU, each run's share of the cores, which sets its
@@ -1432,8 +1435,10 @@ def device_slots(parallel_runs, gpus, cores):
         return [({}, None)]
     if gpus:
         share = gpus // parallel_runs
-        return [({"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(i * share, (i + 1) * share)))},
-                 None) for i in range(parallel_runs)]
+        mine = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpus))))
+        mine = mine.split(",")
+        return [({"CUDA_VISIBLE_DEVICES": ",".join(mine[i * share:(i + 1) * share])}, None)
+                for i in range(parallel_runs)]
     share = cores // parallel_runs
     mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return [({}, set(mine[i * share:(i + 1) * share]) or None) for i in range(parallel_runs)]
@@ -1468,9 +1473,15 @@ def run_flag_names(names):
     return [name for name in names
             if name not in SWEEP_FLAGS + HELP_GROUPS[RUN_FLAGS]]
 
+# ================================================================================================
+# Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
+# Below them: the pieces they call.
+# ================================================================================================
+
 
 def arguments(values):
-    """Flag values as command-line arguments (None: left out, the flag's default)."""
+    """Flag values as command-line arguments (None: left out, the flag's default). Spells the
+    kinds of flag glue.py defines: booleans, comma lists and single values."""
     spelled = []
     for name, value in values.items():
         if isinstance(value, bool):
@@ -2018,6 +2029,8 @@ def check_devices_fit(options, task_names, settings):
     replicas (Keras 3.15 fails inside its update, keras-team/keras#20582), and more runs at once
     than there are GPUs or cores to share out."""
     gpus, cores = gpu_count(), available_cores()
+    if options.parallel_runs > 1 and strategy_and_tpu(options.distribution_strategy)[0] == "tpu":
+        raise GlueError("--parallel_runs: a TPU runs one run at a time; give 1")
     if options.parallel_runs > (gpus or cores):
         raise GlueError(f"--parallel_runs={options.parallel_runs}: there are "
                         f"{plural(gpus, 'GPU') if gpus else plural(cores, 'core')} to share out; "
@@ -2131,10 +2144,11 @@ def recipe_value_problem(setting, value, flag_values):
         kind = int if setting == "seed" else (int, float)
         if isinstance(value, list) and value and all(
                 isinstance(item, kind) and not isinstance(item, bool) for item in value) and (
-                setting == "seed" or min(value) > 0):
+                min(value) >= 0 if setting == "seed" else min(value) > 0) and \
+                len(set(value)) == len(value):
             return None
-        return f"give a list of {'integers' if setting == 'seed' else 'positive numbers'}, " \
-               f"got {value!r}"
+        wanted = "non-negative integers" if setting == "seed" else "positive numbers"
+        return f"give a list of {wanted}, each once, got {value!r}"
     flag = flag_values[setting]
     kind, wanted = {"bool": (bool, "true or false"), "int": (int, "an integer"),
                     "float": ((int, float), "a number")}[flag.flag_type()]
@@ -2575,20 +2589,23 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.stopped_by:
             self.save()
 
-    @contextlib.contextmanager
     def stopping_on_signals(self):
         """While active, SIGTERM (what preemption sends, and a command to its runs when it is
         stopped) or Ctrl-C asks training to stop at the next step boundary."""
-        def stop(signum, frame):
-            self.stopped_by = self.stopped_by or signal.Signals(signum).name
+        return on_stop_signals(lambda name: setattr(self, "stopped_by", self.stopped_by or name))
 
-        previous = {signum: signal.signal(signum, stop)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+
+@contextlib.contextmanager
+def on_stop_signals(stop):
+    """While active, SIGTERM and SIGINT (Ctrl-C) call `stop(the signal's name)` instead of
+    ending the process."""
+    previous = {number: signal.signal(number, lambda number, frame: stop(
+        signal.Signals(number).name)) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def positional_arrays(saved):

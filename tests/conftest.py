@@ -187,7 +187,7 @@ class InProcessRun:
     import. Its log holds its error line, as a run process' would."""
 
     def __init__(self, command, log_path, environment=None, cores=None):
-        self.pid, self.returncode = os.getpid(), 0
+        self.returncode = 0
         open(log_path, "a").close()
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["glue.py", *command[2:]])
@@ -208,6 +208,11 @@ class InProcessRun:
 
     def poll(self):
         return self.returncode
+
+    wait = poll
+
+    def send_signal(self, number):
+        pass  # it has ended already
 
     def finish(self):
         pass
@@ -261,6 +266,19 @@ def glue_main(*args):
         glue.main([])
     finally:
         flags.FLAGS.unparse_flags()
+
+
+def crash_runs(monkeypatch, crashes, error):
+    """Makes finetuning raise `error` in the runs whose progress label `crashes(label)` picks
+    (`rte`, or `rte lr 5e-05 seed 2` in a sweep)."""
+    real = glue.finetune
+
+    def finetune(model, split, checkpoints, **kwargs):
+        if crashes(kwargs["label"]):
+            raise error
+        return real(model, split, checkpoints, **kwargs)
+
+    monkeypatch.setattr(glue, "finetune", finetune)
 
 
 @pytest.fixture

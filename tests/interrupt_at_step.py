@@ -3,9 +3,10 @@ reaches the step given in GLUE_TEST_INTERRUPT ("SIGKILL:7" or "SIGTERM:6"): a cr
 preemption at a known point, for the resume tests. "SIGTERM:6:command" sends it to the command
 that started the run instead, "SIGKILL:6:group" to the command's whole process group.
 GLUE_TEST_INTERRUPT_SEED=2 interrupts only the run of seed 2. A command started through this
-file starts its runs through it too, so these reach them. GLUE_TEST_KILL_AFTER_EVALUATION=N kills it right after the
-N-th dev evaluation, before any checkpoint holds it. GLUE_TEST_DEV_SCORES ("5:0.5,10:0.9")
-replaces every dev metric of the evaluation after that many batches by that number.
+file starts its runs through it too, so these reach them. GLUE_TEST_KILL_AFTER_EVALUATION=N
+kills a run right after its N-th dev evaluation, before any checkpoint holds it.
+GLUE_TEST_DEV_SCORES ("5:0.5,10:0.9") replaces every dev metric of the evaluation after that
+many batches by that number.
 GLUE_TEST_LOSS_SCALE sets the initial loss scale of mixed_float16 training, so that a test can
 force skipped steps."""
 

@@ -3,6 +3,7 @@ the warm start from another task's chosen model."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 
 import glue
-from conftest import entry_of, error_of
+from conftest import crash_runs, entry_of, error_of, options_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ("--max_sequence_length=32",)
@@ -127,7 +128,10 @@ def no_training(monkeypatch):
     ({"rte": {"epochs": 2.5}}, "rte.epochs: give an integer, got 2.5"),
     ({"rte": {"epochs": 0}}, "rte.epochs: "),
     ({"rte": {"learning_rate": 1e-5}}, "rte.learning_rate: give a list of positive numbers"),
-    ({"rte": {"seed": [1, "2"]}}, "rte.seed: give a list of integers"),
+    ({"rte": {"seed": [1, "2"]}}, "rte.seed: give a list of non-negative integers"),
+    ({"rte": {"seed": [-1]}}, "rte.seed: give a list of non-negative integers, each once"),
+    ({"rte": {"learning_rate": [1e-5, 1e-5]}}, "rte.learning_rate: give a list of positive "
+                                               "numbers, each once, got [1e-05, 1e-05]"),
     ({"rte": {"select_best_epoch": 1}}, "rte.select_best_epoch: give true or false, got 1"),
     ({"rte": {"init_from_task": "multinli"}}, "rte.init_from_task: 'multinli' is not a task"),
     ({"rte": {"init_from_task": "rte"}}, "rte cannot start from its own model"),
@@ -342,14 +346,7 @@ def test_a_source_task_neither_run_nor_recorded_fails_at_start(glue_data, tiny_p
 
 def test_a_failed_source_task_stops_only_the_tasks_that_start_from_it(
         glue_data, tiny_preset, tmp_path, run_glue, monkeypatch, capsys):
-    real = glue.finetune
-
-    def finetune(model, split, checkpoints, **kwargs):
-        if kwargs["label"].startswith("mnli"):
-            raise RuntimeError("out of memory")
-        return real(model, split, checkpoints, **kwargs)
-
-    monkeypatch.setattr(glue, "finetune", finetune)
+    crash_runs(monkeypatch, lambda label: label.startswith("mnli"), RuntimeError("out of memory"))
     with pytest.raises(SystemExit):
         run_glue("--task_name=mnli,rte,wnli", f"--recipe={recipe_file(tmp_path, WARM)}",
                  f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
@@ -371,3 +368,26 @@ def test_a_source_recorded_without_its_model_trains_its_chosen_run_again(
            "another task starts from: training that run again" in capsys.readouterr().out
     model_path = chosen_folder(tmp_path / "out", "mnli") / "model.keras"
     assert model_path.exists() and copies[-1][0] == str(model_path)
+
+
+def test_a_warm_start_needs_no_results_file(glue_data, tiny_preset, tmp_path, run_glue, copies,
+                                            capsys):
+    """No --submission_directory and no --results_path, as for dev numbers alone: the second
+    round starts from the first round's chosen run of this very command, found in its
+    records."""
+    recipe = {"defaults": {"epochs": 1, "batch_size": 4}, "rte": {"init_from_task": "mrpc"}}
+    run_glue("--task_name=mrpc,rte", f"--recipe={recipe_file(tmp_path, recipe)}",
+             f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}", *TINY)
+    assert re.search(r"^mrpc's chosen run \(lr 5e-05, seed 42, settings \w{10}\) is the model "
+                     r"to start from$", capsys.readouterr().out, re.MULTILINE)
+    (source, _), = copies
+    assert source.endswith(os.path.join("mrpc", source.split(os.sep)[-3], "lr5e-05_seed42",
+                                        "model.keras"))
+
+
+def test_a_flag_added_for_a_custom_block_joins_the_fingerprint():
+    options = options_for()
+    options.my_dropout = 0.2  # as a flag a researcher defines in glue.py would be read
+    settings = glue.fingerprint(glue.TASKS["rte"], options, ("_DefaultDistributionStrategy", 1))
+    assert settings["my_dropout"] == 0.2
+    assert "run_dir" not in settings and "seed" not in settings

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 import glue
-from conftest import REAL_SUBMISSION, REPO, grow_test_files_to_official_size, write_glue_data
+from conftest import (REAL_SUBMISSION, REPO, crash_runs, grow_test_files_to_official_size,
+                      write_glue_data)
 
 needs_reference = pytest.mark.skipif(not os.path.isdir(REAL_SUBMISSION),
                                      reason="../shared/glue_reference_submission is not here")
@@ -196,25 +197,14 @@ def test_all_tasks_in_one_command_give_a_valid_zip(official_size_data, tiny_pres
     assert "GLUE average over 9 tasks" in out
 
 
-def fail_for(task_name, error, monkeypatch):
-    """Makes finetuning raise `error` for one task only."""
-    original = glue.finetune
-
-    def finetune(model, split, checkpoints, **kwargs):
-        if kwargs["label"].startswith(task_name):
-            raise error
-        return original(model, split, checkpoints, **kwargs)
-
-    monkeypatch.setattr(glue, "finetune", finetune)
-
-
 @pytest.mark.slow
 def test_a_crash_then_a_rerun_skips_finished_tasks(glue_data, tiny_preset, tmp_path, run_glue,
                                                    monkeypatch, capsys):
     args = ("--task_name=rte,mrpc", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
             f"--submission_directory={tmp_path}", *TINY)
     with monkeypatch.context() as patch:
-        fail_for("mrpc", KeyboardInterrupt(), patch)  # the process dies mid-way through mrpc
+        # The process dies mid-way through mrpc.
+        crash_runs(patch, lambda label: label == "mrpc", KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
             run_glue(*args)
     assert (tmp_path / "RTE.tsv").exists() and not (tmp_path / "MRPC.tsv").exists()
@@ -239,7 +229,7 @@ def test_a_crash_then_a_rerun_skips_finished_tasks(glue_data, tiny_preset, tmp_p
 @pytest.mark.slow
 def test_one_failing_task_does_not_stop_the_others(glue_data, tiny_preset, tmp_path, run_glue,
                                                    monkeypatch, capsys):
-    fail_for("cola", RuntimeError("out of memory"), monkeypatch)
+    crash_runs(monkeypatch, lambda label: label == "cola", RuntimeError("out of memory"))
     with pytest.raises(SystemExit) as exit_info:
         run_glue("--task_name=cola,wnli,stsb", f"--preset={tiny_preset}",
                  f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)

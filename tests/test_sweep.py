@@ -11,7 +11,7 @@ import time
 import pytest
 
 import glue
-from conftest import REPO, entry_of, error_of
+from conftest import REPO, crash_runs, entry_of, error_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ("--task_name=rte", "--epochs=2", "--batch_size=4", "--max_sequence_length=32")
@@ -83,10 +83,14 @@ def test_parallel_runs_go_side_by_side_each_on_its_own_cores(tiny_preset, glue_d
     assert [run["seed"] for run in entry_of(tmp_path)["runs"]] == [1, 2]
 
 
-def test_device_slots_share_out_the_gpus_or_the_cores():
+def test_device_slots_share_out_the_gpus_or_the_cores(monkeypatch):
     assert glue.device_slots(1, gpus=2, cores=16) == [({}, None)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert glue.device_slots(2, gpus=4, cores=16) == [
         ({"CUDA_VISIBLE_DEVICES": "0,1"}, None), ({"CUDA_VISIBLE_DEVICES": "2,3"}, None)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")  # the command's own share
+    assert glue.device_slots(2, gpus=4, cores=16) == [
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, None), ({"CUDA_VISIBLE_DEVICES": "5,7"}, None)]
     mine = sorted(os.sched_getaffinity(0))
     if len(mine) >= 2:
         assert glue.device_slots(2, gpus=0, cores=len(mine)) == [
@@ -111,14 +115,7 @@ def test_a_run_s_flags_are_spelled_as_its_command_line():
 
 def test_a_lost_run_adds_no_entry_and_the_others_are_recorded(glue_data, tiny_preset, tmp_path,
                                                               run_glue, monkeypatch, capsys):
-    real = glue.finetune
-
-    def crash_seed_2(model, split, checkpoints, **kwargs):
-        if kwargs["label"].endswith("seed 2"):
-            raise MemoryError("out of memory")
-        return real(model, split, checkpoints, **kwargs)
-
-    monkeypatch.setattr(glue, "finetune", crash_seed_2)
+    crash_runs(monkeypatch, lambda label: label.endswith("seed 2"), MemoryError("out of memory"))
     with pytest.raises(SystemExit):
         run_glue(*TINY, "--seed=1,2,3", f"--preset={tiny_preset}",
                  f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}")
