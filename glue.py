@@ -1158,9 +1158,7 @@ def run_tasks(task_names, options, root, settings, script):
             source = settings[name].get("init_from_task")
             if source in failures:  # its recorded choice, if any, is not this command's
                 raise GlueError(f"starts from {source}'s model, and {source} failed")
-            values = dict(settings[name])
-            if source:
-                values["init_from_finetuned"] = chosen_model(options, root, source, settings)
+            values = with_warm_start(options, root, name, settings)
             results[name] = run_task(TASKS[name], task_options(options, values), root, script,
                                      several_tasks=len(task_names) > 1,
                                      keep_models=name in sources)
@@ -1435,8 +1433,8 @@ def device_slots(parallel_runs, gpus, cores):
         return [({}, None)]
     if gpus:
         share = gpus // parallel_runs
-        mine = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpus))))
-        mine = mine.split(",")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the command's own share, if any
+        mine = visible.split(",") if visible else [str(gpu) for gpu in range(gpus)]
         return [({"CUDA_VISIBLE_DEVICES": ",".join(mine[i * share:(i + 1) * share])}, None)
                 for i in range(parallel_runs)]
     share = cores // parallel_runs
@@ -2200,10 +2198,7 @@ def ordered_by_start(task_names, settings):
 def chosen_model(options, root, task_name, settings):
     """The model of a task's chosen run under the settings this command gives that task (its
     recipe's, `settings[task_name]`), as its run folder kept it; a line if there is none."""
-    task, values = TASKS[task_name], dict(settings[task_name])
-    if values.get("init_from_task"):
-        values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
-                                                     settings)
+    task, values = TASKS[task_name], with_warm_start(options, root, task_name, settings)
     source = fingerprint(task, task_options(options, values), run_devices(options))
     folder = records_folder(root, task, fingerprint_id(source))
     records = read_records(folder)
@@ -2219,6 +2214,16 @@ def chosen_model(options, root, task_name, settings):
     say(f"{task_name}'s chosen run ({describe_run(chosen)}, settings "
         f"{fingerprint_id(source)}) is the model to start from")
     return path
+
+
+def with_warm_start(options, root, task_name, settings):
+    """A task's recipe settings in this command, with the model its init_from_task names (that
+    task's chosen run's) in place as --init_from_finetuned."""
+    values = dict(settings[task_name])
+    if values.get("init_from_task"):
+        values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
+                                                     settings)
+    return values
 
 
 def check_task_settings(options, task_names, settings):
