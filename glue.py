@@ -13,7 +13,8 @@ the custom code blocks, the task table, loading and tokenizing, the optimizer an
 finetuning, prediction, the run's record and `main`. Below it, the sweep: a command plans its
 runs (tasks, learning rates, seeds) from the records already made, starts each run as a
 `glue.py` process of its own with the run's settings as its flags, and makes the results,
-the submission files and the report from the records; then the plumbing.
+the submission files, the report and a comparison with another folder from the records; then
+the plumbing.
 """
 
 import ast
@@ -30,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import platform
 import re
 import shlex
@@ -155,6 +157,9 @@ flags.DEFINE_bool("tensorboard", True,
 flags.DEFINE_bool("report", True,
                   "Write glue_report.md, with its figures in glue_report/, in the submission "
                   "folder whenever the results change; --noreport writes none.")
+flags.DEFINE_string("compare_with", None,
+                    "Another submission folder: each task both have, the difference of scores "
+                    "with a 95% bootstrap interval over seeds and dev examples.")
 flags.DEFINE_string("tensorboard_dir", None,
                     "Folder of the TensorBoard logs, one folder per run "
                     "(<task>/lr<rate>_seed<seed>/train and /validation). Default: "
@@ -211,8 +216,8 @@ HELP_GROUPS = {
                  "max_restarts", "gradient_accumulation_steps", "mixed_precision",
                  "jit_compile"),
     "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
-               "report", "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
-               "fill_missing_from", "validate_submission"),
+               "report", "compare_with", "tensorboard", "tensorboard_dir", "overwrite",
+               "make_submission_zip", "fill_missing_from", "validate_submission"),
     "Scale-out and resuming": ("parallel_runs", "checkpoint_dir", "checkpoint_every_steps",
                                "distribution_strategy", "tpu_timeout_seconds"),
     "Set by a command for each run it starts": ("run_dir", "run_label", "keep_model",
@@ -475,8 +480,6 @@ METRICS = {
 
 
 # ================================================================================================
-
-# ================================================================================================
 # Scores: a run's, and a task's (the mean of its dev metrics)
 # ================================================================================================
 
@@ -560,8 +563,7 @@ class TokenizedSplit:
     real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
     integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
     So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
-    Inputs without a `padding_mask` (a custom preprocessing may give any) are kept as they are,
-    in `inputs`, with the other inputs.
+    Inputs without a `padding_mask` (a custom preprocessing may give any) stay whole in `inputs`.
     """
 
     inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
@@ -641,8 +643,7 @@ def model_inputs(batches, with_labels):
     """`(inputs, labels)` batches for `fit`, or inputs alone for `predict`. Boolean
     token-aligned inputs (KerasHub's padding masks) become int32: under a strategy, Keras
     averages the first batch across replicas, which booleans cannot do. tf.data's autotuning is
-    off: the pipeline's threads are set (PIPELINE_THREADS), and an autotuned iterator at times
-    took 10 to 50 s to be destroyed at the end of an epoch (waiting on its autotuning thread)."""
+    off (PIPELINE_THREADS sets the threads): an autotuned iterator took 10 to 50 s to end."""
     options = tf.data.Options()
     options.autotune.enabled = False
 
@@ -798,8 +799,7 @@ def finetune(model, split, checkpoints, *, epochs, batch_size, seed, label, tens
 def batches_applied(optimizer):
     """The batches the optimizer took: Keras' own count (its public `iterations` counts
     updates under gradient accumulation), of the inner optimizer under mixed_float16's loss
-    scaling, which does not count the batches it skips. `.numpy()`: under a strategy the
-    counter is a MirroredVariable, which int() refuses."""
+    scaling, which skips batches uncounted. `.numpy()`: int() refuses a MirroredVariable."""
     return int(getattr(optimizer, "inner_optimizer", optimizer)._iterations.numpy())
 
 
@@ -807,20 +807,20 @@ class DevEvaluations(keras.callbacks.Callback):
     """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
     evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
 
-    With `keep_best`, a copy of the best evaluation's weights is kept in memory while a later
-    evaluation could still beat it, and `finish` puts it back; the checkpoints save it with the
-    training state, in the same file. The best is the highest task score; a later evaluation
-    must beat it, not tie.
+    With `keep_best`, a copy of the best evaluation's weights (the highest task score; a later
+    one must beat it, not tie) is kept in memory while a later evaluation could still beat it,
+    and `finish` puts it back; the checkpoints save it with the training state, in one file.
     """
 
     def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True):
         super().__init__()
-        self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed)
+        self.evaluate = evaluate  # model -> ({dev split: metrics}, collapsed, predictions)
         self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
         self.due = {math.ceil(steps_per_epoch * k / per_epoch) for k in range(1, per_epoch + 1)}
         self.keep_best = keep_best
         self.records, self.batches, self.seconds = [], 0, 0.0
         self.best_weights = None  # None while the model's own weights are the best ones
+        self.predictions = None  # the dev predictions of the evaluation to report, if made here
 
     def resume(self, batches, records, best_weights):
         self.batches, self.records, self.best_weights = batches, records, best_weights
@@ -838,24 +838,28 @@ class DevEvaluations(keras.callbacks.Callback):
 
     def run_evaluation(self):
         start = time.perf_counter()
-        metrics, collapsed = self.evaluate(self.model)
+        metrics, collapsed, predictions = self.evaluate(self.model)
         self.seconds += time.perf_counter() - start
         epoch = self.batches / self.steps
         self.records.append({"epoch": int(epoch) if epoch.is_integer() else round(epoch, 3),
                              "step": self.batches, **metrics, "collapsed": collapsed})
-        if self.keep_best and self.best == len(self.records) - 1:
-            # A copy only while a later evaluation could still beat this one.
-            self.best_weights = self.model.get_weights() if self.batches < self.total else None
+        if not self.keep_best or self.best == len(self.records) - 1:
+            self.predictions = predictions  # those of the evaluation to report, so far
+            if self.keep_best:  # a copy only while a later evaluation could still beat this one
+                self.best_weights = self.model.get_weights() if self.batches < self.total else None
 
     def finish(self, model):
         """Puts the best evaluation's weights back (with `keep_best`) and returns its record
-        (None without evaluations)."""
+        (None without any); `predictions` are its dev predictions (made again if it came
+        before a resume)."""
         if not self.records:
             return None
         best = self.records[self.best] if self.keep_best else self.records[-1]
         if best is not self.records[-1]:
             model.set_weights(self.best_weights)
         self.best_weights = None
+        if self.predictions is None:
+            self.predictions = self.evaluate(model)[2]
         return best
 
 
@@ -865,13 +869,21 @@ class DevEvaluations(keras.callbacks.Callback):
 
 
 def evaluate(model, eval_rows, task, batch_size, name):
-    """`({dev split: metrics}, collapsed)` of a model; collapsed: every dev prediction alike."""
-    metrics, predicted = {}, []
+    """`({dev split: metrics}, collapsed, {file: predictions})` of a model; collapsed: every dev
+    prediction alike. The predictions (`index`, gold `label`, `prediction`) are what comparing
+    two models resamples, and what error analysis reads."""
+    metrics, tables = {}, {}
     for split, rows in eval_rows.items():
-        _, labels, predictions = predict(model, rows, task, batch_size, f"{name}  predict {split}")
-        metrics[split] = compute_metrics(task, labels, predictions)
-        predicted.append(predictions)
-    return metrics, bool(predicted) and is_collapsed(np.concatenate(predicted))
+        idx, gold, predicted = predict(model, rows, task, batch_size, f"{name}  predict {split}")
+        metrics[split] = compute_metrics(task, gold, predicted)
+        tables[DEV_PREDICTIONS.format(split)] = pd.DataFrame(
+            {"index": idx, "label": gold, "prediction": predicted}).sort_values("index")
+    collapsed = bool(tables) and is_collapsed(
+        np.concatenate([table["prediction"] for table in tables.values()]))
+    return metrics, collapsed, tables
+
+
+DEV_PREDICTIONS = "{}_predictions.tsv"  # one file per dev split, in the run's folder
 
 
 def predict(model, split, task, batch_size, label=None):
@@ -899,8 +911,7 @@ def trace_for_every_length(model, batches):
 
     Left to itself, Keras traces it for the first batch's exact shape, then again for a shape
     that fits every batch. This relies on Keras' private one-step signature (a list of one
-    batch), and it still pays: `benchmarks/tracing.py` measured the first prediction of MRPC dev
-    at 2.72 s against 3.62 s, later ones alike (Keras 3.15, AMD EPYC, benchmarks/RESULTS.md)."""
+    batch); MRPC dev's first prediction took 2.72 s against 3.62 s (benchmarks/tracing.py)."""
     model.make_predict_function()
     spec = model.distribute_strategy.experimental_distribute_dataset(batches).element_spec
     model.predict_function.get_concrete_function([spec])
@@ -949,15 +960,15 @@ def write_submission(path, table):
 
 
 # ================================================================================================
-# The run's own record: run.json, its test predictions and, if asked, its model, in its folder
+# The run's own record: run.json, its dev and test predictions and, if asked, its model
 # ================================================================================================
 
 RUN_RECORD = "run.json"
 
 
 def write_run(folder, record, tables, model=None):
-    """Writes a finished run's folder: its test predictions, its model (None: none), and last
-    its record, whose presence says the run is whole."""
+    """Writes a finished run's folder: its dev and test predictions, its model (None: none), and
+    last its record, whose presence says the run is whole."""
     for file, table in tables.items():
         write_submission(os.path.join(folder, file), table)
     if model is not None:
@@ -966,12 +977,8 @@ def write_run(folder, record, tables, model=None):
 
 
 def write_json(path, value):
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(value, file, indent=2, sort_keys=True)
-            file.write("\n")
-
-    write_atomically(path, write)
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda temporary: pathlib.Path(temporary).write_text(text, "utf-8"))
 
 
 def write_atomically(path, write):
@@ -1056,7 +1063,8 @@ def main(argv):
             if not trains:  # --finetuning_model_load_path: evaluated as it is
                 model.jit_compile = FLAGS.jit_compile
                 start = time.perf_counter()
-                metrics, collapsed = evaluate(model, eval_rows, task, FLAGS.batch_size, label)
+                metrics, collapsed, tables = evaluate(model, eval_rows, task, FLAGS.batch_size,
+                                                      label)
                 record.update(metrics, collapsed=collapsed,
                               dev_predict_seconds=seconds_since(start))
             else:
@@ -1074,12 +1082,13 @@ def main(argv):
                 record.update(finetune(model, train_rows, checkpoints, epochs=FLAGS.epochs,
                                        batch_size=FLAGS.batch_size, seed=seed, label=label,
                                        tensorboard=FLAGS.run_tensorboard))
-            tables = {}
+                tables = dict(evaluations.predictions) if evaluations else {}
             if FLAGS.submission_directory:
                 start = time.perf_counter()
-                tables = predict_test(model, test_rows, task, FLAGS.batch_size, label)
+                test_tables = predict_test(model, test_rows, task, FLAGS.batch_size, label)
                 record.update(test_predict_seconds=seconds_since(start),
-                              test_files={file: len(table) for file, table in tables.items()})
+                              test_files={file: len(table) for file, table in test_tables.items()})
+                tables.update(test_tables)
         report_run(label, record)
         write_run(FLAGS.run_dir, record, tables, model if FLAGS.keep_model else None)
     except GlueError as error:
@@ -1124,6 +1133,7 @@ def run_sweep(own_flags, script):
         settings = {name: recipe_values(recipe, name, given, flag_values) for name in TASKS}
         task_names = in_rounds(task_names, settings)
         check_task_settings(options, task_names, settings)
+        other = options.compare_with and other_results(options, task_names)
         hint = task_names and not options.mixed_precision and not gpu_count() and \
             strategy_and_tpu(options.distribution_strategy)[0] != "tpu" and bf16_hint(cpu_flags())
         if hint:
@@ -1133,8 +1143,10 @@ def run_sweep(own_flags, script):
             results, failures = run_tasks(task_names, options, root, settings, script)
             if not task_names:
                 publish_recorded(options, root)
+            comparison = other and compare_and_record(options, results, root, other)
+            if not task_names or comparison:
                 report_results(options)
-        report_and_package(options, results)
+        report_and_package(options, results, comparison)
         if len(task_names) == 1 and failures:
             raise GlueError(failures[task_names[0]])
         if failures:
@@ -1463,19 +1475,14 @@ def gpu_count():
 # not a run. Every other glue.py flag, a researcher's own included, goes to each run's process.
 SWEEP_FLAGS = ("max_restarts", "results_path", "finetuning_model_save_path", "report",
                "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
-               "fill_missing_from", "validate_submission", "checkpoint_dir", "parallel_runs")
+               "fill_missing_from", "validate_submission", "checkpoint_dir", "parallel_runs",
+               "compare_with")
 
 
 def run_flag_names(names):
     """The flags among `names` that a run's process gets."""
     return [name for name in names
             if name not in SWEEP_FLAGS + HELP_GROUPS[RUN_FLAGS]]
-
-# ================================================================================================
-# Custom code blocks. Edit these three to finetune your own model. They may read FLAGS.
-# Below them: the pieces they call.
-# ================================================================================================
-
 
 def arguments(values):
     """Flag values as command-line arguments (None: left out, the flag's default). Spells the
@@ -1720,11 +1727,13 @@ def report_results(options):
         say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
 
 
-def report_and_package(options, results):
-    """Prints the results table, then fills and zips the submission if asked to."""
+def report_and_package(options, results, comparison=None):
+    """Prints the results table and the comparison, then fills and zips the submission if
+    asked to."""
     table = format_results(read_results(results_path(options)) or results)
-    if table:
-        print(table)
+    for text in (table, comparison and comparison_table(comparison)):
+        if text:
+            print(text)
     if options.fill_missing_from:
         copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
         print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
@@ -3212,10 +3221,7 @@ SHOWN_PROBLEMS_PER_FILE = 10
 
 
 def write_bytes(path, data):
-    def write(temporary):
-        with open(temporary, "wb") as file:
-            file.write(data)
-    write_atomically(path, write)
+    write_atomically(path, lambda temporary: pathlib.Path(temporary).write_bytes(data))
 
 
 def count_rows(path):
@@ -3529,6 +3535,7 @@ def write_report(results, directory):
         lines += ["## Spread over seeds", ""]
         lines += figure(directory, "seed_spread.png", draw_seed_spread, entries,
                         "every run's dev task score, per task and learning rate")
+    lines += comparison_section(directory, results)
     write_bytes(os.path.join(directory, REPORT), "\n".join(lines).encode())
 
 
@@ -3630,6 +3637,230 @@ def draw_seed_spread(drawn, entries):
     axes.set(ylabel="dev task score (x100)",
              title="runs (o; x: collapsed) and their median (bar); * the chosen rate")
     axes.grid(axis="y", alpha=0.3)
+
+# ================================================================================================
+# Comparing with another folder (--compare_with): is this model better than that one? Each task
+# both folders have gets the difference of their scores and a 95% interval from a bootstrap.
+# A resample draws each side's runs (the seeds of its chosen learning rate) with replacement,
+# and the dev examples, each example drawn for both sides at once (paired); a side's score in it
+# is the median over its drawn runs of their task scores on the drawn examples, as the results
+# give a task's score. The interval covers seeds and dev examples, not the hyperparameter search.
+# ================================================================================================
+
+COMPARISON, RESAMPLES, RESAMPLING_SEED = "glue_comparison.json", 1000, 0
+
+# The GLUE metrics on every resample at once, from a split's labels and predictions (float32),
+# the drawn examples' indices (resamples, examples) and how often each example was drawn (the
+# same shape): counted for accuracy and F1, the examples themselves for the correlations. For
+# 0/1 labels Matthews' coefficient is Pearson's; Spearman's is Pearson's over ranks.
+RESAMPLED_METRICS = {
+    "accuracy": lambda labels, predictions, drawn, counts:
+        counts @ (labels == predictions).astype(np.float32) / len(labels),
+    "f1": lambda labels, predictions, drawn, counts:
+        2 * (counts @ (labels * predictions)) / (counts @ labels + counts @ predictions),
+    "matthews_corrcoef": lambda labels, predictions, drawn, counts:
+        scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
+    "pearson": lambda labels, predictions, drawn, counts:
+        scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
+    "spearmanr": lambda labels, predictions, drawn, counts: scipy.stats.pearsonr(
+        scipy.stats.rankdata(labels[drawn], axis=1),
+        scipy.stats.rankdata(predictions[drawn], axis=1), axis=1).statistic,
+}
+
+
+def scored_entries(results):
+    """The entries of tasks with a dev score, as this glue.py records them."""
+    return {name: entry for name, entry in results.items() if name in TASKS and
+            isinstance(entry, dict) and dev_metrics(entry) and "submitted_run" in entry and
+            entry.get("runs")}
+
+
+def other_results(options, task_names):
+    """The results of the folder --compare_with names, as they are before this command, for
+    the tasks they share with this folder or command; a line if they share none."""
+    path = options.compare_with
+    if not os.path.isdir(path):
+        raise GlueError(f"--compare_with={path}: no such folder; give a submission folder with "
+                        "its glue_results.json")
+    other = scored_entries(read_results(os.path.join(path, "glue_results.json")))
+    if not other:
+        raise GlueError(f"--compare_with={path}: no dev results there (glue_results.json); give "
+                        "the submission folder of runs with a dev set")
+    ours = set(scored_entries(read_results(results_path(options)))) | {
+        name for name in task_names if TASKS[name].eval_splits}
+    if not ours & set(other):
+        raise GlueError(f"--compare_with={path}: no task in common (it has "
+                        f"{', '.join(other)}; this one {', '.join(sorted(ours)) or 'none'})")
+    own = options.submission_directory or os.path.dirname(os.path.abspath(results_path(options)))
+    if os.path.isdir(own) and os.path.samefile(path, own):
+        say(f"--compare_with is this folder itself: each task as it is now, against itself as "
+            "it was before this command (under other settings where this command changes them)")
+    return other
+
+
+def compare(results, root, other, other_root):
+    """The comparison of `results` (their run records under `root`) with `other` (under
+    `other_root`): {"tasks": {task: row}, "glue_score": row}, each row the scores, their
+    difference, its interval and verdict, the runs drawn from and the examples paired."""
+    rng, rows, differences = np.random.default_rng(RESAMPLING_SEED), {}, []
+    for name in sorted(set(scored_entries(results)) & set(other)):
+        task, entries = TASKS[name], (results[name], other[name])
+        sides = [chosen_predictions(folder, task, entry)
+                 for folder, entry in zip((root, other_root), entries)]
+        unpaired = unpaired_because(task, entries, sides)
+        draws = {} if unpaired else {file: example_draws(len(table), rng)
+                                     for file, table in sides[0][1][0].items()}
+        resampled = [side_resampled(task, runs, tables, draws, rng)
+                     for runs, tables in sides]
+        differences.append(resampled[0] - resampled[1])
+        rows[name] = {"metric": ", ".join(task.metrics),
+                      "settings": [entry.get("fingerprint_id") for entry in entries],
+                      "runs": [len(runs) for runs, _ in sides],
+                      "paired_examples": sum(map(len, sides[0][1][0].values())) if draws else 0,
+                      **compared(*map(entry_score, entries), differences[-1])}
+        if unpaired:
+            rows[name]["unpaired"] = f"runs resampled, not examples: {unpaired}"
+    comparison = {"resamples": RESAMPLES, "seed": RESAMPLING_SEED, "tasks": rows}
+    if rows:
+        comparison["glue_score"] = {
+            "metric": f"the mean of {plural(len(rows), 'task score')}",
+            "runs": [sum(row["runs"][side] for row in rows.values()) for side in (0, 1)],
+            "paired_examples": sum(row["paired_examples"] for row in rows.values()),
+            **compared(*(statistics.fmean(row[side] for row in rows.values())
+                         for side in ("this", "other")), np.mean(differences, axis=0))}
+    return comparison
+
+
+def chosen_predictions(root, task, entry):
+    """The counted runs of an entry's chosen learning rate, and each one's dev predictions
+    ({file: table}), or None if a run kept none (recorded by an older glue.py)."""
+    runs = runs_by_rate(entry["runs"])[rate_label(entry["submitted_run"]["learning_rate"])]
+    folder = records_folder(root, task, entry.get("fingerprint_id", ""))
+    paths = [{DEV_PREDICTIONS.format(split): os.path.join(run_folder(
+        folder, run["learning_rate"], run["seed"]), DEV_PREDICTIONS.format(split))
+        for split in dev_metrics(entry)} for run in runs]
+    if not all(os.path.isfile(path) for files in paths for path in files.values()):
+        return runs, None
+    return runs, [{file: pd.read_csv(path, sep="\t") for file, path in files.items()}
+                  for files in paths]
+
+
+def unpaired_because(task, entries, sides):
+    """Why the two sides' dev examples cannot be paired (None: they can)."""
+    if any(tables is None for _, tables in sides):
+        return "runs recorded without their dev predictions, by an older glue.py"
+    dev_data = [{split: entry.get("fingerprint", {}).get("data", {}).get(
+        f"{task.training_data} {split}") for split in task.eval_splits} for entry in entries]
+    reference = sides[0][1][0]
+    if dev_data[0] != dev_data[1] or any(
+            not table[["index", "label"]].equals(reference[file][["index", "label"]])
+            for _, tables in sides for run in tables for file, table in run.items()):
+        return "the two dev sets differ"
+    return None
+
+
+def example_draws(examples, rng):
+    """RESAMPLES draws of a dev split's examples with replacement: the drawn indices, and how
+    often each example was drawn, one row per resample."""
+    drawn = rng.integers(0, examples, (RESAMPLES, examples), dtype=np.int32)
+    counts, chunk = np.empty(drawn.shape, np.float32), 200  # resamples counted at once:
+    rows = np.arange(chunk)[:, None] * examples  # in chunks, 8x faster than all together
+    for start in range(0, RESAMPLES, chunk):
+        part = drawn[start:start + chunk]
+        counts[start:start + chunk] = np.bincount(
+            (part + rows[:len(part)]).ravel(), minlength=part.size).reshape(part.shape)
+    return drawn, counts
+
+
+def side_resampled(task, runs, tables, draws, rng):
+    """One side's score in each resample: the median over its drawn runs of their task scores
+    on the drawn examples (no `draws`: their recorded scores)."""
+    if draws:
+        scores = np.array([resampled_task_score(task, run, draws) for run in tables])
+    else:
+        scores = np.array([[run_score(run)] * RESAMPLES for run in runs])
+    drawn = rng.integers(0, len(runs), (RESAMPLES, len(runs)))
+    return np.median(np.take_along_axis(scores.T, drawn, axis=1), axis=1)
+
+
+def resampled_task_score(task, tables, draws):
+    """A run's task score on each resample of its dev examples (an undefined metric: 0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (scipy.stats.ConstantInputWarning, RuntimeWarning))
+        values = [RESAMPLED_METRICS[metric](table["label"].to_numpy(np.float32),
+                                            table["prediction"].to_numpy(np.float32),
+                                            *draws[file])
+                  for file, table in tables.items() for metric in task.metrics]
+    return np.mean(np.nan_to_num(values), axis=0)
+
+
+def compared(this, other, differences):
+    low, high = np.percentile(differences, [2.5, 97.5])
+    verdict = "better" if low > 0 else "worse" if high < 0 else "no difference shown"
+    return {"this": this, "other": other, "difference": this - other,
+            "interval": [float(low), float(high)], "verdict": verdict}
+
+
+def comparison_table(comparison):
+    """The comparison as printed after the results, and shown in the report, x100."""
+    lines = [f"Compared with {comparison['against']}: the difference and its 95% interval over "
+             f"seeds and dev examples ({comparison['resamples']} resamples)",
+             f"{'task':<16} {'this':>7} {'other':>7} {'difference':>10}  {'95% interval':<18} "
+             "verdict"]
+    if not comparison["tasks"]:
+        return "\n".join([lines[0], "no task in common to compare"])
+    for name, row in [*comparison["tasks"].items(), ("GLUE score", comparison["glue_score"])]:
+        interval = "[{:+.2f}, {:+.2f}]".format(*(100 * value for value in row["interval"]))
+        lines.append(f"{name:<16} {percent(row['this']):>7} {percent(row['other']):>7} "
+                     f"{100 * row['difference']:>+10.2f}  {interval:<18} {row['verdict']}" +
+                     (f" ({row['unpaired']})" if "unpaired" in row else ""))
+    return "\n".join(lines)
+
+
+def compare_and_record(options, results, root, other):
+    """Compares this folder's results (this command's, when there is no results file) with
+    the other folder's `other`, and writes glue_comparison.json into the submission folder."""
+    comparison = {"against": options.compare_with, **compare(
+        read_results(results_path(options)) or results, root, other,
+        os.path.join(options.compare_with, "runs"))}
+    if options.submission_directory:
+        write_json(os.path.join(options.submission_directory, COMPARISON), comparison)
+    return comparison
+
+
+def comparison_section(directory, results):
+    """The report's section on the folder's glue_comparison.json, if it has one and it is
+    about these results: its table, and a figure of each difference with its interval."""
+    path = os.path.join(directory, COMPARISON)
+    if not os.path.isfile(path):
+        return []
+    comparison = read_json(path)
+    lines = [f"## Compared with {comparison['against']}", ""]
+    if any(results.get(name, {}).get("fingerprint_id") != row["settings"][0]
+           for name, row in comparison["tasks"].items()):
+        return lines + [f"`{COMPARISON}` compares results that have since changed; run with "
+                        "--compare_with again to compare these.", ""]
+    lines += ["```", comparison_table(comparison), "```", ""]
+    if not comparison["tasks"]:
+        return lines
+    return lines + figure(directory, "comparison.png", draw_comparison, comparison,
+                          "each task's difference of dev scores and its 95% interval")
+
+
+def draw_comparison(drawn, comparison):
+    """Each task's difference (a dot) and its interval (a bar), the GLUE score's at the
+    bottom, on one axis with a line at 0."""
+    axes = drawn.subplots()
+    named = [*comparison["tasks"].items(), ("GLUE score", comparison["glue_score"])][::-1]
+    for y, (name, row) in enumerate(named):
+        color = {"better": "C2", "worse": "C3"}.get(row["verdict"], "C0")
+        axes.hlines(y, *(100 * value for value in row["interval"]), color=color, linewidth=3)
+        axes.plot(100 * row["difference"], y, "o", color="black")
+    axes.axvline(0, color="black", linewidth=1)
+    axes.set_yticks(range(len(named)), [name for name, _ in named])
+    axes.set(xlabel="dev score, this - other (x100)",
+             title="differences and 95% intervals (green: better, red: worse)")
+    axes.grid(axis="x", alpha=0.3)
 
 # ================================================================================================
 # Command line

@@ -45,9 +45,9 @@ if os.environ.get("GLUE_TEST_DEV_SCORES"):
         evaluate = self.evaluate
 
         def scored(model):
-            metrics, collapsed = evaluate(model)
+            metrics, collapsed, predictions = evaluate(model)
             return {split: {name: scripted[self.batches] for name in values}
-                    for split, values in metrics.items()}, collapsed
+                    for split, values in metrics.items()}, collapsed, predictions
 
         self.evaluate = scored
         try:

@@ -43,7 +43,8 @@ def test_each_run_writes_its_own_folder_and_the_results_come_from_them(
     assert json.loads((folder / "fingerprint.json").read_text()) == entry["fingerprint"]
     for run in entry["runs"]:
         run_dir = folder / f"lr5e-05_seed{run['seed']}"
-        assert sorted(os.listdir(run_dir)) == ["RTE.tsv", "log.txt", "run.json"]  # no model
+        assert sorted(os.listdir(run_dir)) == ["RTE.tsv", "log.txt", "run.json",
+                                               "validation_predictions.tsv"]  # no model
         record = json.loads((run_dir / "run.json").read_text())
         assert {key: value for key, value in record.items()
                 if key not in glue.PROCESS_KEYS} == run

@@ -78,7 +78,7 @@ def test_the_best_evaluation_s_weights_predict_test(glue_data, tiny_preset, tmp_
 
     def evaluate(model, eval_rows, task, batch_size, name):
         snapshots.append(model.get_weights())
-        return {"validation": {"accuracy": next(scripted)}}, False
+        return {"validation": {"accuracy": next(scripted)}}, False, {}
 
     monkeypatch.setattr(glue, "evaluate", evaluate)
     save_path = tmp_path / "model.keras"
@@ -165,9 +165,9 @@ def force_first_run_to_collapse(monkeypatch):
     real = glue.evaluate
 
     def evaluate(model, eval_rows, task, batch_size, name):
-        metrics, _ = real(model, eval_rows, task, batch_size, name)
+        metrics, _, predictions = real(model, eval_rows, task, batch_size, name)
         evaluated.append(name)
-        return metrics, len(evaluated) == 1
+        return metrics, len(evaluated) == 1, predictions
 
     monkeypatch.setattr(glue, "evaluate", evaluate)
 
