@@ -24,7 +24,6 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
-import filecmp
 import functools
 import glob
 import hashlib
@@ -162,7 +161,7 @@ flags.DEFINE_string("compare_with", None,
                     "with a 95% bootstrap interval over seeds and dev examples.")
 flags.DEFINE_string("tensorboard_dir", None,
                     "Folder of the TensorBoard logs, one folder per run "
-                    "(<task>/lr<rate>_seed<seed>/train and /validation). Default: "
+                    "(<task>/<settings id>/lr<rate>_seed<seed>/train and /validation). Default: "
                     "<submission_directory>/tensorboard.")
 flags.DEFINE_bool("overwrite", False,
                   "Train the asked runs again even when they are recorded with these settings, "
@@ -972,6 +971,7 @@ def write_run(folder, record, tables, model=None):
     for file, table in tables.items():
         write_submission(os.path.join(folder, file), table)
     if model is not None:
+        model.optimizer = None  # the weights alone: Adam's two slots would triple the file
         model.save(os.path.join(folder, "model.keras"))
     write_json(os.path.join(folder, RUN_RECORD), record)
 
@@ -1085,10 +1085,9 @@ def main(argv):
                 tables = dict(evaluations.predictions) if evaluations else {}
             if FLAGS.submission_directory:
                 start = time.perf_counter()
-                test_tables = predict_test(model, test_rows, task, FLAGS.batch_size, label)
-                record.update(test_predict_seconds=seconds_since(start),
-                              test_files={file: len(table) for file, table in test_tables.items()})
-                tables.update(test_tables)
+                tables.update(predict_test(model, test_rows, task, FLAGS.batch_size, label))
+                record.update(test_predict_seconds=seconds_since(start), test_files={
+                    output.file: len(tables[output.file]) for output in task.outputs})
         report_run(label, record)
         write_run(FLAGS.run_dir, record, tables, model if FLAGS.keep_model else None)
     except GlueError as error:
@@ -1190,13 +1189,15 @@ def run_task(task, options, root, script, several_tasks=False, keep_models=False
     settings = fingerprint(task, options, run_devices(options))
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
+    save_path = model_save_path(options, task, several_tasks)
+    keep_models = keep_models or bool(save_path and not options.finetuning_model_load_path)
+    remove_abandoned(folder)
     todo, line = plan_task(task, options, settings, folder, previous, keep_models)
     say(line)
-    save_path = model_save_path(options, task, several_tasks)
     lost = []
     if todo:
         write_json(os.path.join(folder, "fingerprint.json"), settings)
-        sweep = Sweep(task, options, settings, folder, script, keep_models or bool(save_path))
+        sweep = Sweep(task, options, settings, folder, script, keep_models)
         lost = sweep.train(todo, lambda staged, run: record_run(
             task, options, settings, staged, run, save_path))
     entry = publish(task, options, settings, folder, save_path)
@@ -1216,23 +1217,28 @@ def plan_task(task, options, settings, folder, previous, keep_models=False):
     An asked run is done when its chain ends in a run that did not collapse (or has no
     restarts left), and, with a submission folder, has test predictions. --overwrite trains
     every asked run again. With `keep_models` (another task starts from this one's chosen
-    model), a chosen run recorded without its model is trained again."""
+    model, or --finetuning_model_save_path saves it), a chosen run recorded without its model
+    is trained again, that run alone."""
     records, asked = read_records(folder), asked_runs(options)
+    check_restart_seeds(records, asked, options.max_restarts)
     todo, for_its_model = [], False
-    chosen = summarized(records)["submitted_run"] if records and keep_models else None
+    chosen = summarized(records)["submitted_run"] if chains(records) and keep_models else None
     for learning_rate, seed in asked:
         chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
         if chain and options.submission_directory and "test_files" not in chain[-1]:
             chain = []  # recorded without a submission folder: no test predictions to submit
         if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
                 not os.path.isfile(run_model(folder, chosen)):
-            chain, for_its_model = [], True  # the model another task starts from
-        if needs_run(chain, options.max_restarts):
+            # The model a warm start or the save path needs: that run again (a restart, with
+            # the chain before it, so that it takes the restart's seed).
+            todo.append((learning_rate, seed, chain[:-1]))
+            for_its_model = True
+        elif needs_run(chain, options.max_restarts):
             todo.append((learning_rate, seed, chain))
     done = len(asked) - len(todo)
     if for_its_model and len(todo) == 1:
         line = (f"its chosen run ({describe_run(chosen)}) was recorded without its model, "
-                "which another task starts from: training that run again")
+                "which the save path or a warm start needs: training that run again")
     elif not todo:
         line = (f"already complete with these settings ({plural(len(records), 'run')} "
                 "recorded), skipped (--overwrite redoes it)")
@@ -1247,6 +1253,25 @@ def plan_task(task, options, settings, folder, previous, keep_models=False):
     else:
         line = f"training {plural(len(todo), 'run')}"
     return todo, f"{task.name}: {line}"
+
+
+def check_restart_seeds(records, asked, max_restarts):
+    """No asked run may share its folder (learning rate and seed) with a recorded restart, nor
+    may its restarts share theirs with a recorded run of another seed: one would replace the
+    other. check_runs checks the seeds of one command; this, those of earlier ones."""
+    recorded = {run_key(run): run for run in records}
+    for rate, seed in asked:
+        restart = recorded.get((rate, seed), {}).get("restart_of")
+        if restart is not None:
+            raise GlueError(f"--seed={seed}: seed {seed} (lr {rate_label(rate)}) is recorded "
+                            f"with these settings as a restart of seed {restart}; give another")
+        for k in range(1, max_restarts + 1):
+            run = recorded.get((rate, seed + RESTART_SEED_STEP * k), {})
+            if run and run.get("restart_of") != seed:
+                raise GlueError(f"--max_restarts={max_restarts}: restart {k} of seed {seed} (lr "
+                                f"{rate_label(rate)}) would take seed {run['seed']}, recorded "
+                                "with these settings as a run of its own; give other seeds or "
+                                "fewer restarts")
 
 
 @dataclasses.dataclass
@@ -1306,7 +1331,8 @@ class Sweep:
         options, task = self.options, self.task
         run_seed = seed + RESTART_SEED_STEP * len(chain)
         name = run_name(task, learning_rate, run_seed, self.several)
-        staged = os.path.join(self.folder, f".tmp-{uuid.uuid4().hex[:12]}")
+        staged = os.path.join(self.folder, f"{STAGED}{socket.gethostname()}:{os.getpid()}:"
+                              f"{uuid.uuid4().hex[:12]}")
         os.makedirs(staged)
         values = {**vars(options), "task_name": [task.name], "seed": [str(run_seed)],
                   "learning_rate": options.learning_rate[:1] if learning_rate is None else
@@ -1315,7 +1341,8 @@ class Sweep:
                  "keep_model": self.keep_models and learning_rate is not None,  # not a loaded one
                  "run_checkpoints": checkpoint_folder(options.checkpoint_dir, task, learning_rate,
                                                       run_seed, self.settings),
-                 "run_tensorboard": tensorboard_folder(options, task, learning_rate, run_seed)}
+                 "run_tensorboard": tensorboard_folder(options, task, learning_rate, run_seed,
+                                                       self.settings)}
         flags = {key: values[key] for key in run_flag_names(values)}
         slot = min(set(range(len(self.slots))) - {run.slot for run in self.running})
         process = start_run([sys.executable, self.script, *arguments(flags), *arguments(extra)],
@@ -1499,16 +1526,18 @@ def arguments(values):
 
 
 def record_run(task, options, settings, staged, run, save_path):
-    """Puts a finished run's folder in place among the records, its model dropped unless it
-    leads its learning rate, and makes the task's results anew, under the results lock: nothing
-    may read the folder half replaced."""
+    """Puts a finished run's folder in place among the records, and makes the task's results
+    anew, under the results lock: nothing may read the folder half replaced. A model stays only
+    in the folder of a run that may be chosen, the best of its learning rate."""
     folder = os.path.dirname(staged)
     write_json(os.path.join(staged, RUN_RECORD), run)
     with updating_results(results_path(options)) as results:
-        if not leads_its_rate(run, read_records(folder)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(staged, "model.keras"))
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
+        records = read_records(folder)
+        for other in records:
+            if not leads_its_rate(other, records):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(run_model(folder, other))
         publish_into(results, task, options, settings, folder, save_path)
     checkpoints = checkpoint_folder(options.checkpoint_dir, task, run["learning_rate"],
                                     run["seed"], settings)
@@ -1572,9 +1601,25 @@ def best_run(counted):
 
 def chosen_runs(runs):
     """The counted runs of the learning rate with the best median task score over its seeds
-    (the smallest rate of equals)."""
-    return max(runs_by_rate(runs).values(),
+    (the smallest rate of equals), among the rates with as many runs as the best-covered one:
+    a rate with one run left by an exploratory command never beats rates of five."""
+    by_rate = runs_by_rate(runs).values()
+    most = max(map(len, by_rate))
+    return max((rate_runs for rate_runs in by_rate if len(rate_runs) == most),
                key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
+
+
+def incomplete_rates(runs):
+    """`{rate: (its runs, the most runs of a rate, the seeds it lacks)}` for the learning rates
+    with fewer runs than the best-covered one, which may not be chosen."""
+    by_rate = runs_by_rate(runs)
+    most = max(map(len, by_rate.values()), default=0)
+    seeds = {rate: {run.get("restart_of", run["seed"]) for run in rate_runs}
+             for rate, rate_runs in by_rate.items()}
+    covered = set().union(*(seeds[rate] for rate, rate_runs in by_rate.items()
+                            if len(rate_runs) == most))
+    return {rate: (len(rate_runs), most, sorted(covered - seeds[rate]))
+            for rate, rate_runs in by_rate.items() if len(rate_runs) < most}
 
 
 def spread(values):
@@ -1683,7 +1728,7 @@ def publish(task, options, settings, folder, save_path=None):
 def publish_into(results, task, options, settings, folder, save_path):
     """`publish`, with the results JSON already open under its lock."""
     records = read_records(folder)
-    if not records:
+    if not chains(records):  # none, or only restarts whose run was redone (--overwrite)
         return results.get(task.name)
     entry = {**summarized(records), "fingerprint": settings,
              "fingerprint_id": fingerprint_id(settings)}
@@ -1701,18 +1746,38 @@ def publish_into(results, task, options, settings, folder, save_path):
 
 def publish_recorded(options, root):
     """`--task_name=none`: every recorded task's results and submission files made anew from
-    the records of its latest settings (after a job array's runs have all ended, say)."""
-    entries = {name: entry for name, entry in read_results(results_path(options)).items()
-               if name in TASKS and isinstance(entry, dict)}
-    for name, entry in entries.items():
-        if "fingerprint_id" not in entry:
+    the records of its latest settings, those of its last recorded run (after a job array's
+    runs have all ended, say), with a line for each other settings it has records of."""
+    names = sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
+    for name, entry in read_results(results_path(options)).items():
+        if name in TASKS and name not in names and isinstance(entry, dict):
             say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
                 "record its runs)")
+    for name in names:
+        task, (latest, *others) = TASKS[name], settings_by_recency(root, TASKS[name]) or [None]
+        if latest is None:
             continue
-        task = TASKS[name]
-        publish(task, options, entry["fingerprint"],
-                records_folder(root, task, entry["fingerprint_id"]),
-                model_save_path(options, task, several_tasks=len(entries) > 1))
+        settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
+        publish(task, options, settings, records_folder(root, task, latest),
+                model_save_path(options, task, several_tasks=len(names) > 1))
+        for other in others:
+            folder = records_folder(root, task, other)
+            say(f"{name}: published from its latest settings ({latest}); also recorded: "
+                f"{plural(len(counted_runs(read_records(folder))), 'run')} under {other} ("
+                f"{changed_settings(settings, read_json(os.path.join(folder, 'fingerprint.json')))}"
+                f"): to publish those instead, run one of their commands again (`command` in "
+                f"{folder}/*/{RUN_RECORD})")
+
+
+def settings_by_recency(root, task):
+    """The fingerprint ids of a task's record folders that hold runs, the one whose last run
+    was recorded last first."""
+    recorded = {}
+    for path in glob.glob(os.path.join(root, task.name, "*", "*", RUN_RECORD)):
+        settings_id = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        recorded[settings_id] = max(recorded.get(settings_id, 0), os.path.getmtime(path))
+    return [settings_id for settings_id in sorted(recorded, key=recorded.get, reverse=True)
+            if chains(read_records(records_folder(root, task, settings_id)))]
 
 
 def report_results(options):
@@ -1763,6 +1828,10 @@ def format_results(results):
             else:  # an entry of one run, as older versions wrote
                 shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
             lines.append(f"{task_name:<16} {split:<22} {shown}")
+        for rate, (runs, most, seeds) in incomplete_rates(entry.get("runs", [])).items():
+            lines.append(f"{task_name:<16} lr {rate} not chosen: {runs} of {most} runs "
+                         f"(--learning_rate={rate} --seed={','.join(map(str, seeds))} "
+                         "completes it)")
     score = glue_score(results)
     if not score:
         return ""  # no dev metrics to show (AX has none)
@@ -1998,13 +2067,15 @@ def results_path(options):
     return os.path.join(options.submission_directory, "glue_results.json")
 
 
-def tensorboard_folder(options, task, learning_rate, seed):
-    """Where one run's TensorBoard logs go (None: nowhere): `<task>/lr<rate>_seed<seed>`, so
-    that TensorBoard's run selector is the sweep."""
+def tensorboard_folder(options, task, learning_rate, seed, settings):
+    """Where one run's TensorBoard logs go (None: nowhere): `<task>/<settings id>/lr<rate>_seed
+    <seed>`, so that TensorBoard's run selector is the sweep, and a run resumed under its
+    settings never continues the curves of the same seed under others."""
     root = tensorboard_root(options)
     if not root or learning_rate is None:
         return None
-    return os.path.join(root, task.name, f"lr{rate_label(learning_rate)}_seed{seed}")
+    return os.path.join(root, task.name, fingerprint_id(settings),
+                        f"lr{rate_label(learning_rate)}_seed{seed}")
 
 
 def tensorboard_root(options):
@@ -2169,10 +2240,12 @@ def recipe_value_problem(setting, value, flag_values):
 
 
 def recipe_values(recipe, task_name, given, flag_values):
-    """The settings a recipe gives one task: its "defaults", then the task's own entry, less
-    the flags given on the command line (`given`), which win (--init_from_finetuned wins over
+    """The settings a recipe gives one task: its "defaults", then the task's own entry (else
+    that of the task it trains on: mnli's for mnli_matched, mnli_mismatched and ax), less the
+    flags given on the command line (`given`), which win (--init_from_finetuned wins over
     init_from_task); each as its flag holds it (a list of strings, 0 as 0.0 for a float)."""
-    values = {**recipe.get("defaults", {}), **recipe.get(task_name, {})} if recipe else {}
+    own = recipe and recipe.get(task_name, recipe.get(TASKS[task_name].training_data, {}))
+    values = {**recipe.get("defaults", {}), **own} if recipe else {}
     if "init_from_finetuned" in given:
         values.pop("init_from_task", None)
     return {name: [str(item) for item in value] if isinstance(value, list) else
@@ -2211,15 +2284,15 @@ def chosen_model(options, root, task_name, settings):
     source = fingerprint(task, task_options(options, values), run_devices(options))
     folder = records_folder(root, task, fingerprint_id(source))
     records = read_records(folder)
-    if not records:
+    if not chains(records):
         raise GlueError(f"init_from_task: {task_name} has no recorded runs with this command's "
                         "settings for it to start from; run it in the same command (or before, "
                         "into the same folder)")
     chosen = summarized(records)["submitted_run"]
     path = run_model(folder, chosen)
     if not os.path.isfile(path):
-        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; run "
-                        f"{task_name} again with --overwrite in the same command")
+        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; add "
+                        f"{task_name} to this command, which trains that run alone again")
     say(f"{task_name}'s chosen run ({describe_run(chosen)}, settings "
         f"{fingerprint_id(source)}) is the model to start from")
     return path
@@ -3416,6 +3489,33 @@ def read_json(path):
         return json.load(file)
 
 
+STAGED = ".staged:"  # a run folder being written: .staged:<host>:<pid of its command>:<id>
+
+
+def remove_abandoned(folder, max_age_seconds=24 * 3600):
+    """Removes the staged run folders a killed command left: those of a process gone from this
+    host, and any older than a day (from another host, whose processes cannot be seen, or from
+    a glue.py that named them .tmp-*)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), ".*")):
+        name = os.path.basename(path)
+        if not name.startswith((STAGED, ".tmp-")):
+            continue
+        owner = name.removeprefix(STAGED).split(":") if name.startswith(STAGED) else None
+        gone = owner and owner[0] == socket.gethostname() and not is_running(int(owner[1]))
+        if gone or time.time() - os.path.getmtime(path) > max_age_seconds:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def is_running(pid):
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def put_in_place(staged, final):
     """Renames a staged run folder to its final name, replacing the same run's earlier folder
     (--overwrite)."""
@@ -3454,17 +3554,19 @@ def save_chosen_model(task, chosen, save_path):
         earlier = f"{save_path.removesuffix('.keras')}.earlier.keras"
         os.replace(save_path, earlier)
         moved = f"; the model that was at {save_path} is now at {earlier}"
-    say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (it did not "
-        f"lead its learning rate when it ended){moved}; --overwrite with "
-        "--finetuning_model_save_path trains it again")
+    say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (a run keeps "
+        f"it only for a save path or a warm start){moved}; run the task with "
+        "--finetuning_model_save_path to train that run again")
 
 
 def copy_if_changed(source, target):
-    """Copies `source` over `target` (atomically) unless they are already the same bytes;
-    returns whether it copied."""
-    if os.path.isfile(target) and filecmp.cmp(source, target, shallow=False):
+    """Copies `source` over `target` (atomically, with its modification time) unless `target`
+    is that copy already, by size and time: a large model is not read to know. Returns whether
+    it copied."""
+    if os.path.isfile(target) and all(getattr(os.stat(source), key) == getattr(
+            os.stat(target), key) for key in ("st_size", "st_mtime_ns")):
         return False
-    write_atomically(target, lambda temporary: shutil.copyfile(source, temporary))
+    write_atomically(target, lambda temporary: shutil.copy2(source, temporary))
     return True
 
 
@@ -3484,6 +3586,12 @@ def read_results(path):
     return results
 
 
+# The results lock is a lease its holder renews while it lives: flock can fail silently on NFS,
+# where job arrays share a folder. A dead holder's lease is taken at once on its own host, and
+# after this long from another.
+LOCK_LEASE_SECONDS = 60
+
+
 @contextlib.contextmanager
 def updating_results(path):
     """The results JSON as a dict to change; written back, with the GLUE score, at the end
@@ -3496,7 +3604,8 @@ def updating_results(path):
         return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with filelock.FileLock(os.path.join(folder, f".{name}.lock")):
+    with filelock.SoftFileLease(os.path.join(folder, f".{name}.lock"),
+                                lease_duration=LOCK_LEASE_SECONDS):
         results = read_results(path)
         yield results
         results["glue_score"] = glue_score(results)
@@ -3566,9 +3675,12 @@ def sweep_table(entry):
     lines = ["| learning rate | runs | task score | " +
              " | ".join(f"{metric} ({split})" for split, metric in metrics) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
+    incomplete = incomplete_rates(entry["runs"])
     for rate, summary in summaries.items():
         medians = [percent(summary[split][metric].get("median")) for split, metric in metrics]
         label = f"**{rate}** (chosen)" if rate == chosen else rate
+        if rate in incomplete:
+            label += " (not chosen: {} of {} runs)".format(*incomplete[rate][:2])
         lines.append(f"| {label} | {summary['task_score']['runs']} | "
                      f"{percent(summary['task_score'].get('median'))} | " +
                      " | ".join(medians) + " |")
@@ -3691,8 +3803,9 @@ def other_results(options, task_names):
     if not ours & set(other):
         raise GlueError(f"--compare_with={path}: no task in common (it has "
                         f"{', '.join(other)}; this one {', '.join(sorted(ours)) or 'none'})")
-    own = options.submission_directory or os.path.dirname(os.path.abspath(results_path(options)))
-    if os.path.isdir(own) and os.path.samefile(path, own):
+    own = options.submission_directory or (
+        results_path(options) and os.path.dirname(os.path.abspath(results_path(options))))
+    if own and os.path.isdir(own) and os.path.samefile(path, own):
         say(f"--compare_with is this folder itself: each task as it is now, against itself as "
             "it was before this command (under other settings where this command changes them)")
     return other
@@ -3702,9 +3815,10 @@ def compare(results, root, other, other_root):
     """The comparison of `results` (their run records under `root`) with `other` (under
     `other_root`): {"tasks": {task: row}, "glue_score": row}, each row the scores, their
     difference, its interval and verdict, the runs drawn from and the examples paired."""
-    rng, rows, differences = np.random.default_rng(RESAMPLING_SEED), {}, []
+    rows, differences = {}, {}
     for name in sorted(set(scored_entries(results)) & set(other)):
         task, entries = TASKS[name], (results[name], other[name])
+        rng = np.random.default_rng([RESAMPLING_SEED, list(TASKS).index(name)])  # its own
         sides = [chosen_predictions(folder, task, entry)
                  for folder, entry in zip((root, other_root), entries)]
         unpaired = unpaired_because(task, entries, sides)
@@ -3712,34 +3826,56 @@ def compare(results, root, other, other_root):
                                      for file, table in sides[0][1][0].items()}
         resampled = [side_resampled(task, runs, tables, draws, rng)
                      for runs, tables in sides]
-        differences.append(resampled[0] - resampled[1])
+        differences[name] = resampled[0] - resampled[1]
+        runs = [len(runs) for runs, _ in sides]
         rows[name] = {"metric": ", ".join(task.metrics),
                       "settings": [entry.get("fingerprint_id") for entry in entries],
-                      "runs": [len(runs) for runs, _ in sides],
+                      "runs": runs,
                       "paired_examples": sum(map(len, sides[0][1][0].values())) if draws else 0,
-                      **compared(*map(entry_score, entries), differences[-1])}
+                      **compared(*map(entry_score, entries), differences[name],
+                                 judged=not unpaired or min(runs) >= 3)}
         if unpaired:
-            rows[name]["unpaired"] = f"runs resampled, not examples: {unpaired}"
+            rows[name]["note"] = f"runs resampled, not examples: {unpaired}" + (
+                "; fewer than 3 runs a side: no verdict" if min(runs) < 3 else "")
+        elif min(runs) == 1:
+            rows[name]["note"] = "a side of one run: the interval leaves seeds out"
     comparison = {"resamples": RESAMPLES, "seed": RESAMPLING_SEED, "tasks": rows}
     if rows:
         comparison["glue_score"] = {
-            "metric": f"the mean of {plural(len(rows), 'task score')}",
+            "metric": f"the mean of {plural(len(by_dataset(rows)), 'task score')}",
             "runs": [sum(row["runs"][side] for row in rows.values()) for side in (0, 1)],
             "paired_examples": sum(row["paired_examples"] for row in rows.values()),
-            **compared(*(statistics.fmean(row[side] for row in rows.values())
-                         for side in ("this", "other")), np.mean(differences, axis=0))}
+            **compared(*(float(mean_over_tasks({name: row[side] for name, row in rows.items()}))
+                         for side in ("this", "other")), mean_over_tasks(differences),
+                       judged=all(row["verdict"] != "no verdict" for row in rows.values()))}
     return comparison
+
+
+def by_dataset(named):
+    """Values by task, grouped by the dataset that trains them: MNLI's entries count once."""
+    grouped = {}
+    for name, value in named.items():
+        grouped.setdefault(TASKS[name].training_data, []).append(value)
+    return grouped
+
+
+def mean_over_tasks(values):
+    """The GLUE score's mean over tasks of per-task values (numbers or arrays of resamples)."""
+    return np.mean([np.mean(group, axis=0) for group in by_dataset(values).values()], axis=0)
 
 
 def chosen_predictions(root, task, entry):
     """The counted runs of an entry's chosen learning rate, and each one's dev predictions
-    ({file: table}), or None if a run kept none (recorded by an older glue.py)."""
+    ({file: table}), or None if a run kept none (recorded by an older glue.py) or its folder
+    now holds another run (trained again since the entry was read)."""
     runs = runs_by_rate(entry["runs"])[rate_label(entry["submitted_run"]["learning_rate"])]
     folder = records_folder(root, task, entry.get("fingerprint_id", ""))
-    paths = [{DEV_PREDICTIONS.format(split): os.path.join(run_folder(
-        folder, run["learning_rate"], run["seed"]), DEV_PREDICTIONS.format(split))
-        for split in dev_metrics(entry)} for run in runs]
-    if not all(os.path.isfile(path) for files in paths for path in files.values()):
+    places = [run_folder(folder, run["learning_rate"], run["seed"]) for run in runs]
+    paths = [{DEV_PREDICTIONS.format(split): os.path.join(place, DEV_PREDICTIONS.format(split))
+              for split in dev_metrics(entry)} for place in places]
+    if not all(os.path.isfile(path) for files in paths for path in files.values()) or any(
+            read_json(os.path.join(place, RUN_RECORD)).get("run_id") != run.get("run_id")
+            for place, run in zip(places, runs)):
         return runs, None
     return runs, [{file: pd.read_csv(path, sep="\t") for file, path in files.items()}
                   for files in paths]
@@ -3748,14 +3884,14 @@ def chosen_predictions(root, task, entry):
 def unpaired_because(task, entries, sides):
     """Why the two sides' dev examples cannot be paired (None: they can)."""
     if any(tables is None for _, tables in sides):
-        return "runs recorded without their dev predictions, by an older glue.py"
+        return "runs without their dev predictions (an older glue.py, or trained again since)"
     dev_data = [{split: entry.get("fingerprint", {}).get("data", {}).get(
         f"{task.training_data} {split}") for split in task.eval_splits} for entry in entries]
     reference = sides[0][1][0]
     if dev_data[0] != dev_data[1] or any(
             not table[["index", "label"]].equals(reference[file][["index", "label"]])
             for _, tables in sides for run in tables for file, table in run.items()):
-        return "the two dev sets differ"
+        return "the dev sets' files differ (or one came from tensorflow-datasets)"
     return None
 
 
@@ -3794,9 +3930,11 @@ def resampled_task_score(task, tables, draws):
     return np.mean(np.nan_to_num(values), axis=0)
 
 
-def compared(this, other, differences):
+def compared(this, other, differences, judged=True):
+    """A row's numbers. Not `judged`: too few runs for the interval to mean much."""
     low, high = np.percentile(differences, [2.5, 97.5])
-    verdict = "better" if low > 0 else "worse" if high < 0 else "no difference shown"
+    verdict = "no verdict" if not judged else "better" if low > 0 else "worse" if high < 0 \
+        else "no difference shown"
     return {"this": this, "other": other, "difference": this - other,
             "interval": [float(low), float(high)], "verdict": verdict}
 
@@ -3813,16 +3951,21 @@ def comparison_table(comparison):
         interval = "[{:+.2f}, {:+.2f}]".format(*(100 * value for value in row["interval"]))
         lines.append(f"{name:<16} {percent(row['this']):>7} {percent(row['other']):>7} "
                      f"{100 * row['difference']:>+10.2f}  {interval:<18} {row['verdict']}" +
-                     (f" ({row['unpaired']})" if "unpaired" in row else ""))
+                     (f" ({row['note']})" if "note" in row else ""))
     return "\n".join(lines)
 
 
 def compare_and_record(options, results, root, other):
     """Compares this folder's results (this command's, when there is no results file) with
     the other folder's `other`, and writes glue_comparison.json into the submission folder."""
-    comparison = {"against": options.compare_with, **compare(
-        read_results(results_path(options)) or results, root, other,
-        os.path.join(options.compare_with, "runs"))}
+    try:  # the other folder's files are read only now; a bad one costs a line, not the results
+        comparison = {"against": options.compare_with, **compare(
+            read_results(results_path(options)) or results, root, other,
+            os.path.join(options.compare_with, "runs"))}
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as error:
+        say(f"warning: --compare_with={options.compare_with}: not compared ({type(error).__name__}"
+            f": {first_line(error)})")
+        return None
     if options.submission_directory:
         write_json(os.path.join(options.submission_directory, COMPARISON), comparison)
     return comparison
@@ -3836,7 +3979,10 @@ def comparison_section(directory, results):
         return []
     comparison = read_json(path)
     lines = [f"## Compared with {comparison['against']}", ""]
-    if any(results.get(name, {}).get("fingerprint_id") != row["settings"][0]
+    if any(name not in scored_entries(results) or
+           results[name].get("fingerprint_id") != row["settings"][0] or
+           entry_score(results[name]) != row["this"] or
+           len(chosen_runs(results[name]["runs"])) != row["runs"][0]
            for name, row in comparison["tasks"].items()):
         return lines + [f"`{COMPARISON}` compares results that have since changed; run with "
                         "--compare_with again to compare these.", ""]

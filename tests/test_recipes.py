@@ -93,6 +93,13 @@ def test_recipe_values_are_held_as_the_flags_hold_them(tiny_preset):
     assert type(values["warmup_ratio"]) is float
 
 
+def test_a_recipe_s_mnli_entry_also_sets_mnli_s_dev_halves_and_ax():
+    recipe = {"defaults": {"epochs": 1}, "mnli": {"epochs": 3}, "ax": {"epochs": 2}}
+    epochs = {name: glue.recipe_values(recipe, name, set(), glue.FLAGS).get("epochs")
+              for name in ("mnli", "mnli_matched", "mnli_mismatched", "ax", "rte")}
+    assert epochs == {"mnli": 3, "mnli_matched": 3, "mnli_mismatched": 3, "ax": 2, "rte": 1}
+
+
 def test_each_task_s_seeds_are_checked_at_start(glue_data, tiny_preset, tmp_path, run_glue,
                                                 no_training):
     recipe = {"rte": {"seed": [1, 1001], "max_restarts": 1}}

@@ -37,7 +37,8 @@ def test_a_run_s_logs_hold_its_training_and_every_evaluation(glue_data, tiny_pre
     run_glue("--task_name=rte", "--epochs=2", "--evaluations_per_epoch=2",
              f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
              f"--submission_directory={tmp_path}", *TINY)
-    folder = tmp_path / "tensorboard" / "rte" / "lr5e-05_seed42"
+    folder = tmp_path / "tensorboard" / "rte" / entry_of(tmp_path)["fingerprint_id"] / \
+        "lr5e-05_seed42"  # the task's runs under one settings
     assert sorted(os.listdir(folder)) == ["train", "validation"]
     train, validation = events(folder / "train"), events(folder / "validation")
     # 5 batches an epoch: a point after each (1% of an epoch is less than a batch), and one at
@@ -75,7 +76,7 @@ def test_steps_only_increase_across_a_kill_and_resume(glue_data, tiny_preset, tm
         patch.setattr(glue.TrainingCheckpoints, "on_train_batch_end", crash_at_step_8)
         with pytest.raises(KeyboardInterrupt):
             run_glue(*args)
-    folder = tmp_path / "tensorboard" / "rte" / "lr5e-05_seed42"
+    folder, = (tmp_path / "tensorboard" / "rte").glob("*/lr5e-05_seed42")
     assert max(steps(events(folder / "train")["batch_loss"])) == 8
     assert steps(events(folder / "validation")["epoch_accuracy"]) == [3, 5, 8]
     run_glue(*args)
@@ -91,7 +92,8 @@ def test_a_sweep_gives_one_folder_per_run_and_the_flags_move_or_stop_them(
               f"--data_dir={glue_data[0]}", *TINY)
     run_glue(*common, "--learning_rate=1e-3,5e-5", "--seed=1,2",
              f"--submission_directory={tmp_path / 'out'}", f"--tensorboard_dir={tmp_path / 'tb'}")
-    assert sorted(os.listdir(tmp_path / "tb" / "wnli")) == [
+    settings, = os.listdir(tmp_path / "tb" / "wnli")
+    assert sorted(os.listdir(tmp_path / "tb" / "wnli" / settings)) == [
         "lr0.001_seed1", "lr0.001_seed2", "lr5e-05_seed1", "lr5e-05_seed2"]
     assert not (tmp_path / "out" / "tensorboard").exists()
     run_glue(*common, f"--submission_directory={tmp_path / 'off'}", "--notensorboard")

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import keras
 import keras_hub
@@ -247,6 +248,28 @@ def test_overwrite_retrains_the_asked_runs_and_keeps_the_others(glue_data, tiny_
     assert sorted(after) == [1, 2] and after[1] == before[1] and after[2] != before[2]
 
 
+def test_task_none_publishes_each_task_from_its_latest_settings(glue_data, tiny_preset,
+                                                                tmp_path, run_glue, capsys):
+    """Two settings of RTE in one folder; the older one's command, run again, is the last to
+    write the results. --task_name=none publishes the settings of the last run recorded, and
+    names the others, with what differs and how to publish them."""
+    args = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            f"--submission_directory={tmp_path}", "--batch_size=4", "--max_sequence_length=32")
+    run_glue(*args, "--epochs=1", "--seed=1,2")
+    run_glue(*args, "--epochs=2", "--seed=1")  # the latest settings
+    run_glue(*args, "--epochs=1", "--seed=1,2")  # complete: publishes the older settings again
+    older = entry_of(tmp_path)["fingerprint_id"]
+    capsys.readouterr()
+    run_glue("--task_name=none", f"--submission_directory={tmp_path}")
+    entry = entry_of(tmp_path)
+    assert entry["fingerprint"]["epochs"] == 2 and len(entry["runs"]) == 1
+    folder = tmp_path / "runs" / "rte" / older
+    assert (f"rte: published from its latest settings ({entry['fingerprint_id']}); also "
+            f"recorded: 2 runs under {older} (epochs 2 -> 1): to publish those instead, run one "
+            f"of their commands again (`command` in {folder}/*/run.json)"
+            ) in capsys.readouterr().out
+
+
 def glue_process(*args):
     return subprocess.Popen([sys.executable, os.path.join(REPO, "glue.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -334,10 +357,74 @@ def test_a_chosen_run_without_a_model_still_submits_its_test_files(tmp_path, cap
     assert entry["submitted_run"] == {"learning_rate": 1e-5, "seed": 2}
     assert (tmp_path / "RTE.tsv").read_text() == "index\tprediction\n0\tseed 2\n"
     assert entry["submission_files_run"] == entry["submitted_run"]
-    assert f"rte: the chosen run (lr1e-05_seed2) kept no model (it did not lead its learning " \
-        f"rate when it ended); the model that was at {save_path} is now at " \
-        f"{tmp_path / 'model.earlier.keras'}" in capsys.readouterr().out
+    assert f"rte: the chosen run (lr1e-05_seed2) kept no model (a run keeps it only for a save " \
+        f"path or a warm start); the model that was at {save_path} is now at " \
+        f"{tmp_path / 'model.earlier.keras'}; run the task with --finetuning_model_save_path " \
+        "to train that run again" in capsys.readouterr().out
     assert not save_path.exists()  # it holds the chosen run's model or none
+
+
+def test_a_model_stays_only_with_a_run_that_may_be_chosen(tmp_path):
+    folder = str(tmp_path / "runs" / "rte" / "abc")
+    record(folder, 1, 0.6, model=True)
+    options = options_for(f"--submission_directory={tmp_path}")
+    for seed, accuracy in ((2, 0.7), (3, 0.5)):
+        record(str(tmp_path / "made"), seed, accuracy, model=True)
+        staged = os.path.join(folder, f"{glue.STAGED}here:1:{seed}")
+        os.rename(tmp_path / "made" / f"lr1e-05_seed{seed}", staged)
+        run = json.loads(open(os.path.join(staged, "run.json")).read())
+        glue.record_run(glue.TASKS["rte"], options, {"a": 1}, staged, run, None)
+    kept = sorted(os.path.basename(os.path.dirname(path))
+                  for path in glob.glob(os.path.join(folder, "*", "model.keras")))
+    assert kept == ["lr1e-05_seed2"]  # seed 1's went when seed 2 beat it; seed 3's at once
+
+
+def test_staged_folders_of_gone_processes_and_old_ones_are_removed(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    host, day = glue.socket.gethostname(), 24 * 3600
+    names = {f"{glue.STAGED}{host}:{gone.pid}:a": False,
+             f"{glue.STAGED}{host}:{os.getpid()}:b": True,
+             f"{glue.STAGED}elsewhere:1:c": True, f"{glue.STAGED}elsewhere:1:d": False,
+             ".tmp-0123456789ab": False, ".tmp-ba9876543210": True, "lr1e-05_seed1": True}
+    for name in names:
+        os.makedirs(tmp_path / name)
+    for old in (f"{glue.STAGED}elsewhere:1:d", ".tmp-0123456789ab"):
+        os.utime(tmp_path / old, (time.time() - 2 * day,) * 2)
+    glue.remove_abandoned(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
+
+
+LEASE_HOLDER = """
+import filelock, sys, time
+lease = filelock.SoftFileLease(sys.argv[1], lease_duration=float(sys.argv[2]))
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_results_lock_left_by_a_dead_process_is_recovered(tmp_path, monkeypatch):
+    """The lock is a lease: a dead holder's is taken at once on its host, and once it has gone
+    unrenewed for LOCK_LEASE_SECONDS when it names another host (whose processes cannot be
+    seen): job arrays on NFS, where flock may fail silently, are not stuck for ever."""
+    monkeypatch.setattr(glue, "LOCK_LEASE_SECONDS", 2)
+    path = tmp_path / "glue_results.json"
+    lock = tmp_path / ".glue_results.json.lock"
+    for host in (None, "another-host"):
+        holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(lock), "2"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        holder.kill()
+        holder.wait()
+        if host:
+            marker = lock.read_text()
+            lock.write_text(marker.replace(f"host={glue.socket.gethostname()}", f"host={host}"))
+        start = time.monotonic()
+        with glue.updating_results(str(path)) as results:
+            results["rte"] = {"taken": host or "this host"}
+        assert time.monotonic() - start < (30 if host else 5)
+        assert json.loads(path.read_text())["rte"] == {"taken": host or "this host"}
 
 
 # --- Resume -------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
 """Numbers for a paper: several seeds, the best evaluation, clipping, collapsed runs, and starting
 from another finetuned model. Runs split across processes: test_reuse.py."""
 
+import io
+import shutil
 import statistics
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pandas as pd
@@ -198,6 +202,99 @@ def test_a_collapsed_run_is_restarted_with_seed_plus_1000(glue_data, tiny_preset
     assert entry["submitted_run"]["seed"] == 1007
     summary = entry["seed_summary"]["5e-05"]
     assert summary["collapsed_runs"] == 0 and summary["task_score"]["runs"] == 1
+
+
+def test_a_rate_with_fewer_runs_than_the_others_is_not_chosen(glue_data, tiny_preset, tmp_path,
+                                                              run_glue, monkeypatch, capsys):
+    """An exploratory run at 1e-4 scores best; a sweep of two rates and two seeds follows into
+    the same folder. The single run may not beat rates of two runs, and the table says so."""
+    common = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+              f"--submission_directory={tmp_path}", *TINY)
+    real, score = glue.evaluate, [0.99]
+
+    def evaluate(model, eval_rows, task, batch_size, name):
+        metrics, collapsed, predictions = real(model, eval_rows, task, batch_size, name)
+        return ({split: {metric: score[0] for metric in values}
+                 for split, values in metrics.items()}, collapsed, predictions)
+
+    monkeypatch.setattr(glue, "evaluate", evaluate)
+    run_glue(*common, "--learning_rate=1e-4", "--seed=1")
+    score[0] = 0.6
+    capsys.readouterr()
+    run_glue(*common, "--learning_rate=2e-5,3e-5", "--seed=1,2")
+    entry = entry_of(tmp_path)
+    assert entry["submitted_run"] == {"learning_rate": 2e-5, "seed": 1}
+    assert entry["glue_task_score"] == 0.6
+    assert ("rte              lr 0.0001 not chosen: 1 of 2 runs (--learning_rate=0.0001 "
+            "--seed=2 completes it)") in capsys.readouterr().out
+    assert "| 0.0001 (not chosen: 1 of 2 runs) | 1 |" in (tmp_path / "glue_report.md").read_text()
+
+
+def test_a_save_path_trains_the_chosen_run_again_for_its_model_alone(
+        glue_data, tiny_preset, tmp_path, run_glue, capsys):
+    """Runs recorded without models, then the same command with a save path: the chosen run
+    alone is trained again, and its model, weights without optimizer state, is saved."""
+    common = ("--task_name=rte", "--seed=1,2", f"--preset={tiny_preset}",
+              f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)
+    run_glue(*common)
+    chosen = entry_of(tmp_path)["submitted_run"]
+    capsys.readouterr()
+    save_path = tmp_path / "rte.keras"
+    run_glue(*common, f"--finetuning_model_save_path={save_path}")
+    out = capsys.readouterr().out
+    assert (f"rte: its chosen run (lr 5e-05, seed {chosen['seed']}) was recorded without its "
+            "model, which the save path or a warm start needs: training that run again") in out
+    assert out.count(" steps of ") == 1  # that run alone
+    with zipfile.ZipFile(save_path) as archive, archive.open("model.weights.h5") as weights:
+        assert "optimizer" not in h5py.File(io.BytesIO(weights.read()), "r")
+    assert keras.models.load_model(save_path, compile=False).count_params() > 0
+
+
+@pytest.mark.slow
+def test_a_chosen_restart_is_trained_again_as_itself_for_its_model(
+        glue_data, tiny_preset, tmp_path, run_glue, monkeypatch, capsys):
+    common = ("--task_name=rte", "--seed=7", "--max_restarts=1", f"--preset={tiny_preset}",
+              f"--data_dir={glue_data[0]}", f"--submission_directory={tmp_path}", *TINY)
+    force_first_run_to_collapse(monkeypatch)
+    run_glue(*common)
+    monkeypatch.undo()
+    assert entry_of(tmp_path)["submitted_run"]["seed"] == 1007
+    capsys.readouterr()
+    run_glue(*common, f"--finetuning_model_save_path={tmp_path / 'rte.keras'}")
+    out = capsys.readouterr().out
+    assert "its chosen run (lr 5e-05, seed 1007) was recorded without its model" in out
+    assert out.count(" steps of ") == 1 and "rte lr 5e-05 seed 1007  epoch 1/1:" in out
+    entry = entry_of(tmp_path)
+    assert [(run["seed"], run.get("restart_of")) for run in entry["runs"]] == [(7, None),
+                                                                             (1007, 7)]
+    assert (tmp_path / "rte.keras").is_file()
+
+
+def test_restart_seeds_never_meet_asked_seeds_across_commands(glue_data, tiny_preset, tmp_path,
+                                                              run_glue, monkeypatch):
+    """Seed 7 collapses and its restart takes seed 1007. Asking seed 1007 later, or restarts
+    of seed 6 when 1006 is recorded, would replace a recorded run's folder: refused at once.
+    A folder left holding only a restart (its run's folder deleted) publishes nothing, and
+    crashes nothing."""
+    common = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+              f"--submission_directory={tmp_path}", *TINY)
+    force_first_run_to_collapse(monkeypatch)
+    run_glue(*common, "--seed=7", "--max_restarts=1")
+    monkeypatch.undo()
+    assert error_of(run_glue, *common, "--seed=1007") == (
+        "glue.py: error: --seed=1007: seed 1007 (lr 5e-05) is recorded with these settings as "
+        "a restart of seed 7; give another")
+    run_glue(*common, "--seed=1006")
+    assert error_of(run_glue, *common, "--seed=6", "--max_restarts=1") == (
+        "glue.py: error: --max_restarts=1: restart 1 of seed 6 (lr 5e-05) would take seed "
+        "1006, recorded with these settings as a run of its own; give other seeds or fewer "
+        "restarts")
+    entry = entry_of(tmp_path)
+    assert sorted(run["seed"] for run in entry["runs"]) == [7, 1006, 1007]
+    folder = tmp_path / "runs" / "rte" / entry["fingerprint_id"]
+    shutil.rmtree(folder / "lr5e-05_seed7")
+    shutil.rmtree(folder / "lr5e-05_seed1006")
+    run_glue("--task_name=none", f"--submission_directory={tmp_path}")  # only a restart left
 
 
 def test_collapse_means_every_prediction_alike():
