@@ -1082,7 +1082,7 @@ def main(argv):
                 record.update(finetune(model, train_rows, checkpoints, epochs=FLAGS.epochs,
                                        batch_size=FLAGS.batch_size, seed=seed, label=label,
                                        tensorboard=FLAGS.run_tensorboard))
-                tables = dict(evaluations.predictions) if evaluations else {}
+                tables = dict(evaluations and evaluations.predictions or {})
             if FLAGS.submission_directory:
                 start = time.perf_counter()
                 tables.update(predict_test(model, test_rows, task, FLAGS.batch_size, label))
@@ -1221,21 +1221,24 @@ def plan_task(task, options, settings, folder, previous, keep_models=False):
     is trained again, that run alone."""
     records, asked = read_records(folder), asked_runs(options)
     check_restart_seeds(records, asked, options.max_restarts)
-    todo, for_its_model = [], False
-    chosen = summarized(records)["submitted_run"] if chains(records) and keep_models else None
+    todo = []
     for learning_rate, seed in asked:
         chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
         if chain and options.submission_directory and "test_files" not in chain[-1]:
             chain = []  # recorded without a submission folder: no test predictions to submit
-        if chain and chosen and run_key(chain[-1]) == run_key(chosen) and \
-                not os.path.isfile(run_model(folder, chosen)):
-            # The model a warm start or the save path needs: that run again (a restart, with
-            # the chain before it, so that it takes the restart's seed).
-            todo.append((learning_rate, seed, chain[:-1]))
-            for_its_model = True
-        elif needs_run(chain, options.max_restarts):
+        if needs_run(chain, options.max_restarts):
             todo.append((learning_rate, seed, chain))
-    done = len(asked) - len(todo)
+    done, for_its_model = len(asked) - len(todo), False
+    chosen = summarized(records)["submitted_run"] if chains(records) and keep_models else None
+    if chosen and chosen["learning_rate"] is not None and \
+            not os.path.isfile(run_model(folder, chosen)):
+        run = next(run for run in records if run_key(run) == run_key(chosen))
+        asked_as = (run["learning_rate"], run.get("restart_of", run["seed"]))
+        if asked_as not in [planned[:2] for planned in todo]:
+            # The model a warm start or the save path needs: that run again, asked or not (a
+            # restart with the chain before it, so that it takes the restart's seed).
+            todo.append((*asked_as, chain_of(records, *asked_as)[:-1]))
+            for_its_model = True
     if for_its_model and len(todo) == 1:
         line = (f"its chosen run ({describe_run(chosen)}) was recorded without its model, "
                 "which the save path or a warm start needs: training that run again")
@@ -1265,13 +1268,15 @@ def check_restart_seeds(records, asked, max_restarts):
         if restart is not None:
             raise GlueError(f"--seed={seed}: seed {seed} (lr {rate_label(rate)}) is recorded "
                             f"with these settings as a restart of seed {restart}; give another")
+        if not needs_run(chain_of(records, rate, seed), max_restarts):
+            continue  # done: it will not restart
         for k in range(1, max_restarts + 1):
             run = recorded.get((rate, seed + RESTART_SEED_STEP * k), {})
             if run and run.get("restart_of") != seed:
                 raise GlueError(f"--max_restarts={max_restarts}: restart {k} of seed {seed} (lr "
-                                f"{rate_label(rate)}) would take seed {run['seed']}, recorded "
-                                "with these settings as a run of its own; give other seeds or "
-                                "fewer restarts")
+                                f"{rate_label(rate)}) would take seed {run['seed']}, which is "
+                                "recorded with these settings; give other seeds or fewer "
+                                "restarts")
 
 
 @dataclasses.dataclass
@@ -1367,7 +1372,7 @@ class Sweep:
             self.lose(run)
             return False
         # What its command line said, and the command that reruns it alone.
-        result = {**read_json(path), "flags": run.flags,
+        result = {**read_json(path), "flags": run.flags, "recorded_at": round(time.time(), 3),
                   "command": shlex.join(["python", "glue.py", *arguments(run.flags)])}
         if run.chain:
             result.update(restart_of=run.seed, restarted_from=run.chain[-1]["run_id"])
@@ -1771,13 +1776,17 @@ def publish_recorded(options, root):
 
 def settings_by_recency(root, task):
     """The fingerprint ids of a task's record folders that hold runs, the one whose last run
-    was recorded last first."""
+    was recorded last first (by `recorded_at`, which a copy of the folder keeps; else by the
+    record's file time)."""
     recorded = {}
-    for path in glob.glob(os.path.join(root, task.name, "*", "*", RUN_RECORD)):
-        settings_id = os.path.basename(os.path.dirname(os.path.dirname(path)))
-        recorded[settings_id] = max(recorded.get(settings_id, 0), os.path.getmtime(path))
-    return [settings_id for settings_id in sorted(recorded, key=recorded.get, reverse=True)
-            if chains(read_records(records_folder(root, task, settings_id)))]
+    for fingerprint_file in glob.glob(os.path.join(glob.escape(root), task.name, "*",
+                                                   "fingerprint.json")):
+        folder = os.path.dirname(fingerprint_file)
+        times = [run.get("recorded_at") or os.path.getmtime(run_folder(
+            folder, run["learning_rate"], run["seed"])) for run in read_records(folder)]
+        if times and chains(read_records(folder)):
+            recorded[os.path.basename(folder)] = max(times)
+    return sorted(recorded, key=recorded.get, reverse=True)
 
 
 def report_results(options):
@@ -3493,16 +3502,21 @@ STAGED = ".staged:"  # a run folder being written: .staged:<host>:<pid of its co
 
 
 def remove_abandoned(folder, max_age_seconds=24 * 3600):
-    """Removes the staged run folders a killed command left: those of a process gone from this
-    host, and any older than a day (from another host, whose processes cannot be seen, or from
-    a glue.py that named them .tmp-*)."""
+    """Removes the staged run folders a killed command left: on this host, those of a process
+    that is gone; from another host (whose processes cannot be seen), or from a glue.py that
+    named them .tmp-*, those untouched for a day (a running run's log changes every minute)."""
     for path in glob.glob(os.path.join(glob.escape(folder), ".*")):
         name = os.path.basename(path)
-        if not name.startswith((STAGED, ".tmp-")):
+        if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")):
             continue
-        owner = name.removeprefix(STAGED).split(":") if name.startswith(STAGED) else None
-        gone = owner and owner[0] == socket.gethostname() and not is_running(int(owner[1]))
-        if gone or time.time() - os.path.getmtime(path) > max_age_seconds:
+        host, pid, *_ = name.removeprefix(STAGED).split(":") + ["", ""]
+        if host == socket.gethostname():
+            abandoned = not is_running(int(pid))
+        else:
+            touched = max(map(os.path.getmtime, [path, *glob.glob(os.path.join(
+                glob.escape(path), "*"))]))
+            abandoned = time.time() - touched > max_age_seconds
+        if abandoned:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -3589,7 +3603,7 @@ def read_results(path):
 # The results lock is a lease its holder renews while it lives: flock can fail silently on NFS,
 # where job arrays share a folder. A dead holder's lease is taken at once on its own host, and
 # after this long from another.
-LOCK_LEASE_SECONDS = 60
+LOCK_LEASE_SECONDS, LOCK_TIMEOUT_SECONDS = 60, 1800
 
 
 @contextlib.contextmanager
@@ -3604,12 +3618,18 @@ def updating_results(path):
         return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with filelock.SoftFileLease(os.path.join(folder, f".{name}.lock"),
-                                lease_duration=LOCK_LEASE_SECONDS):
-        results = read_results(path)
-        yield results
-        results["glue_score"] = glue_score(results)
-        write_json(path, results)
+    lease = os.path.join(folder, f".{name}.lease")
+    try:
+        with filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS,
+                                    timeout=LOCK_TIMEOUT_SECONDS):
+            results = read_results(path)
+            yield results
+            results["glue_score"] = glue_score(results)
+            write_json(path, results)
+    except filelock.Timeout:
+        raise GlueError(f"{lease}: the results lock was not free within "
+                        f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's process "
+                        "and host: delete it if that process is gone") from None
 
 
 # ================================================================================================

@@ -58,7 +58,7 @@ def test_true_labels_beat_shuffled_ones_with_every_dev_example_paired(folders):
     assert row["verdict"] == "better" and row["interval"][0] > 0
     assert row["interval"][0] <= row["difference"] <= row["interval"][1]
     assert row["paired_examples"] == 33 and row["runs"] == [3, 3]
-    assert "unpaired" not in row
+    assert "note" not in row
     results = json.loads((learned / "glue_results.json").read_text())
     assert row["this"] == results["sst2"]["glue_task_score"]
     assert comparison["glue_score"]["verdict"] == "better"
@@ -110,34 +110,41 @@ def test_runs_without_dev_predictions_or_on_other_dev_sets_resample_runs_only(fo
     results = json.loads((other_dev / "glue_results.json").read_text())
     results["sst2"]["fingerprint"]["data"]["sst2 validation"] = "sha256:another"
     (other_dev / "glue_results.json").write_text(json.dumps(results))
-    for other, why in ((older, "without their dev predictions"), (other_dev, "dev sets differ")):
+    for other, why in ((older, "without their dev predictions"),
+                       (other_dev, "the dev sets' files differ")):
         glue_main("--task_name=none", f"--submission_directory={learned}",
                   f"--compare_with={other}")
         row = comparison_of(learned)["tasks"]["sst2"]
-        assert row["paired_examples"] == 0 and why in row["unpaired"]
-        assert row["runs"] == [3, 3]
+        assert row["paired_examples"] == 0 and why in row["note"]
+        assert row["runs"] == [3, 3] and row["verdict"] != "no verdict"  # 3 runs a side
         assert why in capsys.readouterr().out
 
 
-def test_mnli_pairs_each_dev_split_on_its_own(tmp_path):
-    """Made-up MNLI records, one side right on 90% of each dev split, the other on 60%."""
+def made_up_mnli(folder, seeds=(1, 2, 3)):
+    """MNLI records with dev predictions, one side right on 90% of each dev split, the other on
+    60%: {side: results}, the records under folder / side."""
     task, rng = glue.TASKS["mnli"], np.random.default_rng(0)
     labels = {split: rng.integers(0, 3, 200) for split in task.eval_splits}
     results = {}
     for side, accuracy in (("this", 0.9), ("other", 0.6)):
         records = []
-        for seed in (1, 2, 3):
+        for seed in seeds:
             run, tables = {"learning_rate": 2e-5, "seed": seed, "run_id": f"{side}{seed}"}, {}
             for split, gold in labels.items():
                 predicted = np.where(rng.random(200) < accuracy, gold, (gold + 1) % 3)
                 run[split] = glue.compute_metrics(task, gold, predicted)
                 tables[glue.DEV_PREDICTIONS.format(split)] = pd.DataFrame(
                     {"index": np.arange(200), "label": gold, "prediction": predicted})
-            glue.write_run(glue.run_folder(tmp_path / side / "mnli" / "id", 2e-5, seed),
+            glue.write_run(glue.run_folder(folder / side / "mnli" / "id", 2e-5, seed),
                            run, tables)
             records.append(run)
         results[side] = {"mnli": {**glue.summarized(records), "fingerprint_id": "id",
                                   "fingerprint": {"data": {"mnli validation_matched": "m"}}}}
+    return results
+
+
+def test_mnli_pairs_each_dev_split_on_its_own(tmp_path):
+    results = made_up_mnli(tmp_path)
     comparison = glue.compare(results["this"], tmp_path / "this", results["other"],
                               tmp_path / "other")
     row = comparison["tasks"]["mnli"]
@@ -148,6 +155,24 @@ def test_mnli_pairs_each_dev_split_on_its_own(tmp_path):
     swapped = glue.compare(results["other"], tmp_path / "other", results["this"],
                            tmp_path / "this")
     assert swapped["tasks"]["mnli"]["verdict"] == "worse"
+
+
+def test_too_few_runs_say_what_the_interval_leaves_out(tmp_path):
+    """One run a side, paired: an interval over the examples, and a note that seeds are not in
+    it. Two runs a side without examples to pair: no verdict (one run would give an interval of
+    width 0)."""
+    results = made_up_mnli(tmp_path / "one", seeds=(1,))
+    row = glue.compare(results["this"], tmp_path / "one" / "this", results["other"],
+                       tmp_path / "one" / "other")["tasks"]["mnli"]
+    assert row["verdict"] == "better" and "a side of one run" in row["note"]
+    results = made_up_mnli(tmp_path / "two", seeds=(1, 2))
+    for path in (tmp_path / "two" / "other").glob("*/*/*/*_predictions.tsv"):
+        path.unlink()
+    comparison = glue.compare(results["this"], tmp_path / "two" / "this", results["other"],
+                              tmp_path / "two" / "other")
+    row = comparison["tasks"]["mnli"]
+    assert row["verdict"] == "no verdict" and "fewer than 3 runs a side" in row["note"]
+    assert comparison["glue_score"]["verdict"] == "no verdict"
 
 
 def test_the_resampled_metrics_are_the_official_ones_on_the_whole_dev_set():

@@ -372,7 +372,8 @@ def test_a_source_recorded_without_its_model_trains_its_chosen_run_again(
     capsys.readouterr()
     run_glue("--task_name=mnli,rte", f"--recipe={recipe_file(tmp_path, WARM)}", *common)
     assert "mnli: its chosen run (lr 5e-05, seed 42) was recorded without its model, which " \
-           "another task starts from: training that run again" in capsys.readouterr().out
+           "the save path or a warm start needs: training that run again" in \
+           capsys.readouterr().out
     model_path = chosen_folder(tmp_path / "out", "mnli") / "model.keras"
     assert model_path.exists() and copies[-1][0] == str(model_path)
 

@@ -384,12 +384,16 @@ def test_staged_folders_of_gone_processes_and_old_ones_are_removed(tmp_path):
     gone.wait()
     host, day = glue.socket.gethostname(), 24 * 3600
     names = {f"{glue.STAGED}{host}:{gone.pid}:a": False,
-             f"{glue.STAGED}{host}:{os.getpid()}:b": True,
+             f"{glue.STAGED}{host}:{os.getpid()}:b": True,  # alive, however old
              f"{glue.STAGED}elsewhere:1:c": True, f"{glue.STAGED}elsewhere:1:d": False,
+             f"{glue.STAGED}elsewhere:1:e": True,  # its log was written to an hour ago
              ".tmp-0123456789ab": False, ".tmp-ba9876543210": True, "lr1e-05_seed1": True}
     for name in names:
         os.makedirs(tmp_path / name)
-    for old in (f"{glue.STAGED}elsewhere:1:d", ".tmp-0123456789ab"):
+    (tmp_path / f"{glue.STAGED}elsewhere:1:e" / "log.txt").write_text("epoch 9/10 ...")
+    os.utime(tmp_path / f"{glue.STAGED}elsewhere:1:e" / "log.txt", (time.time() - 3600,) * 2)
+    for old in (f"{glue.STAGED}{host}:{os.getpid()}:b", f"{glue.STAGED}elsewhere:1:d",
+                f"{glue.STAGED}elsewhere:1:e", ".tmp-0123456789ab"):
         os.utime(tmp_path / old, (time.time() - 2 * day,) * 2)
     glue.remove_abandoned(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
@@ -404,13 +408,24 @@ time.sleep(600)
 """
 
 
+def test_a_results_lock_that_is_never_free_ends_in_one_line(tmp_path, monkeypatch):
+    """A lock file an older glue.py (flock) or a killed writer left empty names no holder, so
+    no lease takes it over: the command stops in one line naming the file, never hangs."""
+    monkeypatch.setattr(glue, "LOCK_TIMEOUT_SECONDS", 1)
+    (tmp_path / ".glue_results.json.lease").write_text("")
+    with pytest.raises(glue.GlueError, match=r"\.glue_results\.json\.lease: the results lock "
+                                             r"was not free within 1\.0s"):
+        with glue.updating_results(str(tmp_path / "glue_results.json")):
+            pass
+
+
 def test_a_results_lock_left_by_a_dead_process_is_recovered(tmp_path, monkeypatch):
     """The lock is a lease: a dead holder's is taken at once on its host, and once it has gone
     unrenewed for LOCK_LEASE_SECONDS when it names another host (whose processes cannot be
     seen): job arrays on NFS, where flock may fail silently, are not stuck for ever."""
     monkeypatch.setattr(glue, "LOCK_LEASE_SECONDS", 2)
     path = tmp_path / "glue_results.json"
-    lock = tmp_path / ".glue_results.json.lock"
+    lock = tmp_path / ".glue_results.json.lease"
     for host in (None, "another-host"):
         holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(lock), "2"],
                                   stdout=subprocess.PIPE, text=True)

@@ -287,8 +287,7 @@ def test_restart_seeds_never_meet_asked_seeds_across_commands(glue_data, tiny_pr
     run_glue(*common, "--seed=1006")
     assert error_of(run_glue, *common, "--seed=6", "--max_restarts=1") == (
         "glue.py: error: --max_restarts=1: restart 1 of seed 6 (lr 5e-05) would take seed "
-        "1006, recorded with these settings as a run of its own; give other seeds or fewer "
-        "restarts")
+        "1006, which is recorded with these settings; give other seeds or fewer restarts")
     entry = entry_of(tmp_path)
     assert sorted(run["seed"] for run in entry["runs"]) == [7, 1006, 1007]
     folder = tmp_path / "runs" / "rte" / entry["fingerprint_id"]
