@@ -1516,6 +1516,7 @@ def run_flag_names(names):
     return [name for name in names
             if name not in SWEEP_FLAGS + HELP_GROUPS[RUN_FLAGS]]
 
+
 def arguments(values):
     """Flag values as command-line arguments (None: left out, the flag's default). Spells the
     kinds of flag glue.py defines: booleans, comma lists and single values."""
@@ -1539,8 +1540,9 @@ def record_run(task, options, settings, staged, run, save_path):
     with updating_results(results_path(options)) as results:
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
         records = read_records(folder)
+        leaders = rate_leaders(records)
         for other in records:
-            if not leads_its_rate(other, records):
+            if run_key(other) not in leaders:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(run_model(folder, other))
         publish_into(results, task, options, settings, folder, save_path)
@@ -1608,9 +1610,9 @@ def chosen_runs(runs):
     """The counted runs of the learning rate with the best median task score over its seeds
     (the smallest rate of equals), among the rates with as many runs as the best-covered one:
     a rate with one run left by an exploratory command never beats rates of five."""
-    by_rate = runs_by_rate(runs).values()
-    most = max(map(len, by_rate))
-    return max((rate_runs for rate_runs in by_rate if len(rate_runs) == most),
+    incomplete = incomplete_rates(runs)
+    return max((rate_runs for rate, rate_runs in runs_by_rate(runs).items()
+                if rate not in incomplete),
                key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
 
 
@@ -1693,10 +1695,8 @@ def glue_score(results):
     were run: the entry with both (`mnli`), else the mean of `mnli_matched`'s and
     `mnli_mismatched`'s.
     """
-    entries_by_task = {}
-    for name, entry in sorted(results.items()):
-        if name in TASKS and dev_metrics(entry):
-            entries_by_task.setdefault(TASKS[name].training_data, []).append(entry)
+    entries_by_task = by_dataset({name: entry for name, entry in sorted(results.items())
+                                  if name in TASKS and dev_metrics(entry)})
     scores = {}
     for name, entries in sorted(entries_by_task.items()):
         whole = [entry for entry in entries
@@ -1712,14 +1712,10 @@ def glue_score(results):
 # ================================================================================================
 
 
-def leads_its_rate(run, records):
-    """Whether `run` is the best counted run of its learning rate, with the records of the
-    other runs: only such a run keeps its model (the submitted run is one, whatever runs come
-    later, unless a better one is redone worse or restarted)."""
-    runs = [other for other in records if run_key(other) != run_key(run)] + [run]
-    same_rate = [other for other in counted_runs(runs)
-                 if other["learning_rate"] == run["learning_rate"]]
-    return bool(same_rate) and best_run(same_rate) is run
+def rate_leaders(records):
+    """The (learning rate, seed) of each rate's best counted run: the runs that may be chosen,
+    the only ones that keep their models (the submitted run is one)."""
+    return {run_key(best_run(rate_runs)) for rate_runs in runs_by_rate(records).values()}
 
 
 def publish(task, options, settings, folder, save_path=None):
@@ -1782,10 +1778,11 @@ def settings_by_recency(root, task):
     for fingerprint_file in glob.glob(os.path.join(glob.escape(root), task.name, "*",
                                                    "fingerprint.json")):
         folder = os.path.dirname(fingerprint_file)
-        times = [run.get("recorded_at") or os.path.getmtime(run_folder(
-            folder, run["learning_rate"], run["seed"])) for run in read_records(folder)]
-        if times and chains(read_records(folder)):
-            recorded[os.path.basename(folder)] = max(times)
+        records = read_records(folder)
+        if chains(records):
+            recorded[os.path.basename(folder)] = max(
+                run.get("recorded_at") or os.path.getmtime(run_folder(
+                    folder, run["learning_rate"], run["seed"])) for run in records)
     return sorted(recorded, key=recorded.get, reverse=True)
 
 
@@ -3577,9 +3574,10 @@ def copy_if_changed(source, target):
     """Copies `source` over `target` (atomically, with its modification time) unless `target`
     is that copy already, by size and time: a large model is not read to know. Returns whether
     it copied."""
-    if os.path.isfile(target) and all(getattr(os.stat(source), key) == getattr(
-            os.stat(target), key) for key in ("st_size", "st_mtime_ns")):
-        return False
+    if os.path.isfile(target):
+        copied, there = os.stat(source), os.stat(target)
+        if (copied.st_size, copied.st_mtime_ns) == (there.st_size, there.st_mtime_ns):
+            return False
     write_atomically(target, lambda temporary: shutil.copy2(source, temporary))
     return True
 
@@ -3888,7 +3886,7 @@ def chosen_predictions(root, task, entry):
     """The counted runs of an entry's chosen learning rate, and each one's dev predictions
     ({file: table}), or None if a run kept none (recorded by an older glue.py) or its folder
     now holds another run (trained again since the entry was read)."""
-    runs = runs_by_rate(entry["runs"])[rate_label(entry["submitted_run"]["learning_rate"])]
+    runs = chosen_runs(entry["runs"])
     folder = records_folder(root, task, entry.get("fingerprint_id", ""))
     places = [run_folder(folder, run["learning_rate"], run["seed"]) for run in runs]
     paths = [{DEV_PREDICTIONS.format(split): os.path.join(place, DEV_PREDICTIONS.format(split))
