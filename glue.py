@@ -688,8 +688,7 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_
 @keras.saving.register_keras_serializable(package="glue")
 class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
     """BERT's schedule, in updates: linear warmup from 0 to the peak, then linear decay to 0.
-    Keras calls it with the number of batches trained, `batches_per_update` of them an
-    update."""
+    Keras calls it with the batches trained, `batches_per_update` of them an update."""
 
     def __init__(self, peak_learning_rate, warmup_steps, total_steps, batches_per_update=1):
         self.peak_learning_rate = peak_learning_rate
@@ -1100,12 +1099,9 @@ def main(argv):
 
 
 # ================================================================================================
-# The sweep. A command's tasks run in rounds (a task that starts from another task's model
-# comes after it). Each task's runs are planned from its records; each run is a `glue.py`
-# process of its own, so its memory goes back to the system when it ends and a crash costs that
-# run alone. As a run ends, its folder joins the records, and the task's results, submission
-# files and saved model are made anew from them, under a lock, for every process that shares
-# the folder (a job array) to agree. Then the next task, past a failed one, and the zip.
+# The sweep. Each task's runs are planned from its records; each run is a `glue.py` process of
+# its own, so its memory goes back to the system when it ends and a crash costs that run alone.
+# As a run ends, the task's results are made anew from the records (`record_run`).
 # ================================================================================================
 
 
@@ -1214,11 +1210,7 @@ def plan_task(task, options, settings, folder, previous, keep_models=False):
     settings (in `folder`) hold, and the line that says so. Returns `([(learning rate, seed,
     the chain recorded so far)], line)`.
 
-    An asked run is done when its chain ends in a run that did not collapse (or has no
-    restarts left), and, with a submission folder, has test predictions. --overwrite trains
-    every asked run again. With `keep_models` (another task starts from this one's chosen
-    model, or --finetuning_model_save_path saves it), a chosen run recorded without its model
-    is trained again, that run alone."""
+    With `keep_models`, a chosen run recorded without its model is trained again, alone."""
     records, asked = read_records(folder), asked_runs(options)
     check_restart_seeds(records, asked, options.max_restarts)
     todo = []
@@ -1279,20 +1271,10 @@ def check_restart_seeds(records, asked, max_restarts):
                                 "restarts")
 
 
-@dataclasses.dataclass
-class Started:
-    """A run whose process is running: the asked (learning rate, seed), its chain so far, the
-    seed it runs with (a restart's differs), its name and folder, its process and device slot."""
-
-    learning_rate: float
-    seed: int
-    chain: list
-    run_seed: int
-    name: str
-    staged: str
-    process: object
-    slot: int
-    flags: dict  # the flags it runs with, but those of its place in this command
+# A run whose process is running: the asked (learning rate, seed), its chain so far, the seed it
+# runs with (a restart's differs), its name, folder, process, device slot and run flags.
+Started = collections.namedtuple(
+    "Started", "learning_rate seed chain run_seed name staged process slot flags")
 
 
 class Sweep:
@@ -1540,7 +1522,7 @@ def record_run(task, options, settings, staged, run, save_path):
     with updating_results(results_path(options)) as results:
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
         records = read_records(folder)
-        leaders = rate_leaders(records)
+        leaders = {run_key(best_run(rate_runs)) for rate_runs in runs_by_rate(records).values()}
         for other in records:
             if run_key(other) not in leaders:
                 with contextlib.suppress(FileNotFoundError):
@@ -1688,13 +1670,9 @@ def entry_score(entry):
 
 
 def glue_score(results):
-    """The GLUE average over the tasks in `results`: each task's score, then their mean.
-
-    A task's score is the median over its chosen learning rate's runs of their task scores
-    (`glue_task_score`; one run: its task score). MNLI counts once, however its dev splits
-    were run: the entry with both (`mnli`), else the mean of `mnli_matched`'s and
-    `mnli_mismatched`'s.
-    """
+    """The GLUE average over the tasks in `results`: each task's score (`entry_score`), then
+    their mean. MNLI counts once, however its dev splits were run: the entry with both
+    (`mnli`), else the mean of `mnli_matched`'s and `mnli_mismatched`'s."""
     entries_by_task = by_dataset({name: entry for name, entry in sorted(results.items())
                                   if name in TASKS and dev_metrics(entry)})
     scores = {}
@@ -1710,12 +1688,6 @@ def glue_score(results):
 # Publishing: the results JSON, the submission files and the saved model, made anew from the
 # records; the results table
 # ================================================================================================
-
-
-def rate_leaders(records):
-    """The (learning rate, seed) of each rate's best counted run: the runs that may be chosen,
-    the only ones that keep their models (the submitted run is one)."""
-    return {run_key(best_run(rate_runs)) for rate_runs in runs_by_rate(records).values()}
 
 
 def publish(task, options, settings, folder, save_path=None):
@@ -1915,12 +1887,8 @@ flags.register_validator("seed", lambda values: bool(values) and all(
 
 def expand_task_names(names):
     """`all`, `none` and comma lists to task names, each once, in order."""
-    expanded = []
-    for name in names:
-        for task_name in ALL_TASKS if name == "all" else () if name == "none" else (name,):
-            if task_name not in expanded:
-                expanded.append(task_name)
-    return expanded
+    groups = {"all": ALL_TASKS, "none": ()}
+    return list(dict.fromkeys(task for name in names for task in groups.get(name, (name,))))
 
 
 def check_options(options, task_names):
@@ -1957,8 +1925,7 @@ def check_options(options, task_names):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
     check_output_paths(options)
     check_multi_worker(os.environ.get("TF_CONFIG"))
-    if results_path(options):
-        read_results(results_path(options))
+    read_results(results_path(options))  # a bad results file fails now
     if task_names:
         check_downloads_possible(options, task_names)
     if options.data_dir and len(task_names) > 1:
@@ -2008,21 +1975,17 @@ def check_output_paths(options):
         if path and os.path.isdir(path):
             raise GlueError(f"--{flag}={path} is a folder; give a file path")
         folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
-    for flag, folder in folders:
-        if folder:
-            check_writable_folder(flag, folder)
-
-
-def check_writable_folder(flag, folder):
-    """`folder` exists, or can be made, and takes files (nothing is made yet)."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path (it "
-                        "is made if missing)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
+    for flag, folder in folders:  # it exists, or can be made, and takes files (none made yet)
+        if not folder:
+            continue
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise GlueError(f"--{flag}: {existing} is a file, not a folder; give a folder path "
+                            "(it is made if missing)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
 
 
 def check_downloads_possible(options, task_names):
@@ -2030,7 +1993,7 @@ def check_downloads_possible(options, task_names):
     fix it: tensorflow-datasets would retry for minutes first."""
     problem = None
     if not options.data_dir:
-        datasets = {dataset for name in task_names for dataset in task_datasets(TASKS[name])}
+        datasets = {dataset for name in task_names for dataset, _ in task_splits(TASKS[name])}
         builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
         problem = next(filter(None, map(download_problem, builders)), None)
     if not problem:
@@ -2060,11 +2023,6 @@ def explain_preset_failure(preset, error):
 
 def looks_like_path(preset):
     return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
-
-
-def task_datasets(task):
-    """The GLUE datasets a task reads: its training data and those of its test files."""
-    return {task.training_data} | {output.dataset for output in task.outputs}
 
 
 def results_path(options):
@@ -2197,8 +2155,7 @@ def read_recipe(name, flag_values):
                         "a JSON file")
     else:
         try:
-            with open(name, encoding="utf-8") as file:
-                recipe = json.load(file)
+            recipe = read_json(name)
         except (OSError, ValueError) as error:
             raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
     if not isinstance(recipe, dict):
@@ -2448,29 +2405,22 @@ def code_ids():
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             definitions[node.name] = node
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            definitions.update({target.id: node for target in targets
+        elif isinstance(node, ast.Assign):
+            definitions.update({target.id: node for target in node.targets
                                 if isinstance(target, ast.Name)})
     ids, todo = {}, list(CODE_ROOTS)
     while todo:
         name = todo.pop()
         if name in ids or name not in definitions or name in CODE_LEFT_OUT:
             continue
-        node = without_docstrings(definitions[name])
+        node = definitions[name]
+        for inner in ast.walk(node):  # docstrings do not count
+            if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and \
+                    ast.get_docstring(inner, clean=False) is not None:
+                inner.body = inner.body[1:] or [ast.Pass()]
         ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
         todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
     return dict(sorted(ids.items()))
-
-
-def without_docstrings(node):
-    for inner in ast.walk(node):
-        body = getattr(inner, "body", None)
-        if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(
-                body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-                body[0].value.value, str):
-            inner.body = body[1:] or [ast.Pass()]
-    return node
 
 
 def changed_settings(old, new):
@@ -2712,11 +2662,7 @@ def positional_arrays(saved):
 
 
 PROGRESS_SECONDS = 60  # a progress line at least this often,
-
-
 PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
-
-
 QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
 
 
@@ -2736,10 +2682,7 @@ def per_second(amount, seconds, unit):
 
 class Progress:
     """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
-    steps: at least every 5% of them and every PROGRESS_SECONDS. The 5% lines wait
-    `quiet_seconds`, so a phase over by then prints only its summary (tokenizing and
-    predicting mostly are); the minute's line never waits. `start`: steps done before (resume).
-    """
+    steps, as often as PROGRESS_* say. `start`: steps done before (resume)."""
 
     def __init__(self, label, total, *, start=0, quiet_seconds=QUIET_SECONDS, unit="ex"):
         self.label, self.total, self.start, self.unit = label, total, start, unit
@@ -2808,12 +2751,8 @@ class TensorBoardLogs(keras.callbacks.Callback):
     callback restarts its step at every `fit`, logs epochs at `step=epoch`, and logs no
     learning rate per batch.)
 
-    `train/`: the loss (Keras' mean over the epoch so far), the learning rate and examples per
-    second, every 1% of an epoch, at least every PROGRESS_SECONDS, and at each epoch's end.
-    `validation/`: every dev metric of every dev split, and the task score, at every evaluation.
-    A run started afresh replaces its folder; a resumed one first drops what was logged after
-    its checkpoint. As a context manager, it closes (and flushes) its writers however the run
-    ends: glue.py leaves through `os._exit`, which would lose unflushed events.
+    As a context manager, it closes (and flushes) its writers however the run ends: glue.py
+    leaves through `os._exit`, which would lose unflushed events.
     """
 
     def __init__(self, folder, steps_per_epoch, batch_size, resumed_batches=0, evaluations=None):
@@ -2985,13 +2924,9 @@ def cpu_flags():
     return set()
 
 # ================================================================================================
-# GLUE files: the local glue_data/ layout, read and checked, or tensorflow-datasets
-# ================================================================================================
-
-
-# ================================================================================================
 # Tokenizing, inside: each split tokenized on a thread per core, kept without its padding, and
-# gathered into padded batches as they are made
+# gathered into padded batches as they are made. Then the GLUE files it reads: the local
+# glue_data/ layout, read and checked, or tensorflow-datasets
 # ================================================================================================
 
 
@@ -3304,9 +3239,7 @@ def write_bytes(path, data):
 
 
 def count_rows(path):
-    """Data rows of a submission file (None if there is no file)."""
-    if not os.path.isfile(path):
-        return None
+    """Data rows of a submission file."""
     with open(path, "rb") as file:
         return max(sum(1 for line in file if line.strip()) - 1, 0)
 
@@ -3314,12 +3247,7 @@ def count_rows(path):
 def read_submission(path):
     """`{file name: bytes}` of a submission folder (its .tsv files) or zip (every member)."""
     if os.path.isdir(path):
-        names = [name for name in os.listdir(path) if name.endswith(".tsv")]
-        contents = {}
-        for name in names:
-            with open(os.path.join(path, name), "rb") as file:
-                contents[name] = file.read()
-        return contents
+        return {file.name: file.read_bytes() for file in pathlib.Path(path).glob("*.tsv")}
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             return {name: archive.read(name) for name in archive.namelist()
@@ -3587,8 +3515,7 @@ def read_results(path):
     if not path or not os.path.exists(path):
         return {}
     try:
-        with open(path) as file:
-            results = json.load(file)
+        results = read_json(path)
     except (OSError, ValueError) as error:
         raise GlueError(f"{path}: cannot read the results JSON ({error}); fix or move it, or "
                         "pass another --results_path") from None
@@ -3606,11 +3533,8 @@ LOCK_LEASE_SECONDS, LOCK_TIMEOUT_SECONDS = 60, 1800
 
 @contextlib.contextmanager
 def updating_results(path):
-    """The results JSON as a dict to change; written back, with the GLUE score, at the end
-    (no path: a dict that is not kept).
-
-    A lock file serialises the read-change-write, and whatever is made from the records
-    meanwhile, so that processes finishing at once (a job array writing to one folder) agree."""
+    """The results JSON as a dict to change, under the results lock; written back, with the
+    GLUE score, at the end (no path: a dict that is not kept)."""
     if not path:
         yield {}
         return
@@ -3723,14 +3647,11 @@ def figure(directory, file, draw, *args_and_caption):
     return [f"![{caption}]({REPORT_FIGURES}/{file})", ""]
 
 
-def rate_colors(runs):
-    rates = sorted({run["learning_rate"] or 0.0 for run in runs})
-    return {rate: f"C{index % 10}" for index, rate in enumerate(rates)}
-
-
 def draw_dev_scores(drawn, name, entry):
     """One line per run, coloured by learning rate; collapsed runs dashed, marked x."""
-    axes, colors, labelled = drawn.subplots(), rate_colors(entry["runs"]), set()
+    axes, labelled = drawn.subplots(), set()
+    rates = sorted({run["learning_rate"] or 0.0 for run in entry["runs"]})
+    colors = {rate: f"C{index % 10}" for index, rate in enumerate(rates)}
     for run in entry["runs"]:
         evaluations = run.get("evaluations", [])
         rate = run["learning_rate"] or 0.0
@@ -3824,7 +3745,7 @@ def other_results(options, task_names):
     own = options.submission_directory or (
         results_path(options) and os.path.dirname(os.path.abspath(results_path(options))))
     if own and os.path.isdir(own) and os.path.samefile(path, own):
-        say(f"--compare_with is this folder itself: each task as it is now, against itself as "
+        say("--compare_with is this folder itself: each task as it is now, against itself as "
             "it was before this command (under other settings where this command changes them)")
     return other
 
