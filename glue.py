@@ -148,7 +148,8 @@ flags.DEFINE_string("results_path", None,
                     "JSON file that collects dev metrics across runs. Default: "
                     "<submission_directory>/glue_results.json when a submission directory is set.")
 flags.DEFINE_string("finetuning_model_save_path", None,
-                    "Save the finetuned model to this `.keras` file.")
+                    "Save the finetuned model to this `.keras` file; `{task}` in it becomes the "
+                    "task's name, a file per task, which several tasks need.")
 flags.DEFINE_bool("tensorboard", True,
                   "Write TensorBoard logs of every run (training loss, learning rate and speed; "
                   "every dev evaluation), when there is a folder for them; --notensorboard "
@@ -1134,8 +1135,9 @@ def run_sweep(own_flags, script):
         if hint:
             say(hint)
         with records_root(options) as root:
-            check_warm_starts(options, root, task_names, settings)
-            results, failures = run_tasks(task_names, options, root, settings, script)
+            check_save_path(options, root, task_names)
+            known = check_recorded_runs(options, root, task_names, settings)
+            results, failures = run_tasks(task_names, options, root, settings, known, script)
             if not task_names:
                 publish_recorded(options, root)
             comparison = other and compare_and_record(options, results, root, other)
@@ -1153,11 +1155,10 @@ def run_sweep(own_flags, script):
         sys.exit(f"glue.py: {stop}")
 
 
-def run_tasks(task_names, options, root, settings, script):
-    """Runs each task, with its recipe settings (`settings`, of every task), going on past
-    failures. Returns (this command's results, failures). A task that starts from another
-    task's model gets that task's chosen run's; a task the recipe starts any other from keeps
-    its runs' models, in this command or for a later one."""
+def run_tasks(task_names, options, root, settings, known, script):
+    """Runs each task, with its recipe settings (`settings`, of every task; `known`, those
+    with their warm start in place, checked at start), going on past failures. Returns (this
+    command's results, failures). A task others start from keeps its runs' models."""
     sources = {values.get("init_from_task") for values in settings.values()}
     results, failures = {}, {}
     for name in task_names:
@@ -1165,9 +1166,9 @@ def run_tasks(task_names, options, root, settings, script):
             source = settings[name].get("init_from_task")
             if source in failures:  # its recorded choice, if any, is not this command's
                 raise GlueError(f"starts from {source}'s model, and {source} failed")
-            values = with_warm_start(options, root, name, settings)
+            values = known[name] if name in known else \
+                with_warm_start(options, root, name, settings)
             results[name] = run_task(TASKS[name], task_options(options, values), root, script,
-                                     several_tasks=len(task_names) > 1,
                                      keep_models=name in sources)
         except GlueError as error:
             failures[name] = str(error)
@@ -1177,7 +1178,7 @@ def run_tasks(task_names, options, root, settings, script):
     return results, failures
 
 
-def run_task(task, options, root, script, several_tasks=False, keep_models=False):
+def run_task(task, options, root, script, keep_models=False):
     """One task: the runs its records of these settings lack are trained, each written to
     its own folder as it ends; then its results and submission are made anew from the records.
     Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
@@ -1185,9 +1186,9 @@ def run_task(task, options, root, script, several_tasks=False, keep_models=False
     settings = fingerprint(task, options, run_devices(options))
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(results_path(options)).get(task.name)
-    save_path = model_save_path(options, task, several_tasks)
+    save_path = model_save_path(options, task)
     keep_models = keep_models or bool(save_path and not options.finetuning_model_load_path)
-    remove_abandoned(folder)
+    remove_abandoned(os.path.join(root, task.name))
     todo, line = plan_task(task, options, settings, folder, previous, keep_models)
     say(line)
     lost = []
@@ -1711,8 +1712,11 @@ def publish_into(results, task, options, settings, folder, save_path):
         task, chosen, options.submission_directory)
     if rows:
         entry.update(submission_rows=rows, submission_files_run=dict(submitted))
+    saved = (results.get(task.name) or {}).get("saved_model")  # an earlier command's
     if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
-        save_chosen_model(task, chosen, save_path)
+        saved = save_chosen_model(task, chosen, save_path) and os.path.abspath(save_path)
+    if saved:
+        entry["saved_model"] = saved
     results[task.name] = entry
     return entry
 
@@ -1721,7 +1725,7 @@ def publish_recorded(options, root):
     """`--task_name=none`: every recorded task's results and submission files made anew from
     the records of its latest settings, those of its last recorded run (after a job array's
     runs have all ended, say), with a line for each other settings it has records of."""
-    names = sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
+    names = recorded_tasks(root)
     for name, entry in read_results(results_path(options)).items():
         if name in TASKS and name not in names and isinstance(entry, dict):
             say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
@@ -1732,7 +1736,7 @@ def publish_recorded(options, root):
             continue
         settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
         publish(task, options, settings, records_folder(root, task, latest),
-                model_save_path(options, task, several_tasks=len(names) > 1))
+                model_save_path(options, task))
         for other in others:
             folder = records_folder(root, task, other)
             say(f"{name}: published from its latest settings ({latest}); also recorded: "
@@ -1740,6 +1744,11 @@ def publish_recorded(options, root):
                 f"{changed_settings(settings, read_json(os.path.join(folder, 'fingerprint.json')))}"
                 f"): to publish those instead, run one of their commands again (`command` in "
                 f"{folder}/*/{RUN_RECORD})")
+
+
+def recorded_tasks(root):
+    """The tasks with a records folder under `root`."""
+    return sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
 
 
 def settings_by_recency(root, task):
@@ -2049,12 +2058,30 @@ def tensorboard_root(options):
         options.submission_directory, "tensorboard"))
 
 
-def model_save_path(options, task, several_tasks):
-    """`--finetuning_model_save_path`, with the task's name in it when several tasks run."""
+def model_save_path(options, task):
+    """`--finetuning_model_save_path`, with `{task}` in it replaced by the task's name."""
     path = options.finetuning_model_save_path
-    if path and several_tasks:
-        return f"{path.removesuffix('.keras')}_{task.name}.keras"
-    return path
+    return path and path.replace("{task}", task.name)
+
+
+def check_save_path(options, root, task_names):
+    """A save path without `{task}` is one file, for one task's model: refused at start when
+    several tasks would save theirs there (this command's, a folder's under --task_name=none,
+    or one whose model the results say an earlier command saved there)."""
+    path = options.finetuning_model_save_path
+    if not path or "{task}" in path or options.finetuning_model_load_path:
+        return
+    there = [name for name, entry in read_results(results_path(options)).items()
+             if os.path.isfile(path) and isinstance(entry, dict)
+             and entry.get("saved_model") == os.path.abspath(path)]
+    saving = task_names or [name for name in recorded_tasks(root)  # what none publishes
+                            if settings_by_recency(root, TASKS[name])]
+    tasks = sorted({*saving, *there})
+    if len(tasks) > 1:
+        already = f"; {there[0]}'s is there already: move it away, or" if there else ";"
+        raise GlueError(f"--finetuning_model_save_path={path} is one file for the models of "
+                        f"{len(tasks)} tasks ({', '.join(tasks)}){already} put {{task}} in "
+                        f"it for a file per task: {path.removesuffix('.keras')}_{{task}}.keras")
 
 
 def check_multi_worker(tf_config):
@@ -2240,9 +2267,9 @@ def ordered_by_start(task_names, settings):
     return ordered
 
 
-def chosen_model(options, root, task_name, settings):
-    """The model of a task's chosen run under the settings this command gives that task (its
-    recipe's, `settings[task_name]`), as its run folder kept it; a line if there is none."""
+def chosen_model(options, root, task_name, settings, for_task):
+    """The model `for_task` starts from: that of `task_name`'s chosen run under the settings
+    this command gives it (its recipe's), as its run folder kept it; a line if there is none."""
     task, values = TASKS[task_name], with_warm_start(options, root, task_name, settings)
     source = fingerprint(task, task_options(options, values), run_devices(options))
     folder = records_folder(root, task, fingerprint_id(source))
@@ -2256,8 +2283,8 @@ def chosen_model(options, root, task_name, settings):
     if not os.path.isfile(path):
         raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; add "
                         f"{task_name} to this command, which trains that run alone again")
-    say(f"{task_name}'s chosen run ({describe_run(chosen)}, settings "
-        f"{fingerprint_id(source)}) is the model to start from")
+    say(f"{for_task}: starts from {task_name}'s chosen run ({describe_run(chosen)}, settings "
+        f"{fingerprint_id(source)})")
     return path
 
 
@@ -2267,7 +2294,7 @@ def with_warm_start(options, root, task_name, settings):
     values = dict(settings[task_name])
     if values.get("init_from_task"):
         values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
-                                                     settings)
+                                                     settings, task_name)
     return values
 
 
@@ -2285,15 +2312,28 @@ def check_task_settings(options, task_names, settings):
     check_devices_fit(options, task_names, settings)
 
 
-def check_warm_starts(options, root, task_names, settings):
-    """A task that starts from one not in this command needs that task's chosen model now."""
+def check_recorded_runs(options, root, task_names, settings):
+    """At start, each task whose settings are known now (not one that starts, directly or not,
+    from a task of this command): the model it starts from is there, and no asked run meets a
+    recorded restart (`check_restart_seeds`). Returns their settings, warm start in place."""
+    known = {}
     for name in task_names:
         source = settings[name].get("init_from_task")
-        if source and source not in task_names:
-            try:
-                chosen_model(options, root, source, settings)
-            except GlueError as error:
-                raise GlueError(f"{name}: {error}") from None
+        while source and source not in task_names:
+            source = settings[source].get("init_from_task")
+        if source:
+            continue
+        try:
+            task, values = TASKS[name], with_warm_start(options, root, name, settings)
+            run_options = task_options(options, values)
+            folder = records_folder(root, task, fingerprint_id(
+                fingerprint(task, run_options, run_devices(options))))
+            check_restart_seeds(read_records(folder), asked_runs(run_options),
+                                run_options.max_restarts)
+        except GlueError as error:
+            raise GlueError(f"{name}: {error}") from None
+        known[name] = values
+    return known
 
 
 def task_options(options, values):
@@ -3426,11 +3466,12 @@ def read_json(path):
 STAGED = ".staged:"  # a run folder being written: .staged:<host>:<pid of its command>:<id>
 
 
-def remove_abandoned(folder, max_age_seconds=24 * 3600):
-    """Removes the staged run folders a killed command left: on this host, those of a process
-    that is gone; from another host (whose processes cannot be seen), or from a glue.py that
-    named them .tmp-*, those untouched for a day (a running run's log changes every minute)."""
-    for path in glob.glob(os.path.join(glob.escape(folder), ".*")):
+def remove_abandoned(task_folder, max_age_seconds=24 * 3600):
+    """Removes the staged run folders a killed command left, under any settings of a task: on
+    this host, those of a process that is gone; from another host (whose processes cannot be
+    seen), or from a glue.py that named them .tmp-*, those untouched for a day (a running run's
+    log changes every minute)."""
+    for path in glob.glob(os.path.join(glob.escape(task_folder), "*", ".*")):
         name = os.path.basename(path)
         if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")):
             continue
@@ -3479,15 +3520,15 @@ def submit_files(task, chosen, submission_directory):
 
 
 def save_chosen_model(task, chosen, save_path):
-    """Copies the chosen run's model to --finetuning_model_save_path. If that run kept none,
-    a model already there (an earlier choice's) is moved aside, so that the path never holds
-    a model that was not chosen."""
+    """Copies the chosen run's model to --finetuning_model_save_path; returns whether it is
+    there. If that run kept none, a model already there (an earlier choice's) is moved aside,
+    so that the path never holds a model that was not chosen."""
     source = os.path.join(chosen, "model.keras")
     if os.path.isfile(source):
         if copy_if_changed(source, save_path):
             say(f"{task.name}: {save_path} holds the chosen run's model "
                 f"({os.path.basename(chosen)})")
-        return
+        return True
     moved = ""
     if os.path.exists(save_path):
         earlier = f"{save_path.removesuffix('.keras')}.earlier.keras"
@@ -3527,7 +3568,8 @@ def read_results(path):
 
 # The results lock is a lease its holder renews while it lives: flock can fail silently on NFS,
 # where job arrays share a folder. A dead holder's lease is taken at once on its own host, and
-# after this long from another.
+# after LOCK_LEASE_SECONDS from another; on NFS, where filelock cannot take it over, after
+# three times that, from any host.
 LOCK_LEASE_SECONDS, LOCK_TIMEOUT_SECONDS = 60, 1800
 
 
@@ -3540,18 +3582,57 @@ def updating_results(path):
         return
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    lease = os.path.join(folder, f".{name}.lease")
+    with results_lock(os.path.join(folder, f".{name}.lease")):
+        results = read_results(path)
+        yield results
+        results["glue_score"] = glue_score(results)
+        write_json(path, results)
+
+
+@contextlib.contextmanager
+def results_lock(lease):
+    """Holds the lease. filelock takes a dead holder's over by an atomic exchange of file
+    names, which NFS refuses: so a lease file that waiting has seen unchanged for three lease
+    lengths (a live holder renews it every third of one) is moved aside here, then taken."""
+    lock = filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS)
+    deadline, seen = time.monotonic() + LOCK_TIMEOUT_SECONDS, None
+    while True:
+        wait = max(0, min(LOCK_LEASE_SECONDS, deadline - time.monotonic()))
+        try:
+            held = lock.acquire(timeout=wait)
+            break
+        except filelock.Timeout:
+            if time.monotonic() >= deadline:
+                raise GlueError(f"{lease}: the results lock was not free within "
+                                f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's "
+                                "process and host: delete it if that process is gone") from None
+            seen = move_aside_if_unchanged(lease, seen)
+    with held:  # released however the body ends
+        yield
+
+
+def move_aside_if_unchanged(lease, seen):
+    """`seen`: the lease file's (inode, time) and when waiting first saw them so. Moves the file
+    aside once unchanged for three lease lengths; returns what is seen now."""
     try:
-        with filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS,
-                                    timeout=LOCK_TIMEOUT_SECONDS):
-            results = read_results(path)
-            yield results
-            results["glue_score"] = glue_score(results)
-            write_json(path, results)
-    except filelock.Timeout:
-        raise GlueError(f"{lease}: the results lock was not free within "
-                        f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's process "
-                        "and host: delete it if that process is gone") from None
+        stat, now = os.stat(lease), time.monotonic()
+        key = (stat.st_ino, stat.st_mtime_ns)
+        if not seen or seen[0] != key:
+            return key, now
+        if now - seen[1] < 3 * LOCK_LEASE_SECONDS:
+            return seen
+        aside = f"{lease}.gone-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        os.rename(lease, aside)  # atomic on NFS too
+        moved = os.stat(aside)
+        if (moved.st_ino, moved.st_mtime_ns) != key:  # a live holder's, since: put it back
+            with contextlib.suppress(FileExistsError):  # unless a third one is holding by now
+                os.link(aside, lease)
+        else:
+            say(f"{lease}: unchanged for {clock(now - seen[1])}, its holder gone: moved aside")
+        os.remove(aside)
+    except OSError:  # gone meanwhile, or not this process' to move: wait on
+        pass
+    return None
 
 
 # ================================================================================================

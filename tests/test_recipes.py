@@ -321,6 +321,11 @@ def test_a_new_choice_for_mnli_redoes_rte(glue_data, tiny_preset, tmp_path, run_
             f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
             f"--submission_directory={tmp_path / 'out'}", *TINY)
     run_glue(*args)
+    capsys.readouterr()
+    run_glue("--task_name=rte", *args[1:])  # a second round alone: its source checked at start
+    printed = capsys.readouterr().out
+    assert printed.count("rte: starts from mnli's chosen run (lr 5e-05, seed 42") == 1
+    assert "rte: already complete" in printed
     real = glue.evaluate
 
     def seed_2_is_best(model, eval_rows, task, batch_size, name):
@@ -386,8 +391,8 @@ def test_a_warm_start_needs_no_results_file(glue_data, tiny_preset, tmp_path, ru
     recipe = {"defaults": {"epochs": 1, "batch_size": 4}, "rte": {"init_from_task": "mrpc"}}
     run_glue("--task_name=mrpc,rte", f"--recipe={recipe_file(tmp_path, recipe)}",
              f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}", *TINY)
-    assert re.search(r"^mrpc's chosen run \(lr 5e-05, seed 42, settings \w{10}\) is the model "
-                     r"to start from$", capsys.readouterr().out, re.MULTILINE)
+    assert re.search(r"^rte: starts from mrpc's chosen run \(lr 5e-05, seed 42, settings "
+                     r"\w{10}\)$", capsys.readouterr().out, re.MULTILINE)
     (source, _), = copies
     assert source.endswith(os.path.join("mrpc", source.split(os.sep)[-3], "lr5e-05_seed42",
                                         "model.keras"))

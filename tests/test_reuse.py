@@ -2,6 +2,7 @@
 and the contents of the files; job arrays that lose no run; resumes that choose the same best
 evaluation; errors caught before anything trains."""
 
+import errno
 import filecmp
 import glob
 import json
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import filelock._filesystem._exchange
 import keras
 import keras_hub
 import numpy as np
@@ -380,6 +382,8 @@ def test_a_model_stays_only_with_a_run_that_may_be_chosen(tmp_path):
 
 
 def test_staged_folders_of_gone_processes_and_old_ones_are_removed(tmp_path):
+    """Under every settings of the task, not only those a command runs."""
+    folder, other_settings = tmp_path / "0123456789", tmp_path / "9876543210"
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     host, day = glue.socket.gethostname(), 24 * 3600
@@ -389,14 +393,16 @@ def test_staged_folders_of_gone_processes_and_old_ones_are_removed(tmp_path):
              f"{glue.STAGED}elsewhere:1:e": True,  # its log was written to an hour ago
              ".tmp-0123456789ab": False, ".tmp-ba9876543210": True, "lr1e-05_seed1": True}
     for name in names:
-        os.makedirs(tmp_path / name)
-    (tmp_path / f"{glue.STAGED}elsewhere:1:e" / "log.txt").write_text("epoch 9/10 ...")
-    os.utime(tmp_path / f"{glue.STAGED}elsewhere:1:e" / "log.txt", (time.time() - 3600,) * 2)
+        os.makedirs(folder / name)
+    (folder / f"{glue.STAGED}elsewhere:1:e" / "log.txt").write_text("epoch 9/10 ...")
+    os.utime(folder / f"{glue.STAGED}elsewhere:1:e" / "log.txt", (time.time() - 3600,) * 2)
     for old in (f"{glue.STAGED}{host}:{os.getpid()}:b", f"{glue.STAGED}elsewhere:1:d",
                 f"{glue.STAGED}elsewhere:1:e", ".tmp-0123456789ab"):
-        os.utime(tmp_path / old, (time.time() - 2 * day,) * 2)
+        os.utime(folder / old, (time.time() - 2 * day,) * 2)
+    os.makedirs(other_settings / f"{glue.STAGED}{host}:{gone.pid}:f")
     glue.remove_abandoned(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(name for name, kept in names.items() if kept)
+    assert sorted(os.listdir(folder)) == sorted(name for name, kept in names.items() if kept)
+    assert os.listdir(other_settings) == []
 
 
 LEASE_HOLDER = """
@@ -440,6 +446,42 @@ def test_a_results_lock_left_by_a_dead_process_is_recovered(tmp_path, monkeypatc
             results["rte"] = {"taken": host or "this host"}
         assert time.monotonic() - start < (30 if host else 5)
         assert json.loads(path.read_text())["rte"] == {"taken": host or "this host"}
+
+
+def test_a_dead_holder_s_lock_is_taken_back_where_the_file_system_refuses_exchanges(
+        tmp_path, monkeypatch, capsys):
+    """filelock takes a dead holder's lease over by exchanging two names (renameat2), which NFS
+    refuses (EINVAL). Refused here the same way, the lease file, unchanged for three lease
+    lengths, is moved aside and the lock taken, well before the command would give up; a live
+    holder's never is."""
+    monkeypatch.setattr(glue, "LOCK_LEASE_SECONDS", 1)
+    monkeypatch.setattr(glue, "LOCK_TIMEOUT_SECONDS", 30)
+    monkeypatch.setattr(filelock._filesystem._exchange, "_rename_call",
+                        lambda: (lambda *names_and_flags: errno.EINVAL, 2))
+    lock = tmp_path / ".glue_results.json.lease"
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(lock), "1"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    start = time.monotonic()
+    with glue.updating_results(str(tmp_path / "glue_results.json")) as results:
+        results["rte"] = {"taken": True}
+    assert 3 <= time.monotonic() - start < 15
+    assert f"{lock}: unchanged for " in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["glue_results.json"]  # the lease gone with its holder
+    monkeypatch.setattr(glue, "LOCK_TIMEOUT_SECONDS", 6)
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(lock), "1"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:  # a live holder renews its lease: it is never moved aside
+        with pytest.raises(glue.GlueError, match="the results lock was not free within 6.0s"):
+            with glue.updating_results(str(tmp_path / "glue_results.json")):
+                pass
+        assert f"pid={holder.pid}" in lock.read_text() and "moved aside" not in \
+            capsys.readouterr().out
+    finally:
+        holder.kill()
 
 
 # --- Resume -------------------------------------------------------------------------------------

@@ -273,20 +273,21 @@ def test_a_chosen_restart_is_trained_again_as_itself_for_its_model(
 def test_restart_seeds_never_meet_asked_seeds_across_commands(glue_data, tiny_preset, tmp_path,
                                                               run_glue, monkeypatch):
     """Seed 7 collapses and its restart takes seed 1007. Asking seed 1007 later, or restarts
-    of seed 6 when 1006 is recorded, would replace a recorded run's folder: refused at once.
-    A folder left holding only a restart (its run's folder deleted) publishes nothing, and
-    crashes nothing."""
-    common = ("--task_name=rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+    of seed 6 when 1006 is recorded, would replace a recorded run's folder: refused at start,
+    before a task before it in the command trains. A folder left holding only a restart (its
+    run's folder deleted) publishes nothing, and crashes nothing."""
+    common = (f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
               f"--submission_directory={tmp_path}", *TINY)
     force_first_run_to_collapse(monkeypatch)
-    run_glue(*common, "--seed=7", "--max_restarts=1")
+    run_glue("--task_name=rte", *common, "--seed=7", "--max_restarts=1")
     monkeypatch.undo()
-    assert error_of(run_glue, *common, "--seed=1007") == (
-        "glue.py: error: --seed=1007: seed 1007 (lr 5e-05) is recorded with these settings as "
-        "a restart of seed 7; give another")
-    run_glue(*common, "--seed=1006")
-    assert error_of(run_glue, *common, "--seed=6", "--max_restarts=1") == (
-        "glue.py: error: --max_restarts=1: restart 1 of seed 6 (lr 5e-05) would take seed "
+    assert error_of(run_glue, "--task_name=wnli,rte", *common, "--seed=1007") == (
+        "glue.py: error: rte: --seed=1007: seed 1007 (lr 5e-05) is recorded with these settings "
+        "as a restart of seed 7; give another")
+    assert not (tmp_path / "runs" / "wnli").exists()
+    run_glue("--task_name=rte", *common, "--seed=1006")
+    assert error_of(run_glue, "--task_name=rte", *common, "--seed=6", "--max_restarts=1") == (
+        "glue.py: error: rte: --max_restarts=1: restart 1 of seed 6 (lr 5e-05) would take seed "
         "1006, which is recorded with these settings; give other seeds or fewer restarts")
     entry = entry_of(tmp_path)
     assert sorted(run["seed"] for run in entry["runs"]) == [7, 1006, 1007]

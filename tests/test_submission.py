@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import glue
-from conftest import (REAL_SUBMISSION, REPO, crash_runs, grow_test_files_to_official_size,
-                      write_glue_data)
+from conftest import (REAL_SUBMISSION, REPO, crash_runs, error_of,
+                      grow_test_files_to_official_size, write_glue_data)
 
 needs_reference = pytest.mark.skipif(not os.path.isdir(REAL_SUBMISSION),
                                      reason="../shared/glue_reference_submission is not here")
@@ -243,10 +243,35 @@ def test_one_failing_task_does_not_stop_the_others(glue_data, tiny_preset, tmp_p
 
 
 @pytest.mark.slow
-def test_several_tasks_save_one_model_each(glue_data, tiny_preset, tmp_path, run_glue):
-    run_glue("--task_name=wnli,rte", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
-             f"--finetuning_model_save_path={tmp_path / 'model.keras'}", *TINY)
-    assert sorted(os.listdir(tmp_path)) == ["model_rte.keras", "model_wnli.keras"]
+def test_a_save_path_names_each_task_s_model_alike_in_every_command(glue_data, tiny_preset,
+                                                                     tmp_path, run_glue):
+    """`{task}` in the path gives each task its file, the same from a task's command and from
+    --task_name=none; a path without it, which several tasks would share, is refused at start,
+    whether they are one command's, a folder's, or one already saved by an earlier command."""
+    out, models = tmp_path / "out", tmp_path / "models"
+    common = (f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}", *TINY,
+              f"--submission_directory={out}")
+    run_glue("--task_name=wnli,rte", *common,
+             f"--finetuning_model_save_path={models / 'model_{task}.keras'}")
+    assert sorted(os.listdir(models)) == ["model_rte.keras", "model_wnli.keras"]
+    shutil.rmtree(models)
+    run_glue("--task_name=none", f"--submission_directory={out}",
+             f"--finetuning_model_save_path={models / 'model_{task}.keras'}")
+    assert sorted(os.listdir(models)) == ["model_rte.keras", "model_wnli.keras"]
+    one_file = f"--finetuning_model_save_path={models / 'model.keras'}"
+
+    def expected(already=""):
+        return (f"glue.py: error: {one_file} is one file for the models of 2 tasks (rte, wnli);"
+                f"{already} put {{task}} in it for a file per task: "
+                f"{models / 'model'}_{{task}}.keras")
+
+    assert error_of(run_glue, "--task_name=wnli,rte", *common, one_file) == expected()
+    assert error_of(run_glue, "--task_name=none", f"--submission_directory={out}",
+                    one_file) == expected()
+    run_glue("--task_name=rte", *common, one_file)  # recorded: its model is copied there
+    assert sorted(os.listdir(models)) == ["model.keras", "model_rte.keras", "model_wnli.keras"]
+    assert error_of(run_glue, "--task_name=wnli", *common, one_file) == \
+        expected(" rte's is there already: move it away, or")
 
 
 # --- GLUE score and learning-rate sweep ---------------------------------------------------------
