@@ -1725,15 +1725,13 @@ def publish_recorded(options, root):
     """`--task_name=none`: every recorded task's results and submission files made anew from
     the records of its latest settings, those of its last recorded run (after a job array's
     runs have all ended, say), with a line for each other settings it has records of."""
-    names = recorded_tasks(root)
     for name, entry in read_results(results_path(options)).items():
-        if name in TASKS and name not in names and isinstance(entry, dict):
+        if name in TASKS and not os.path.isdir(os.path.join(root, name)) and \
+                isinstance(entry, dict):
             say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
                 "record its runs)")
-    for name in names:
-        task, (latest, *others) = TASKS[name], settings_by_recency(root, TASKS[name]) or [None]
-        if latest is None:
-            continue
+    for name, (latest, *others) in recorded_settings(root).items():
+        task = TASKS[name]
         settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
         publish(task, options, settings, records_folder(root, task, latest),
                 model_save_path(options, task))
@@ -1746,9 +1744,11 @@ def publish_recorded(options, root):
                 f"{folder}/*/{RUN_RECORD})")
 
 
-def recorded_tasks(root):
-    """The tasks with a records folder under `root`."""
-    return sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
+def recorded_settings(root):
+    """`{task: its settings ids, latest first}` of the tasks with runs recorded under `root`:
+    what --task_name=none publishes."""
+    names = sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
+    return {name: ids for name in names if (ids := settings_by_recency(root, TASKS[name]))}
 
 
 def settings_by_recency(root, task):
@@ -2072,11 +2072,9 @@ def check_save_path(options, root, task_names):
     if not path or "{task}" in path or options.finetuning_model_load_path:
         return
     there = [name for name, entry in read_results(results_path(options)).items()
-             if os.path.isfile(path) and isinstance(entry, dict)
-             and entry.get("saved_model") == os.path.abspath(path)]
-    saving = task_names or [name for name in recorded_tasks(root)  # what none publishes
-                            if settings_by_recency(root, TASKS[name])]
-    tasks = sorted({*saving, *there})
+             if isinstance(entry, dict) and entry.get("saved_model") == os.path.abspath(path)]
+    there = there if os.path.isfile(path) else []  # a model there now, not one moved away
+    tasks = sorted({*(task_names or recorded_settings(root)), *there})
     if len(tasks) > 1:
         already = f"; {there[0]}'s is there already: move it away, or" if there else ";"
         raise GlueError(f"--finetuning_model_save_path={path} is one file for the models of "
@@ -3790,14 +3788,13 @@ RESAMPLED_METRICS = {
         counts @ (labels == predictions).astype(np.float32) / len(labels),
     "f1": lambda labels, predictions, drawn, counts:
         2 * (counts @ (labels * predictions)) / (counts @ labels + counts @ predictions),
-    "matthews_corrcoef": lambda labels, predictions, drawn, counts:
-        scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
     "pearson": lambda labels, predictions, drawn, counts:
         scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
     "spearmanr": lambda labels, predictions, drawn, counts: scipy.stats.pearsonr(
         scipy.stats.rankdata(labels[drawn], axis=1),
         scipy.stats.rankdata(predictions[drawn], axis=1), axis=1).statistic,
 }
+RESAMPLED_METRICS["matthews_corrcoef"] = RESAMPLED_METRICS["pearson"]  # for 0/1 labels
 
 
 def scored_entries(results):
