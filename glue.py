@@ -1747,8 +1747,7 @@ def publish_recorded(options, root):
 def recorded_settings(root):
     """`{task: its settings ids, latest first}` of the tasks with runs recorded under `root`:
     what --task_name=none publishes."""
-    names = sorted(set(os.listdir(root) if os.path.isdir(root) else ()) & set(TASKS))
-    return {name: ids for name in names if (ids := settings_by_recency(root, TASKS[name]))}
+    return {name: ids for name in sorted(TASKS) if (ids := settings_by_recency(root, TASKS[name]))}
 
 
 def settings_by_recency(root, task):
@@ -3593,17 +3592,18 @@ def results_lock(lease):
     names, which NFS refuses: so a lease file that waiting has seen unchanged for three lease
     lengths (a live holder renews it every third of one) is moved aside here, then taken."""
     lock = filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS)
-    deadline, seen = time.monotonic() + LOCK_TIMEOUT_SECONDS, None
+    started, seen = time.monotonic(), None
     while True:
-        wait = max(0, min(LOCK_LEASE_SECONDS, deadline - time.monotonic()))
+        left = LOCK_TIMEOUT_SECONDS - (time.monotonic() - started)
         try:
-            held = lock.acquire(timeout=wait)
+            held = lock.acquire(timeout=max(0, min(LOCK_LEASE_SECONDS, left)))
             break
         except filelock.Timeout:
-            if time.monotonic() >= deadline:
+            if left <= LOCK_LEASE_SECONDS:  # it waited to the end
                 raise GlueError(f"{lease}: the results lock was not free within "
                                 f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's "
                                 "process and host: delete it if that process is gone") from None
+            say(f"{lease}: waiting for the results lock ({clock(time.monotonic() - started)})")
             seen = move_aside_if_unchanged(lease, seen)
     with held:  # released however the body ends
         yield
