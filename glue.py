@@ -27,8 +27,11 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import importlib
+import importlib.metadata
 import json
 import math
+import operator
 import os
 import pathlib
 import platform
@@ -55,19 +58,40 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging  # noqa: E402
 import filelock  # noqa: E402
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.stats  # noqa: E402
-import sklearn.metrics  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+
+
+class Later(types.ModuleType):
+    """A module imported at its first use. Only a run's process uses TensorFlow, Keras, KerasHub
+    and tensorflow-datasets (about 5 s and 1 GB): the command that plans, starts and publishes
+    runs never loads them, and loads pandas, scipy and scikit-learn only to read or score."""
+
+    def __getattr__(self, name):
+        module = importlib.import_module(self.__name__)
+        return getattr(module, name) if hasattr(module, name) else \
+            importlib.import_module(f"{self.__name__}.{name}")  # a submodule: scipy.stats
+
+
+keras, keras_hub, pd, scipy, sklearn, tf, tfds = map(Later, (
+    "keras", "keras_hub", "pandas", "scipy", "sklearn", "tensorflow", "tensorflow_datasets"))
+
+
+def keras_subclass(base):
+    """Class decorator: the class' instances are of a subclass of it and of Keras' `base`
+    ("callbacks.Callback"), made at the first one, so that reading this file imports no Keras.
+    Its methods, patched or not, are found through the class as usual."""
+    def decorate(cls):
+        @functools.cache
+        def with_base():
+            return type(cls.__name__, (cls, operator.attrgetter(base)(keras)), {})
+
+        cls.__new__ = staticmethod(lambda _, *args, **kwargs: object.__new__(with_base()))
+        return cls
+    return decorate
 
 
 # ================================================================================================
 # Flags, grouped as --help shows them
-# ================================================================================================
 
 FLAGS = flags.FLAGS
 
@@ -272,11 +296,6 @@ class GlueError(Exception):
     """Bad input that deserves one clear line, not a traceback."""
 
 
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def from_preset(cls, preset, **kwargs):
     """`cls.from_preset`, with one clear line when the preset cannot be had or is no text model."""
     try:
@@ -332,7 +351,6 @@ def is_text_backbone(backbone):
 
 # ================================================================================================
 # Task table: everything that differs between GLUE tasks lives here.
-# ================================================================================================
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,17 +489,16 @@ ALL_TASKS = ("wnli", "rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli
 
 # The official GLUE dev metrics, computed from (labels, predictions).
 METRICS = {
-    "accuracy": sklearn.metrics.accuracy_score,
-    "f1": sklearn.metrics.f1_score,
-    "matthews_corrcoef": sklearn.metrics.matthews_corrcoef,
-    "pearson": lambda labels, predictions: scipy.stats.pearsonr(labels, predictions)[0],
-    "spearmanr": lambda labels, predictions: scipy.stats.spearmanr(labels, predictions)[0],
+    "accuracy": lambda *pair: sklearn.metrics.accuracy_score(*pair),
+    "f1": lambda *pair: sklearn.metrics.f1_score(*pair),
+    "matthews_corrcoef": lambda *pair: sklearn.metrics.matthews_corrcoef(*pair),
+    "pearson": lambda *pair: scipy.stats.pearsonr(*pair)[0],
+    "spearmanr": lambda *pair: scipy.stats.spearmanr(*pair)[0],
 }
 
 
 # ================================================================================================
 # Scores: a run's, and a task's (the mean of its dev metrics)
-# ================================================================================================
 
 
 def dev_metrics(entry):
@@ -502,7 +519,6 @@ def run_score(run):
 # ================================================================================================
 # Loading. Both sources yield tfds-style examples: the task's text features as strings,
 # `label` (class id, float score for STS-B, -1 on test splits) and `idx`.
-# ================================================================================================
 
 
 def load_task_data(task, data_dir, training=True):
@@ -527,57 +543,15 @@ def task_splits(task, training=True):
     return splits
 
 
-def features_and_label(task):
-    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
-    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
-
-
 # ================================================================================================
 # Tokenized splits and their batches: each split is tokenized once, then batched by length
-# ================================================================================================
 
 # Batches hold examples of similar length, padded to a multiple of 8 tokens: within 7 of their
 # longest example. The training and prediction steps are traced once for inputs of any length,
 # so many lengths cost no more tracing than few (with --jit_compile, XLA compiles each length).
 BUCKET_WIDTHS = tuple(range(8, 513, 8))
 TOKEN_ALIGNED = ("token_ids", "segment_ids", "padding_mask")  # one value per token
-TOKENIZE_BATCH = 1024
-
-
-def available_cores():
-    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
 PIPELINE_THREADS = 2  # threads that gather batches of rows, and batches made ahead
-
-
-@dataclasses.dataclass
-class TokenizedSplit:
-    """A tokenized split, one row per example, in file order, in numpy arrays.
-
-    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
-    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
-    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
-    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
-    Inputs without a `padding_mask` (a custom preprocessing may give any) stay whole in `inputs`.
-    """
-
-    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
-    labels: np.ndarray
-    idx: np.ndarray
-    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
-    padded_length: int = None  # the length `preprocess_fn` padded to
-    tokens: dict = dataclasses.field(default_factory=dict)
-    offsets: np.ndarray = None
-    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
-    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
-
-    def __len__(self):
-        return len(self.labels)
 
 
 def tokenize_task_data(data, task, preprocess_fn):
@@ -659,7 +633,6 @@ def model_inputs(batches, with_labels):
 
 # ================================================================================================
 # The optimizer, its schedule and the loss
-# ================================================================================================
 
 
 def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_norm=0.0,
@@ -686,8 +659,8 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_
     return optimizer
 
 
-@keras.saving.register_keras_serializable(package="glue")
-class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+@keras_subclass("optimizers.schedules.LearningRateSchedule")
+class WarmupLinearDecay:
     """BERT's schedule, in updates: linear warmup from 0 to the peak, then linear decay to 0.
     Keras calls it with the batches trained, `batches_per_update` of them an update."""
 
@@ -719,7 +692,6 @@ def compile_for(model, task, optimizer, jit_compile=False):
 
 # ================================================================================================
 # Finetuning: the model the custom code blocks make, trained with its dev evaluations
-# ================================================================================================
 
 
 def starting_model(task, load_path=None, init_from=None):
@@ -802,7 +774,8 @@ def batches_applied(optimizer):
     return int(getattr(optimizer, "inner_optimizer", optimizer)._iterations.numpy())
 
 
-class DevEvaluations(keras.callbacks.Callback):
+@keras_subclass("callbacks.Callback")
+class DevEvaluations:
     """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
     evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
 
@@ -864,7 +837,6 @@ class DevEvaluations(keras.callbacks.Callback):
 
 # ================================================================================================
 # Prediction: dev metrics, and the test predictions as the leaderboard's rows
-# ================================================================================================
 
 
 def evaluate(model, eval_rows, task, batch_size, name):
@@ -960,7 +932,6 @@ def write_submission(path, table):
 
 # ================================================================================================
 # The run's own record: run.json, its dev and test predictions and, if asked, its model
-# ================================================================================================
 
 RUN_RECORD = "run.json"
 
@@ -1021,7 +992,6 @@ def say(line):
 # ================================================================================================
 # Main: one run, from its flags to its folder. A command without --run_dir is a sweep: it starts
 # each of its runs as a `glue.py` process of its own, with that run's flags (`run_sweep`, below).
-# ================================================================================================
 
 
 def quiet_expected_warnings():
@@ -1034,15 +1004,15 @@ def quiet_expected_warnings():
 
 
 def main(argv):
-    if not FLAGS.run_dir:
-        return run_sweep(FLAGS.get_key_flags_for_module(sys.modules[__name__]),
-                         argv[0] if argv and argv[0].endswith(".py") else __file__)
-    task = TASKS[FLAGS.task_name[0]]
-    seed, label = int(FLAGS.seed[0]), FLAGS.run_label or task.name
-    trains = not FLAGS.finetuning_model_load_path
-    keras.mixed_precision.set_global_policy(FLAGS.mixed_precision or "float32")
-    quiet_expected_warnings()
     try:
+        if not FLAGS.run_dir:
+            return run_sweep(FLAGS.get_key_flags_for_module(sys.modules[__name__]),
+                             argv[0] if argv and argv[0].endswith(".py") else __file__)
+        task = TASKS[FLAGS.task_name[0]]
+        seed, label = int(FLAGS.seed[0]), FLAGS.run_label or task.name
+        trains = not FLAGS.finetuning_model_load_path
+        keras.mixed_precision.set_global_policy(FLAGS.mixed_precision or "float32")
+        quiet_expected_warnings()
         strategy = make_strategy(FLAGS.distribution_strategy, FLAGS.tpu_timeout_seconds)
         record = {"learning_rate": float(FLAGS.learning_rate[0]) if trains else None,
                   "seed": seed, "run_id": uuid.uuid4().hex[:12],
@@ -1103,7 +1073,6 @@ def main(argv):
 # The sweep. Each task's runs are planned from its records; each run is a `glue.py` process of
 # its own, so its memory goes back to the system when it ends and a crash costs that run alone.
 # As a run ends, the task's results are made anew from the records (`record_run`).
-# ================================================================================================
 
 
 def run_sweep(own_flags, script):
@@ -1111,48 +1080,45 @@ def run_sweep(own_flags, script):
     run (this one, or a test's wrapper of it)."""
     options = options_from_flags(own_flags)
     flag_values = {flag.name: flag for flag in own_flags}
-    try:
-        if options.validate_submission:
-            errors, notices = validate_submission(read_submission(options.validate_submission))
-            for line in notices + errors:
-                print(line)
-            if errors:
-                raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
-            print(f"{options.validate_submission}: all 11 files pass")
-            return
-        task_names = expand_task_names(options.task_name)
-        if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
-            options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
-        recipe = read_recipe(options.recipe, flag_values)
-        check_options(options, task_names)
-        given = {flag.name for flag in own_flags if flag.present}  # they win over the recipe
-        settings = {name: recipe_values(recipe, name, given, flag_values) for name in TASKS}
-        task_names = in_rounds(task_names, settings)
-        check_task_settings(options, task_names, settings)
-        other = options.compare_with and other_results(options, task_names)
-        hint = task_names and not options.mixed_precision and not gpu_count() and \
-            strategy_and_tpu(options.distribution_strategy)[0] != "tpu" and bf16_hint(cpu_flags())
-        if hint:
-            say(hint)
-        with records_root(options) as root:
-            check_save_path(options, root, task_names)
-            known = check_recorded_runs(options, root, task_names, settings)
-            results, failures = run_tasks(task_names, options, root, settings, known, script)
-            if not task_names:
-                publish_recorded(options, root)
-            comparison = other and compare_and_record(options, results, root, other)
-            if not task_names or comparison:
-                report_results(options)
-        report_and_package(options, results, comparison)
-        if len(task_names) == 1 and failures:
-            raise GlueError(failures[task_names[0]])
-        if failures:
-            raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
-                            f"{', '.join(failures)} (reasons above)")
-    except GlueError as error:
-        sys.exit(f"glue.py: error: {error}")
-    except Preempted as stop:
-        sys.exit(f"glue.py: {stop}")
+    if options.validate_submission:
+        errors, notices = validate_submission(read_submission(options.validate_submission))
+        for line in notices + errors:
+            print(line)
+        if errors:
+            raise GlueError(f"{options.validate_submission}: {len(errors)} problems")
+        print(f"{options.validate_submission}: all 11 files pass")
+        return
+    task_names = list(dict.fromkeys(  # all, none and comma lists: each task once, in order
+        task for name in options.task_name for task in {"all": ALL_TASKS, "none": ()}.get(
+            name, (name,))))
+    if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
+        options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
+    recipe = read_recipe(options.recipe, flag_values)
+    check_options(options, task_names)
+    given = {flag.name for flag in own_flags if flag.present}  # they win over the recipe
+    settings = {name: recipe_values(recipe, name, given, flag_values) for name in TASKS}
+    task_names = in_rounds(task_names, settings)
+    check_task_settings(options, task_names, settings)
+    other = options.compare_with and other_results(options, task_names)
+    hint = task_names and not options.mixed_precision and not gpu_count() and \
+        strategy_and_tpu(options.distribution_strategy)[0] != "tpu" and bf16_hint(cpu_flags())
+    if hint:
+        say(hint)
+    with records_root(options) as root:
+        check_save_path(options, root, task_names)
+        known = check_recorded_runs(options, root, task_names, settings)
+        results, failures = run_tasks(task_names, options, root, settings, known, script)
+        if not task_names:
+            publish_recorded(options, root)
+        comparison = other and compare_and_record(options, results, root, other)
+        if not task_names or comparison:
+            report_results(options)
+    report_and_package(options, results, comparison)
+    if len(task_names) == 1 and failures:
+        raise GlueError(failures[task_names[0]])
+    if failures:
+        raise GlueError(f"{len(failures)} of {len(task_names)} tasks failed: "
+                        f"{', '.join(failures)} (reasons above)")
 
 
 def run_tasks(task_names, options, root, settings, known, script):
@@ -1416,21 +1382,27 @@ def start_run(command, log_path, environment=None, cores=None):
     """Starts one run's process. Its output reaches this process' stdout and stderr line by line
     as it comes, and its log file whole. `cores`: the CPU cores it may use (None: all). If this
     process dies first, the kernel sends the run SIGTERM, so no run outlives its command."""
-    prctl = getattr(LIBC, "prctl", None)  # Linux: PR_SET_PDEATHSIG, set between fork and exec
+    prctl = getattr(LIBC, "prctl", None)  # Linux: PR_SET_PDEATHSIG
+
+    def between_fork_and_exec():  # the run never runs on other cores, nor outlives this process
+        if prctl:
+            prctl(1, signal.SIGTERM)
+        if cores:
+            os.sched_setaffinity(0, cores)
+
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 (closed by `finish`)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
         env={**os.environ, **(environment or {}), "PYTHONUNBUFFERED": "1"},
-        preexec_fn=prctl and (lambda: prctl(1, signal.SIGTERM)))
-    if cores:  # before its Python has started any thread, which would keep the old cores
-        os.sched_setaffinity(process.pid, cores)
+        preexec_fn=between_fork_and_exec)
     lock = threading.Lock()
 
     def copy(lines, terminal):
         for line in lines:
             with contextlib.suppress(OSError, ValueError):  # a terminal gone: the log goes on
-                terminal.write(line)
-                terminal.flush()
+                if not any(chatter in line for chatter in TENSORFLOW_CHATTER):
+                    terminal.write(line)
+                    terminal.flush()
             with lock:
                 log.write(line)
                 log.flush()
@@ -1450,6 +1422,15 @@ def start_run(command, log_path, environment=None, cores=None):
 
 
 LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+# What TensorFlow and CUDA print as a run's process starts, and tf.data's notes on the pipelines
+# it is given: a run's log keeps these lines, the terminal is spared them (TF_CPP_MIN_LOG_LEVEL
+# does not quiet them). Every other warning and error shows.
+TENSORFLOW_CHATTER = (
+    "All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+    "Could not find cuda drivers", "failed call to cuInit", "cpu_feature_guard.cc",
+    "To enable the following instructions", "oneDNN supports DT_INT64 only",
+    "not handled by the auto-shard rewrite", "will not be optimized because the dataset",
+    "Local rendezvous is aborting with status: CANCELLED", "{{node MultiDeviceIteratorGetNext")
 
 
 def device_slots(parallel_runs, gpus, cores):
@@ -1479,11 +1460,18 @@ def run_devices(options):
     if name == "one_device" or (name == "auto" and gpus < 2):
         return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
                 1)
-    return "MirroredStrategy", gpus or len(tf.config.list_logical_devices("CPU"))
+    # On CPU, one device, unless a script that runs glue.py has set TensorFlow's devices up
+    # already (tests/with_cpu_devices.py): the command itself loads no TensorFlow.
+    return "MirroredStrategy", gpus or (len(tf.config.list_logical_devices("CPU"))
+                                        if "tensorflow" in sys.modules else 1)
 
 
 def gpu_count():
-    return len(tf.config.list_physical_devices("GPU"))
+    """The GPUs a run will see, as CUDA_VISIBLE_DEVICES or NVIDIA's driver lists them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
+    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 # The flags only a command reads: they shape which runs it starts and what it makes of them,
@@ -1537,7 +1525,6 @@ def record_run(task, options, settings, staged, run, save_path):
 # ================================================================================================
 # Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
 # per learning rate; the rate with the best median wins, and its best run is submitted.
-# ================================================================================================
 
 
 def run_order(run):
@@ -1688,7 +1675,6 @@ def glue_score(results):
 # ================================================================================================
 # Publishing: the results JSON, the submission files and the saved model, made anew from the
 # records; the results table
-# ================================================================================================
 
 
 def publish(task, options, settings, folder, save_path=None):
@@ -1793,8 +1779,6 @@ def report_and_package(options, results, comparison=None):
 
 
 SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
-
-
 SUBMISSION_HEADER = "index\tprediction"
 
 
@@ -1847,7 +1831,6 @@ def runs_text(summary):
 
 # ================================================================================================
 # Checking the options before any work: one clear line, before anything is read or trained
-# ================================================================================================
 
 
 # The flags' own checks, which absl runs as it parses them.
@@ -1891,12 +1874,6 @@ flags.register_validator(
 flags.register_validator("seed", lambda values: bool(values) and all(
     re.fullmatch(r"\d+", value.strip()) for value in values),
     "give non-negative integers, comma-separated")
-
-
-def expand_task_names(names):
-    """`all`, `none` and comma lists to task names, each once, in order."""
-    groups = {"all": ALL_TASKS, "none": ()}
-    return list(dict.fromkeys(task for name in names for task in groups.get(name, (name,))))
 
 
 def check_options(options, task_names):
@@ -1998,23 +1975,29 @@ def check_output_paths(options):
 
 def check_downloads_possible(options, task_names):
     """Offline, fails at once, naming everything that cannot be downloaded and the flags that
-    fix it: tensorflow-datasets would retry for minutes first."""
-    problem = None
-    if not options.data_dir:
-        datasets = {dataset for name in task_names for dataset, _ in task_splits(TASKS[name])}
-        builders = [tfds.builder(TASKS[dataset].tfds_name) for dataset in sorted(datasets)]
-        problem = next(filter(None, map(download_problem, builders)), None)
+    fix it: tensorflow-datasets would retry for minutes first. Told without loading it or
+    KerasHub: what they have downloaded before sits in their folders."""
+    datasets = set() if options.data_dir else {
+        TASKS[dataset].tfds_name for name in task_names for dataset, _ in task_splits(TASKS[name])}
+    folder = os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    missing = sorted(dataset for dataset in datasets
+                     if not glob.glob(os.path.join(folder, dataset, "*", "dataset_info.json")))
+    problem = missing and download_problem(missing[0], GLUE_HOST)
     if not problem:
         return
-    if not looks_like_path(options.preset):  # both can fail offline: say so in one line
-        try:
-            keras_hub.models.Backbone.from_preset(options.preset, load_weights=False)
-        except Exception as error:  # KerasHub raises many types: no network, unknown id
-            raise GlueError(f"{problem}; and {explain_preset_failure(options.preset, error)}. "
-                            "Pass --data_dir=<folder in the glue_data/ layout> and "
-                            "--preset=<local preset or model folder>") from None
+    kaggle = os.path.expanduser(os.environ.get("KAGGLEHUB_CACHE", "~/.cache/kagglehub"))
+    if not looks_like_path(options.preset) and not glob.glob(
+            os.path.join(kaggle, "models", "*", "*", "*", options.preset, "*")):
+        raise GlueError(f"{problem}; and cannot load preset {options.preset!r} (not downloaded "
+                        "before). Pass --data_dir=<folder in the glue_data/ layout> and "
+                        "--preset=<local preset or model folder>")
     raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
                     "local GLUE files instead")
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def explain_preset_failure(preset, error):
@@ -2115,7 +2098,6 @@ def check_devices_fit(options, task_names, settings):
 # (and "defaults", for every task) to flags, spelled without dashes, and says in "source" where
 # the settings come from. "init_from_task" starts a task from another task's chosen model, in a
 # second round. The command line wins over a recipe, a task's entry over "defaults".
-# ================================================================================================
 
 RECIPES = {
     "bert": {
@@ -2160,8 +2142,6 @@ RECIPES = {
         "sst2": {"seed": [1, 2, 3]},
     },
 }
-
-
 RECIPE_SETTINGS = ("learning_rate", "seed", "epochs", "batch_size", "gradient_accumulation_steps",
                    "warmup_ratio", "weight_decay", "clip_norm", "max_sequence_length",
                    "evaluations_per_epoch", "select_best_epoch", "max_restarts")
@@ -2344,7 +2324,6 @@ def task_options(options, values):
 # fingerprint holds everything else that shapes its models and numbers: the settings, the
 # code, the contents of the files it reads, the libraries and the devices. Runs are recorded,
 # reused, resumed and summarized only under the same one.
-# ================================================================================================
 
 
 # What a task's fingerprint leaves out of the flags its runs get: the run's own place in the
@@ -2353,8 +2332,6 @@ def task_options(options, values):
 FINGERPRINT_LEFT_OUT = ("task_name", "learning_rate", "seed", "recipe", "data_dir",
                         "submission_directory", "checkpoint_every_steps",
                         "distribution_strategy", "tpu_timeout_seconds")
-
-
 FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
                      "finetuning_model_load_path": "file"}  # counted by their contents
 
@@ -2366,8 +2343,6 @@ CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_mo
               "load_task_data", "tokenize_task_data", "starting_model", "make_optimizer",
               "compile_for", "finetune", "DevEvaluations", "evaluate", "main",
               "predict_test", "make_strategy")
-
-
 CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "GlueError",
                  "explain_preset_failure", "first_line", "training_flops", "per_second",
                  "clock", "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
@@ -2385,19 +2360,17 @@ def fingerprint(task, options, devices):
         options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
         for dataset, split in task_splits(task, not options.finetuning_model_load_path)}
     settings["code"] = code_ids()
-    settings["versions"] = {
-        "python": ".".join(platform.python_version_tuple()[:2]), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
-        "tensorflow_datasets": tfds.__version__}
+    packages = importlib.metadata.packages_distributions()  # read, not imported: keras-hub's
+    settings["versions"] = {"python": ".".join(platform.python_version_tuple()[:2]), **{
+        name: importlib.metadata.version(packages[name][0])
+        for name in ("tensorflow", "keras", "keras_hub", "tensorflow_datasets")}}
     settings["strategy"], settings["replicas"] = devices
     return settings
 
 
 def file_id(path):
     """A local file or folder by its contents; anything else (a preset id, None) as it is."""
-    if path and os.path.exists(os.path.expanduser(path)):
-        return contents_id(path)
-    return path
+    return contents_id(path) if path and os.path.exists(os.path.expanduser(path)) else path
 
 
 def fingerprint_id(settings):
@@ -2536,7 +2509,6 @@ def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
 # ================================================================================================
 # Devices: one tf.distribute strategy for a run. The custom code blocks and the optimizer run
 # inside its scope; Keras splits each global batch across its replicas.
-# ================================================================================================
 
 
 def make_strategy(value, tpu_timeout_seconds=600):
@@ -2591,10 +2563,10 @@ def watchdog(seconds, message):
 
 # ================================================================================================
 # Checkpoints: resuming exactly after a crash or preemption
-# ================================================================================================
 
 
-class TrainingCheckpoints(keras.callbacks.Callback):
+@keras_subclass("callbacks.Callback")
+class TrainingCheckpoints:
     """Saves the whole training state every `every_steps` steps, at each epoch's end, and at the
     step boundary after SIGTERM or Ctrl-C, into `directory` (None: nowhere); `restore` returns
     the number of batches to resume after.
@@ -2625,7 +2597,8 @@ class TrainingCheckpoints(keras.callbacks.Callback):
         if not self.directory or not self.paths():
             return 0
         with np.load(self.paths()[-1]) as saved:
-            arrays = positional_arrays(saved)
+            arrays = [saved[f"arr_{i}"] for i in range(sum(  # np.savez's unnamed arrays, in order
+                name.startswith("arr_") for name in saved.files))]
             batches = int(saved["batches"]) if "batches" in saved.files else None
             evaluations = json.loads(str(saved["evaluations"])) \
                 if "evaluations" in saved.files else []
@@ -2688,14 +2661,9 @@ def on_stop_signals(stop):
             signal.signal(number, handler)
 
 
-def positional_arrays(saved):
-    """The arrays `np.savez` stored without names (`arr_0`, `arr_1`, ...), in order."""
-    return [saved[f"arr_{i}"] for i in range(sum(name.startswith("arr_")
-                                                 for name in saved.files))]
 
 # ================================================================================================
 # Progress: lines that a person at a terminal, or tailing a log file, can follow; speed
-# ================================================================================================
 
 
 PROGRESS_SECONDS = 60  # a progress line at least this often,
@@ -2752,7 +2720,8 @@ class Progress:
             f"({per_second(amount, seconds, noun)}){details}")
 
 
-class TrainingProgress(keras.callbacks.Callback):
+@keras_subclass("callbacks.Callback")
+class TrainingProgress:
     """A header per epoch, progress lines with the running loss, and a summary per epoch."""
 
     def __init__(self, label, epochs, steps_per_epoch, batch_size, num_examples):
@@ -2780,7 +2749,8 @@ class TrainingProgress(keras.callbacks.Callback):
         self.resumed_steps = 0
 
 
-class TensorBoardLogs(keras.callbacks.Callback):
+@keras_subclass("callbacks.Callback")
+class TensorBoardLogs:
     """One run's TensorBoard event files, laid out as Keras' own `TensorBoard` callback lays
     them out (`train/` and `validation/`; tags `batch_loss`, `epoch_loss`,
     `epoch_learning_rate`, ...), but with the step the number of batches trained, carried over
@@ -2851,15 +2821,13 @@ class TensorBoardLogs(keras.callbacks.Callback):
     def write(self, kind, step, scalars):
         # tf.summary.scalar is TensorBoard's, which TensorFlow no longer installs: this writes
         # what it writes, through TensorFlow's own tf.summary.write.
+        metadata = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
+            data_class="DATA_CLASS_SCALAR").SerializeToString()
         with self.writers[kind].as_default(step=step):
             for tag, value in scalars.items():
-                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=SCALAR_METADATA)
+                tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
         self.writers[kind].flush()  # a killed run keeps what it logged
-
-
-SCALAR_METADATA = tf.compat.v1.SummaryMetadata(
-    plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class="DATA_CLASS_SCALAR").SerializeToString()
 
 
 def drop_events_after(folder, last_step):
@@ -2964,7 +2932,48 @@ def cpu_flags():
 # Tokenizing, inside: each split tokenized on a thread per core, kept without its padding, and
 # gathered into padded batches as they are made. Then the GLUE files it reads: the local
 # glue_data/ layout, read and checked, or tensorflow-datasets
-# ================================================================================================
+
+TOKENIZE_BATCH = 1024
+
+
+def available_cores():
+    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """A tokenized split, one row per example, in file order, in numpy arrays.
+
+    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
+    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
+    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
+    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
+    Inputs without a `padding_mask` (a custom preprocessing may give any) stay whole in `inputs`.
+    """
+
+    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
+    labels: np.ndarray
+    idx: np.ndarray
+    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
+    padded_length: int = None  # the length `preprocess_fn` padded to
+    tokens: dict = dataclasses.field(default_factory=dict)
+    offsets: np.ndarray = None
+    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
+    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def features_and_label(task):
+    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
+    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
 
 
 def tokenize(examples, task, preprocess_fn, split_name=""):
@@ -3236,7 +3245,8 @@ def parse_label(task, text):
 def load_tfds_split(dataset, split):
     builder = tfds.builder(TASKS[dataset].tfds_name)
     if not builder.is_prepared():
-        problem = download_problem(builder)
+        problem = download_problem(TASKS[dataset].tfds_name, urllib.parse.urlparse(
+            builder.builder_config.data_url or GLUE_HOST).hostname)
         if problem:
             raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to "
                             "read local GLUE files instead")
@@ -3244,17 +3254,15 @@ def load_tfds_split(dataset, split):
     return builder.as_dataset(split=split)
 
 
-def download_problem(builder):
-    """Why `builder`'s data cannot be had, or None: prepared already, or its host answers."""
-    if builder.is_prepared():
-        return None
-    url = builder.builder_config.data_url or "https://dl.fbaipublicfiles.com"
-    host = urllib.parse.urlparse(url).hostname
+GLUE_HOST = "dl.fbaipublicfiles.com"  # where tensorflow-datasets downloads every GLUE file from
+
+
+def download_problem(name, host):
+    """Why tensorflow-datasets cannot download `name` from `host` (None: its host answers)."""
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        return (f"cannot download {builder.name}/{builder.builder_config.name} ({host} is "
-                "unreachable)")
+        return f"cannot download {name} ({host} is unreachable)"
     return None
 
 
@@ -3265,7 +3273,6 @@ def count(examples):
 # ================================================================================================
 # Submission files: validating, zipping. Every file is written to a temporary file
 # beside it, then renamed, so an interrupted run never leaves a half-written file behind.
-# ================================================================================================
 
 
 SHOWN_PROBLEMS_PER_FILE = 10
@@ -3413,7 +3420,6 @@ def make_submission_zip(directory):
 # by the run's process: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds run.json, its
 # log, its test predictions and, if asked for, its model. The results JSON, the top-level
 # submission files and the saved model are made from the records, under a lock.
-# ================================================================================================
 
 
 @contextlib.contextmanager
@@ -3637,7 +3643,6 @@ def move_aside_if_unchanged(lease, seen):
 # The results report: glue_report.md in the submission folder, its figures beside it in
 # glue_report/, made from the results JSON alone whenever that changes. matplotlib is imported
 # only to draw them, and a figure that cannot be drawn costs one warning line, never a result.
-# ================================================================================================
 
 
 REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
@@ -3775,7 +3780,6 @@ def draw_seed_spread(drawn, entries):
 # and the dev examples, each example drawn for both sides at once (paired); a side's score in it
 # is the median over its drawn runs of their task scores on the drawn examples, as the results
 # give a task's score. The interval covers seeds and dev examples, not the hyperparameter search.
-# ================================================================================================
 
 COMPARISON, RESAMPLES, RESAMPLING_SEED = "glue_comparison.json", 1000, 0
 
@@ -4027,7 +4031,6 @@ def draw_comparison(drawn, comparison):
 
 # ================================================================================================
 # Command line
-# ================================================================================================
 
 
 def options_from_flags(own_flags):
@@ -4035,12 +4038,9 @@ def options_from_flags(own_flags):
     return types.SimpleNamespace(**{flag.name: flag.value for flag in own_flags})
 
 
-HELP_ARGUMENTS = ("--help", "-help", "-?", "--helpshort")
-
-
 def parse_flags(argv):
     """absl's flag parsing, except that --help shows glue.py's flags grouped by purpose."""
-    if any(argument in HELP_ARGUMENTS for argument in argv[1:]):
+    if any(argument in ("--help", "-help", "-?", "--helpshort") for argument in argv[1:]):
         print(grouped_help(FLAGS))
         sys.exit(0)
     return app.parse_flags_with_usage(argv)

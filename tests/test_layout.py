@@ -26,9 +26,14 @@ def test_every_flag_is_in_exactly_one_help_group():
 
 
 def test_help_shows_the_groups_in_order():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "glue.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "glue.py"),
+                             "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & {"tensorflow", "keras", "keras_hub", "tensorflow_datasets", "pandas",
+                           "scipy", "sklearn", "matplotlib"}  # --help loads none of them
+    assert not [line for line in result.stderr.splitlines()
+                if not line.startswith("import time:")]  # nor prints anything else
     titles = [line[:-1] for line in result.stdout.splitlines() if line.endswith(":") and
               not line.startswith(" ")]
     assert titles == list(glue.HELP_GROUPS)

@@ -1,6 +1,7 @@
 """A command is a sweep of runs, each a process of its own: a lost run costs that run only, and
 runs can go side by side on shares of the devices."""
 
+import contextlib
 import glob
 import json
 import os
@@ -64,23 +65,57 @@ def run_processes(out):
     return found
 
 
+HEAVY = ("tensorflow", "keras", "keras_hub", "tensorflow_datasets")  # only a run loads them
+
+
+def imported_heavy_modules(stderr):
+    """The heavy modules among what `python -X importtime` says a process imported."""
+    return {line.split("|")[-1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")} & set(HEAVY)
+
+
+def maps_tensorflow(pid):
+    with open(f"/proc/{pid}/maps") as maps:
+        return "tensorflow" in maps.read()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(glue.available_cores() < 2, reason="needs two cores to share out")
 def test_parallel_runs_go_side_by_side_each_on_its_own_cores(tiny_preset, glue_data, tmp_path):
+    """...started by a command that never maps TensorFlow, and that shows none of the lines
+    TensorFlow prints as a run starts; the runs' logs keep them. Then publishing and comparing
+    the folder load no TensorFlow either."""
     sweep = subprocess.Popen(command(tiny_preset, glue_data[0], tmp_path, "--seed=1,2",
                                      "--parallel_runs=2"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    most, cores = 0, set()
+    most, cores, command_mapped = 0, set(), False
     while sweep.poll() is None:
         alive = run_processes(tmp_path)
         most = max(most, len(alive))
         cores |= {tuple(sorted(alive.values()))} if len(alive) == 2 else set()
+        with contextlib.suppress(OSError):
+            command_mapped |= maps_tensorflow(sweep.pid)
         time.sleep(0.1)
-    assert sweep.returncode == 0, sweep.stderr.read()[-3000:]
+    out, err = sweep.communicate()
+    assert sweep.returncode == 0, err[-3000:]
     assert most == 2
     (first, second), = cores or [(None, None)]
     assert first != second and "," not in first + second  # one core each, not the same one
     assert [run["seed"] for run in entry_of(tmp_path)["runs"]] == [1, 2]
+    assert not command_mapped
+    logs = "".join(open(log).read() for log in glob.glob(str(tmp_path / "runs" / "*" / "*" / "*"
+                                                             / "log.txt")))
+    assert "rte lr 5e-05 seed 1  epoch 1/2" in out and "rte lr 5e-05 seed 1  epoch 1/2" in logs
+    assert not [line for line in (out + err).splitlines()
+                if any(chatter in line for chatter in glue.TENSORFLOW_CHATTER)]
+    assert any(chatter in logs for chatter in glue.TENSORFLOW_CHATTER)  # kept there
+    publish = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "glue.py"), "--task_name=none",
+         f"--submission_directory={tmp_path}", f"--compare_with={tmp_path}"],
+        capture_output=True, text=True, timeout=120)
+    assert publish.returncode == 0, publish.stderr[-3000:]
+    assert "GLUE average over 1 tasks (rte)" in publish.stdout
+    assert imported_heavy_modules(publish.stderr) == set()
 
 
 def test_device_slots_share_out_the_gpus_or_the_cores(monkeypatch):
