@@ -81,10 +81,8 @@ def keras_subclass(base):
     ("callbacks.Callback"), made at the first one, so that reading this file imports no Keras.
     Its methods, patched or not, are found through the class as usual."""
     def decorate(cls):
-        @functools.cache
-        def with_base():
-            return type(cls.__name__, (cls, operator.attrgetter(base)(keras)), {})
-
+        with_base = functools.cache(lambda: type(
+            cls.__name__, (cls, operator.attrgetter(base)(keras)), {}))
         cls.__new__ = staticmethod(lambda _, *args, **kwargs: object.__new__(with_base()))
         return cls
     return decorate
@@ -106,6 +104,10 @@ flags.DEFINE_string("data_dir", None,
                     "Default: load GLUE through tensorflow-datasets.")
 flags.DEFINE_integer("max_sequence_length", 128,
                      "Longest tokenized input; longer pairs are truncated.", lower_bound=1)
+flags.DEFINE_integer("limit", None,
+                     "A quick check of an edit: train on the first N training rows, evaluate on "
+                     "the first N rows of each dev split. Recorded apart from full runs; writes "
+                     "no leaderboard file.", lower_bound=1)
 
 # Model
 flags.DEFINE_string("preset", "bert_tiny_en_uncased",
@@ -232,7 +234,7 @@ flags.DEFINE_string("run_tensorboard", None, "The run's own TensorBoard folder."
 
 # `--help` lists the flags by purpose, in this order (absl alone would sort them by name).
 HELP_GROUPS = {
-    "Task and data": ("task_name", "data_dir", "max_sequence_length"),
+    "Task and data": ("task_name", "data_dir", "max_sequence_length", "limit"),
     "Model": ("preset", "pooling", "use_default_classifier", "init_from_finetuned",
               "finetuning_model_load_path"),
     "Training": ("recipe", "epochs", "batch_size", "learning_rate", "seed", "warmup_ratio",
@@ -521,15 +523,17 @@ def run_score(run):
 # `label` (class id, float score for STS-B, -1 on test splits) and `idx`.
 
 
-def load_task_data(task, data_dir, training=True):
+def load_task_data(task, data_dir, training=True, limit=None):
     """Opens every split the task needs, dev and test first, checking files and labels before
     any training. Returns `(train, {dev split: examples}, {submission file: examples})`; no
-    training split without `training`."""
-    examples = {(dataset, split): load_split(data_dir, dataset, split)
-                for dataset, split in task_splits(task, training)}
+    training split without `training`. With `limit`, the first `limit` rows of the training and
+    dev splits, and no test split: a part of a test file is no submission."""
+    examples = {(dataset, split): load_split(data_dir, dataset, split).take(limit or -1)
+                for dataset, split in task_splits(task, training)
+                if not (limit and split.startswith("test"))}
     eval_examples = {split: examples[task.training_data, split] for split in task.eval_splits}
     test_examples = {output.file: examples[output.dataset, output.split]
-                     for output in task.outputs}
+                     for output in task.outputs if not limit}
     return examples.get((task.training_data, "train")), eval_examples, test_examples
 
 
@@ -1023,7 +1027,7 @@ def main(argv):
             preprocess_fn = tf.function(make_preprocess_fn())
             start = time.perf_counter()
             train_rows, eval_rows, test_rows = tokenize_task_data(
-                load_task_data(task, FLAGS.data_dir, trains), task, preprocess_fn)
+                load_task_data(task, FLAGS.data_dir, trains, FLAGS.limit), task, preprocess_fn)
             record["tokenize_seconds"] = seconds_since(start)
             keras.utils.set_random_seed(seed)
             start = time.perf_counter()
@@ -1053,7 +1057,7 @@ def main(argv):
                                        batch_size=FLAGS.batch_size, seed=seed, label=label,
                                        tensorboard=FLAGS.run_tensorboard))
                 tables = dict(evaluations and evaluations.predictions or {})
-            if FLAGS.submission_directory:
+            if FLAGS.submission_directory and not FLAGS.limit:
                 start = time.perf_counter()
                 tables.update(predict_test(model, test_rows, task, FLAGS.batch_size, label))
                 record.update(test_predict_seconds=seconds_since(start), test_files={
@@ -1183,7 +1187,8 @@ def plan_task(task, options, settings, folder, previous, keep_models=False):
     todo = []
     for learning_rate, seed in asked:
         chain = [] if options.overwrite else chain_of(records, learning_rate, seed)
-        if chain and options.submission_directory and "test_files" not in chain[-1]:
+        if chain and options.submission_directory and not options.limit and \
+                "test_files" not in chain[-1]:
             chain = []  # recorded without a submission folder: no test predictions to submit
         if needs_run(chain, options.max_restarts):
             todo.append((learning_rate, seed, chain))
@@ -1422,9 +1427,8 @@ def start_run(command, log_path, environment=None, cores=None):
 
 
 LIBC = ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
-# What TensorFlow and CUDA print as a run's process starts, and tf.data's notes on the pipelines
-# it is given: a run's log keeps these lines, the terminal is spared them (TF_CPP_MIN_LOG_LEVEL
-# does not quiet them). Every other warning and error shows.
+# TensorFlow's and CUDA's lines as a run's process starts, and tf.data's notes on its pipelines:
+# the run's log keeps them, the terminal is spared them. Every other warning and error shows.
 TENSORFLOW_CHATTER = (
     "All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
     "Could not find cuda drivers", "failed call to cuInit", "cpu_feature_guard.cc",
@@ -1460,8 +1464,7 @@ def run_devices(options):
     if name == "one_device" or (name == "auto" and gpus < 2):
         return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
                 1)
-    # On CPU, one device, unless a script that runs glue.py has set TensorFlow's devices up
-    # already (tests/with_cpu_devices.py): the command itself loads no TensorFlow.
+    # On CPU one device, unless what runs glue.py set more up (tests/with_cpu_devices.py).
     return "MirroredStrategy", gpus or (len(tf.config.list_logical_devices("CPU"))
                                         if "tensorflow" in sys.modules else 1)
 
@@ -1694,7 +1697,7 @@ def publish_into(results, task, options, settings, folder, save_path):
              "fingerprint_id": fingerprint_id(settings)}
     submitted = entry["submitted_run"]
     chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
-    rows = options.submission_directory and submit_files(
+    rows = options.submission_directory and not settings.get("limit") and submit_files(
         task, chosen, options.submission_directory)
     if rows:
         entry.update(submission_rows=rows, submission_files_run=dict(submitted))
@@ -1791,10 +1794,12 @@ def format_results(results):
             continue
         rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
         summary = entry.get("seed_summary", {}).get(rate)
+        limit = entry.get("fingerprint", {}).get("limit")
         for split, metrics in dev_metrics(entry).items():
             if summary:
                 shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
-                shown += f"  ({runs_text(summary)})"
+                shown += f"  ({runs_text(summary)}" + (
+                    f"; limited to the first {limit} rows)" if limit else ")")
             else:  # an entry of one run, as older versions wrote
                 shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
             lines.append(f"{task_name:<16} {split:<22} {shown}")
@@ -1910,7 +1915,12 @@ def check_options(options, task_names):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
     check_output_paths(options)
     check_multi_worker(os.environ.get("TF_CONFIG"))
-    read_results(results_path(options))  # a bad results file fails now
+    limited = [name for name, entry in read_results(results_path(options)).items()  # a bad
+               if isinstance(entry, dict) and name not in task_names and  # file fails now
+               entry.get("fingerprint", {}).get("limit")]
+    if options.make_submission_zip and (options.limit or limited):
+        raise GlueError(f"--make_submission_zip: {', '.join(limited) or 'this command'} ran with "
+                        "--limit, which writes no leaderboard file; zip after runs without it")
     if task_names:
         check_downloads_possible(options, task_names)
     if options.data_dir and len(task_names) > 1:
@@ -1925,10 +1935,13 @@ def check_all_data_files(options, task_names):
         for dataset, split in task_splits(TASKS[name], not options.finetuning_model_load_path):
             if (dataset, split) not in checked:
                 checked.add((dataset, split))
-                try:
-                    check_local_split(options.data_dir, dataset, split)
+                try:  # as `read_local_split` will, keeping nothing
+                    keys = read_local_keys(local_split_path(options.data_dir, dataset, split),
+                                           TASKS[dataset], split)
                 except GlueError as error:
                     raise GlueError(f"{name}: {error}") from None
+                if not len(keys["idx"]):
+                    raise GlueError(f"{name}: the {dataset} {split} split is empty")
 
 
 def check_runs(options, task_names, where=""):
@@ -3191,13 +3204,6 @@ def read_local_keys(path, task, split):
     return {"label": np.array(values, label_type), "idx": np.arange(len(values), dtype=np.int32)}
 
 
-def check_local_split(data_dir, dataset, split):
-    """Opens and checks one local split as `read_local_split` will, keeping nothing."""
-    if not len(read_local_keys(local_split_path(data_dir, dataset, split), TASKS[dataset],
-                               split)["idx"]):
-        raise GlueError(f"the {dataset} {split} split is empty")
-
-
 TEXT_CHUNK_ROWS = 20_000
 
 
@@ -3276,16 +3282,6 @@ def count(examples):
 
 
 SHOWN_PROBLEMS_PER_FILE = 10
-
-
-def write_bytes(path, data):
-    write_atomically(path, lambda temporary: pathlib.Path(temporary).write_bytes(data))
-
-
-def count_rows(path):
-    """Data rows of a submission file."""
-    with open(path, "rb") as file:
-        return max(sum(1 for line in file if line.strip()) - 1, 0)
 
 
 def read_submission(path):
@@ -3391,7 +3387,8 @@ def fill_missing_files(directory, source):
     for name in sorted(SUBMISSION_FILES):
         target = os.path.join(directory, name)
         if not os.path.exists(target) and name in available:
-            write_bytes(target, available[name])
+            write_atomically(target, lambda temporary: pathlib.Path(temporary).write_bytes(
+                available[name]))
             copied.append(name)
     return copied
 
@@ -3519,7 +3516,8 @@ def submit_files(task, chosen, submission_directory):
         return None
     for file, source in sources.items():
         copy_if_changed(source, os.path.join(submission_directory, file))
-    return {file: count_rows(source) for file, source in sources.items()}
+    return {file: max(sum(1 for line in pathlib.Path(source).read_bytes().splitlines()
+                          if line.strip()) - 1, 0) for file, source in sources.items()}
 
 
 def save_chosen_model(task, chosen, save_path):
@@ -3671,7 +3669,9 @@ def write_report(results, directory):
         lines += figure(directory, "seed_spread.png", draw_seed_spread, entries,
                         "every run's dev task score, per task and learning rate")
     lines += comparison_section(directory, results)
-    write_bytes(os.path.join(directory, REPORT), "\n".join(lines).encode())
+    text = "\n".join(lines)
+    write_atomically(os.path.join(directory, REPORT),
+                     lambda temporary: pathlib.Path(temporary).write_text(text, "utf-8"))
 
 
 def report_table(entries):

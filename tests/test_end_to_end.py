@@ -185,3 +185,39 @@ def test_same_seed_same_predictions(glue_data, tiny_preset, tmp_path, run_glue):
     first = pd.read_csv(tmp_path / "first" / "STS-B.tsv", sep="\t")["prediction"]
     second = pd.read_csv(tmp_path / "second" / "STS-B.tsv", sep="\t")["prediction"]
     assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(first, second))
+
+
+def test_limit_checks_an_edit_on_a_few_rows_and_keeps_it_apart(tiny_preset, glue_data, tmp_path,
+                                                                run_glue, capsys):
+    """--limit=N: the first N training rows and N rows of each dev split, no leaderboard file,
+    recorded under settings of its own (a full run is not taken for it, nor it for one), the
+    table says so, and a zip is refused while a task's results are limited."""
+    data_dir, counts = glue_data
+    common = ("--task_name=mnli", f"--preset={tiny_preset}", f"--data_dir={data_dir}",
+              f"--submission_directory={tmp_path}", *TINY)
+    run_glue(*common, "--limit=5")
+    entry = json.loads((tmp_path / "glue_results.json").read_text())["mnli"]
+    assert entry["train_examples"] == 5 and entry["fingerprint"]["limit"] == 5
+    run_folder, = (tmp_path / "runs" / "mnli").glob("*/lr*")
+    assert sorted(os.listdir(run_folder)) == [
+        "log.txt", "run.json", "validation_matched_predictions.tsv",
+        "validation_mismatched_predictions.tsv"]  # dev predictions only: no test file
+    for split in ("matched", "mismatched"):
+        assert len(pd.read_csv(run_folder / f"validation_{split}_predictions.tsv", sep="\t")) == 5
+    assert not list(tmp_path.glob("*.tsv"))
+    assert "; limited to the first 5 rows)" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as refused:
+        run_glue("--task_name=none", f"--submission_directory={tmp_path}",
+                 "--make_submission_zip")
+    assert refused.value.code == (
+        "glue.py: error: --make_submission_zip: mnli ran with --limit, which writes no "
+        "leaderboard file; zip after runs without it")
+
+    run_glue(*common)  # the full run is trained, not taken from the limited one
+    out = capsys.readouterr().out
+    assert "mnli: redone, limit 5 -> None" in out and "limited to" not in out
+    entry = json.loads((tmp_path / "glue_results.json").read_text())["mnli"]
+    assert entry["train_examples"] == counts["mnli"]["train"]
+    assert sorted(path.name for path in tmp_path.glob("*.tsv")) == ["AX.tsv", "MNLI-m.tsv",
+                                                                    "MNLI-mm.tsv"]
