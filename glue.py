@@ -529,19 +529,18 @@ def load_task_data(task, data_dir, training=True, limit=None):
     training split without `training`. With `limit`, the first `limit` rows of the training and
     dev splits, and no test split: a part of a test file is no submission."""
     examples = {(dataset, split): load_split(data_dir, dataset, split).take(limit or -1)
-                for dataset, split in task_splits(task, training)
-                if not (limit and split.startswith("test"))}
+                for dataset, split in task_splits(task, training, tests=not limit)}
     eval_examples = {split: examples[task.training_data, split] for split in task.eval_splits}
     test_examples = {output.file: examples[output.dataset, output.split]
-                     for output in task.outputs if not limit}
+                     for output in task.outputs if (output.dataset, output.split) in examples}
     return examples.get((task.training_data, "train")), eval_examples, test_examples
 
 
-def task_splits(task, training=True):
-    """The `(dataset, split)` pairs a task reads: its dev splits, its test splits, then its
-    training split when it trains."""
+def task_splits(task, training=True, tests=True):
+    """The `(dataset, split)` pairs a task reads: its dev splits, its test splits (with
+    `tests`), then its training split when it trains."""
     splits = [(task.training_data, split) for split in task.eval_splits]
-    splits += [(output.dataset, output.split) for output in task.outputs]
+    splits += [(output.dataset, output.split) for output in task.outputs if tests]
     if training:
         splits.append((task.training_data, "train"))
     return splits

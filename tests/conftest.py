@@ -248,6 +248,12 @@ def learnable_data(tmp_path_factory):
     return str(root)
 
 
+def imported_modules(stderr):
+    """The modules `python -X importtime` says a process imported, by their dotted names."""
+    return {line.split("|")[-1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")}
+
+
 def error_of(run_glue, *args):
     """Runs glue.py in process and returns its one-line error message."""
     with pytest.raises(SystemExit) as exit_info:
