@@ -1999,7 +1999,7 @@ def check_downloads_possible(options, task_names):
         return
     kaggle = os.path.expanduser(os.environ.get("KAGGLEHUB_CACHE", "~/.cache/kagglehub"))
     if not looks_like_path(options.preset) and not glob.glob(
-            os.path.join(kaggle, "models", "*", "*", "*", options.preset, "*")):
+            os.path.join(kaggle, "models", "*", "*", "*", options.preset, "*", "config.json")):
         raise GlueError(f"{problem}; and cannot load preset {options.preset!r} (not downloaded "
                         "before). Pass --data_dir=<folder in the glue_data/ layout> and "
                         "--preset=<local preset or model folder>")

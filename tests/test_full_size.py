@@ -121,6 +121,10 @@ def test_offline_one_line_names_both_downloads_and_their_flags(run_glue, monkeyp
     monkeypatch.setattr(glue.socket, "create_connection", unreachable)
     monkeypatch.setattr(glue.keras_hub.models.Backbone, "from_preset", no_kaggle)
     monkeypatch.setattr(glue.tfds.core.DatasetBuilder, "is_prepared", lambda self: False)
+    # What an earlier download that failed leaves in KaggleHub's cache: an empty version folder.
+    (tmp_path / "models" / "keras" / "bert" / "keras" / "bert_tiny_en_uncased" / "3").mkdir(
+        parents=True)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))
     message = error_of(run_glue, "--task_name=mrpc", "--preset=bert_tiny_en_uncased")
     assert "cannot download glue/mrpc" in message
     assert "cannot load preset 'bert_tiny_en_uncased'" in message
