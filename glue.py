@@ -10,11 +10,13 @@ places meant to be edited sit between `### Custom code block starts ###` and
 
 The file tells two stories. Above the line "Nothing below needs editing", one run: the flags,
 the custom code blocks, the task table, loading and tokenizing, the optimizer and the loss,
-finetuning, prediction, the run's record and `main`. Below it, the sweep: a command plans its
-runs (tasks, learning rates, seeds) from the records already made, starts each run as a
-`glue.py` process of its own with the run's settings as its flags, and makes the results,
-the submission files, the report and a comparison with another folder from the records; then
-the plumbing.
+finetuning, prediction, the run's record and `main`. Below it, the command, each part before
+the helpers it calls: the sweep plans its runs (tasks, learning rates, seeds) from the records
+already made and starts each run as a `glue.py` process of its own with the run's settings as
+its flags; then its checks, recipes, fingerprints, devices, checkpoints, progress lines and
+the tokenizing inside a run; then what it makes from the records: the results, the submission
+files, the report and a comparison with another folder; last, what all of them share: the run
+records and the summaries over runs.
 """
 
 import ast
@@ -29,8 +31,10 @@ import glob
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import math
+import modulefinder
 import operator
 import os
 import pathlib
@@ -39,6 +43,7 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import socket
 import statistics
 import subprocess
@@ -89,167 +94,177 @@ def keras_subclass(base):
 
 
 # ================================================================================================
-# Flags, grouped as --help shows them
+# Flags, grouped as --help shows them, each with its roles
 
 FLAGS = flags.FLAGS
+FLAG_ROLES, HELP_GROUPS = {}, {}  # filled by `define`: absl alone would sort --help by name
 
-# Task and data
-flags.DEFINE_list(
-    "task_name", ["mrpc"],
-    "GLUE task(s), comma-separated: cola, sst2, mrpc, stsb, qqp, mnli (also predicts AX), "
-    "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax; `all` for every task, `none` for none "
-    "(to choose again from the recorded runs, zip or validate).")
-flags.DEFINE_string("data_dir", None,
-                    "Local folder in the standard glue_data/ layout (CoLA/, MRPC/, ...). "
-                    "Default: load GLUE through tensorflow-datasets.")
-flags.DEFINE_integer("max_sequence_length", 128,
-                     "Longest tokenized input; longer pairs are truncated.", lower_bound=1)
-flags.DEFINE_integer("limit", None,
-                     "A quick check of an edit: train on the first N training rows, evaluate on "
-                     "the first N rows of each dev split. Recorded apart from full runs; writes "
-                     "no leaderboard file.", lower_bound=1)
 
-# Model
-flags.DEFINE_string("preset", "bert_tiny_en_uncased",
-                    "KerasHub preset id, local KerasHub preset directory, or local Hugging "
-                    "Face-format model folder.")
-flags.DEFINE_enum("pooling", None, ["pooled", "cls", "mean"],
-                  "How GlueClassifier gets one vector per example: the backbone's pooled output, "
-                  "the first token's vector, or the mean over real tokens. Default: pooled where "
-                  "the backbone has a pooler (BERT, ALBERT, ELECTRA), else cls.")
-flags.DEFINE_bool("use_default_classifier", True,
-                  "Wrap the pretrained model in GlueClassifier; false uses the model built in "
-                  "the third custom code block.")
-flags.DEFINE_string("init_from_finetuned", None,
-                    "Start from the encoder of a model finetuned on another task (a `.keras` "
-                    "file from --finetuning_model_save_path, typically MNLI), with a new head.")
-flags.DEFINE_string("finetuning_model_load_path", None,
-                    "Skip finetuning: load this finetuned `.keras` model, then evaluate and "
-                    "predict. The preprocessing still comes from --preset.")
+def define(kind, name, default, help_text, roles="", **options):
+    """Defines --`name` with absl's `DEFINE_<kind>` (`options`: its bounds, its enum values) in
+    the --help group last opened, and declares its roles, words among:
+    - command: only the command reads it, to choose the runs and make something of them. Every
+      other flag, a researcher's own too, goes to each run's process and into its fingerprint;
+    - uncounted: the fingerprint leaves it out, and counts instead what it stands for: the run's
+      place in a sweep, the contents of the files, the devices;
+    - folder, file: the fingerprint counts the folder or file it names by its contents;
+    - recipe: a recipe may set it.
+    A flag of a custom code block needs no roles: absl's own DEFINE_* is enough."""
+    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, **options)
+    HELP_GROUPS[next(reversed(HELP_GROUPS))].append(name)
+    FLAG_ROLES[name] = roles.split()
 
-# Training
-flags.DEFINE_integer("epochs", 2, "Number of finetuning epochs.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 32, "Training and prediction batch size.", lower_bound=1)
-flags.DEFINE_list("learning_rate", ["5e-5"],
-                  "Peak learning rate of AdamW. A comma list (2e-5,3e-5,5e-5) finetunes once per "
-                  "value and keeps the best on the dev set.")
-flags.DEFINE_list("seed", ["42"],
-                  "Random seed for weights, dropout and data order. A comma list (1,2,3,4,5) "
-                  "finetunes once per seed and learning rate; results give the median and "
-                  "spread over seeds, and the learning rate is chosen by its median.")
-flags.DEFINE_float("warmup_ratio", 0.1,
-                   "Fraction of training steps spent warming the learning rate up from 0; "
-                   "it then decays linearly to 0.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay (not applied to biases and "
-                   "layer-norm weights).", lower_bound=0.0)
-flags.DEFINE_float("clip_norm", 1.0, "Clip the gradients' global norm to this (0: no clipping), "
-                   "as BERT and the Hugging Face Trainer do.", lower_bound=0.0)
-flags.DEFINE_integer("evaluations_per_epoch", 1,
-                     "Evaluate on dev this many times an epoch (always at its end); every "
-                     "evaluation is recorded.", lower_bound=1)
-flags.DEFINE_bool("select_best_epoch", True,
-                  "Report dev metrics and predict test with the weights of the best dev "
-                  "evaluation; false: with the last weights.")
-flags.DEFINE_integer("max_restarts", 0,
-                     "Train a collapsed run (every dev prediction the same) again, up to this "
-                     "many times, with seed + 1000 * k.", lower_bound=0)
-flags.DEFINE_integer("gradient_accumulation_steps", 1,
-                     "Update the weights every N batches, with their mean gradient: an "
-                     "effective batch of --batch_size x N in the memory of one batch.",
-                     lower_bound=1)
-flags.DEFINE_string("recipe", None,
-                    "Per-task settings of a paper's protocol: bert, roberta or modernbert (the "
-                    "RECIPES table in glue.py), or the path of a JSON file of the same form. "
-                    "Flags given on the command line win over it.")
-flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
-                  "Compute in 16-bit floats with float32 weights (GPUs: mixed_float16 or "
-                  "mixed_bfloat16; TPUs: mixed_bfloat16). Logits and loss stay float32.")
-flags.DEFINE_bool("jit_compile", False,
-                  "Compile training and prediction with XLA (GPUs, TPUs).")
 
-# Output
-flags.DEFINE_string("submission_directory", None,
-                    "Folder for the task's leaderboard .tsv file(s). Default: write none.")
-flags.DEFINE_string("results_path", None,
-                    "JSON file that collects dev metrics across runs. Default: "
-                    "<submission_directory>/glue_results.json when a submission directory is set.")
-flags.DEFINE_string("finetuning_model_save_path", None,
-                    "Save the finetuned model to this `.keras` file; `{task}` in it becomes the "
-                    "task's name, a file per task, which several tasks need.")
-flags.DEFINE_bool("tensorboard", True,
-                  "Write TensorBoard logs of every run (training loss, learning rate and speed; "
-                  "every dev evaluation), when there is a folder for them; --notensorboard "
-                  "writes none.")
-flags.DEFINE_bool("report", True,
-                  "Write glue_report.md, with its figures in glue_report/, in the submission "
-                  "folder whenever the results change; --noreport writes none.")
-flags.DEFINE_string("compare_with", None,
-                    "Another submission folder: each task both have, the difference of scores "
-                    "with a 95% bootstrap interval over seeds and dev examples.")
-flags.DEFINE_string("tensorboard_dir", None,
-                    "Folder of the TensorBoard logs, one folder per run "
-                    "(<task>/<settings id>/lr<rate>_seed<seed>/train and /validation). Default: "
-                    "<submission_directory>/tensorboard.")
-flags.DEFINE_bool("overwrite", False,
-                  "Train the asked runs again even when they are recorded with these settings, "
-                  "replacing only their records (other runs' stay; start afresh in another "
-                  "--submission_directory).")
-flags.DEFINE_bool("make_submission_zip", False,
-                  "After the tasks, validate the submission directory and write "
-                  "submission.zip with the 11 leaderboard files.")
-flags.DEFINE_string("fill_missing_from", None,
-                    "A sample submission (folder or zip) to copy the files of tasks not run from.")
-flags.DEFINE_string("validate_submission", None,
-                    "Only check this submission folder or zip as the GLUE server would, and exit.")
+def flags_with(role):
+    return [name for name, roles in FLAG_ROLES.items() if role in roles]
 
-# Scale-out and resuming
-flags.DEFINE_integer("parallel_runs", 1,
-                     "Run this many runs at once, each a process of its own with its share of "
-                     "the GPUs (CUDA_VISIBLE_DEVICES), or on CPU of the cores. 1: one run at a "
-                     "time, with every device.", lower_bound=1)
-flags.DEFINE_string("checkpoint_dir", None,
-                    "Keep the training state here (a folder per run: task, learning rate, seed "
-                    "and settings) at each epoch's end and every --checkpoint_every_steps; the "
-                    "same command resumes after a crash or preemption. Default: none, or "
-                    "<submission_directory>/checkpoints when several tasks run.")
-flags.DEFINE_integer("checkpoint_every_steps", 0,
-                     "Also checkpoint every this many training steps (0: only at epoch ends).",
-                     lower_bound=0)
-flags.DEFINE_string("distribution_strategy", "auto",
-                    "How a run spreads over the devices it sees: auto (mirrored when more than "
-                    "one GPU is visible, else one device), one_device, mirrored (every local "
-                    "GPU, or every CPU device when there is none), or tpu:<the TPU's name or "
-                    "grpc://host:port> (tpu:local on a TPU VM; plain tpu finds it from the "
-                    "environment). --batch_size is the global batch, split across replicas.")
-flags.DEFINE_integer("tpu_timeout_seconds", 600,
-                     "With tpu: how long to wait for the TPU to answer at start.", lower_bound=1)
+
+HELP_GROUPS["Task and data"] = []
+define("list", "task_name", ["mrpc"],
+       "GLUE task(s), comma-separated: cola, sst2, mrpc, stsb, qqp, mnli (also predicts AX), "
+       "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax; `all` for every task, `none` for none "
+       "(to choose again from the recorded runs, zip or validate).", roles="uncounted")
+define("string", "data_dir", None,
+       "Local folder in the standard glue_data/ layout (CoLA/, MRPC/, ...). Default: load GLUE "
+       "through tensorflow-datasets.", roles="uncounted")
+define("integer", "max_sequence_length", 128,
+       "Longest tokenized input; longer pairs are truncated.", lower_bound=1, roles="recipe")
+define("integer", "limit", None,
+       "A quick check of an edit: train on the first N training rows, evaluate on the first N rows "
+       "of each dev split. Recorded apart from full runs; writes no leaderboard file.",
+       lower_bound=1)
+
+HELP_GROUPS["Model"] = []
+define("string", "preset", "bert_tiny_en_uncased",
+       "KerasHub preset id, local KerasHub preset directory, or local Hugging Face-format model "
+       "folder.", roles="folder")
+define("enum", "pooling", None,
+       "How GlueClassifier gets one vector per example: the backbone's pooled output, the first "
+       "token's vector, or the mean over real tokens. Default: pooled where the backbone has a "
+       "pooler (BERT, ALBERT, ELECTRA), else cls.", enum_values=["pooled", "cls", "mean"])
+define("bool", "use_default_classifier", True,
+       "Wrap the pretrained model in GlueClassifier; false uses the model built in the third "
+       "custom code block.")
+define("string", "init_from_finetuned", None,
+       "Start from the encoder of a model finetuned on another task (a `.keras` file from "
+       "--finetuning_model_save_path, typically MNLI), with a new head.", roles="file")
+define("string", "finetuning_model_load_path", None,
+       "Skip finetuning: load this finetuned `.keras` model, then evaluate and predict. The "
+       "preprocessing still comes from --preset.", roles="file")
+
+HELP_GROUPS["Training"] = []
+define("string", "recipe", None,
+       "Per-task settings of a paper's protocol: bert, roberta or modernbert (the RECIPES table in "
+       "glue.py), or the path of a JSON file of the same form. Flags given on the command line win "
+       "over it.", roles="uncounted")
+define("integer", "epochs", 2, "Number of finetuning epochs.", lower_bound=1, roles="recipe")
+define("integer", "batch_size", 32,
+       "Training and prediction batch size.", lower_bound=1, roles="recipe")
+define("list", "learning_rate", ["5e-5"],
+       "Peak learning rate of AdamW. A comma list (2e-5,3e-5,5e-5) finetunes once per value and "
+       "keeps the best on the dev set.", roles="uncounted recipe")
+define("list", "seed", ["42"],
+       "Random seed for weights, dropout and data order. A comma list (1,2,3,4,5) finetunes once "
+       "per seed and learning rate; results give the median and spread over seeds, and the "
+       "learning rate is chosen by its median.", roles="uncounted recipe")
+define("float", "warmup_ratio", 0.1,
+       "Fraction of training steps spent warming the learning rate up from 0; it then decays "
+       "linearly to 0.", lower_bound=0.0, upper_bound=1.0, roles="recipe")
+define("float", "weight_decay", 0.01,
+       "AdamW weight decay (not applied to biases and layer-norm weights).",
+       lower_bound=0.0, roles="recipe")
+define("float", "clip_norm", 1.0,
+       "Clip the gradients' global norm to this (0: no clipping), as BERT and the Hugging Face "
+       "Trainer do.", lower_bound=0.0, roles="recipe")
+define("integer", "evaluations_per_epoch", 1,
+       "Evaluate on dev this many times an epoch (always at its end); every evaluation is "
+       "recorded.", lower_bound=1, roles="recipe")
+define("bool", "select_best_epoch", True,
+       "Report dev metrics and predict test with the weights of the best dev evaluation; false: "
+       "with the last weights.", roles="recipe")
+define("integer", "max_restarts", 0,
+       "Train a collapsed run (every dev prediction the same) again, up to this many times, with "
+       "seed + 1000 * k.", lower_bound=0, roles="command recipe")
+define("integer", "gradient_accumulation_steps", 1,
+       "Update the weights every N batches, with their mean gradient: an effective batch of "
+       "--batch_size x N in the memory of one batch.", lower_bound=1, roles="recipe")
+define("enum", "mixed_precision", None,
+       "Compute in 16-bit floats with float32 weights (GPUs: mixed_float16 or mixed_bfloat16; "
+       "TPUs: mixed_bfloat16). Logits and loss stay float32.",
+       enum_values=["mixed_bfloat16", "mixed_float16"])
+define("bool", "jit_compile", False, "Compile training and prediction with XLA (GPUs, TPUs).")
+
+HELP_GROUPS["Output"] = []
+define("string", "submission_directory", None,
+       "Folder for the task's leaderboard .tsv file(s). Default: write none.", roles="uncounted")
+define("string", "results_path", None,
+       "JSON file that collects dev metrics across runs. Default: "
+       "<submission_directory>/glue_results.json when a submission directory is set.",
+       roles="command")
+define("string", "finetuning_model_save_path", None,
+       "Save the finetuned model to this `.keras` file; `{task}` in it becomes the task's name, a "
+       "file per task, which several tasks need.", roles="command")
+define("bool", "report", True,
+       "Write glue_report.md, with its figures in glue_report/, in the submission folder whenever "
+       "the results change; --noreport writes none.", roles="command")
+define("string", "compare_with", None,
+       "Another submission folder: each task both have, the difference of scores with a 95% "
+       "bootstrap interval over seeds and dev examples.", roles="command")
+define("bool", "tensorboard", True,
+       "Write TensorBoard logs of every run (training loss, learning rate and speed; every dev "
+       "evaluation), when there is a folder for them; --notensorboard writes none.",
+       roles="command")
+define("string", "tensorboard_dir", None,
+       "Folder of the TensorBoard logs, one folder per run (<task>/<settings "
+       "id>/lr<rate>_seed<seed>/train and /validation). Default: "
+       "<submission_directory>/tensorboard.", roles="command")
+define("bool", "overwrite", False,
+       "Train the asked runs again even when they are recorded with these settings, replacing only "
+       "their records (other runs' stay; start afresh in another --submission_directory).",
+       roles="command")
+define("bool", "make_submission_zip", False,
+       "After the tasks, validate the submission directory and write submission.zip with the 11 "
+       "leaderboard files.", roles="command")
+define("string", "fill_missing_from", None,
+       "A sample submission (folder or zip) to copy the files of tasks not run from.",
+       roles="command")
+define("string", "validate_submission", None,
+       "Only check this submission folder or zip as the GLUE server would, and exit.",
+       roles="command")
+
+HELP_GROUPS["Scale-out and resuming"] = []
+define("integer", "parallel_runs", 1,
+       "Run this many runs at once, each a process of its own with its share of the GPUs "
+       "(CUDA_VISIBLE_DEVICES), or on CPU of the cores. 1: one run at a time, with every device.",
+       lower_bound=1, roles="command")
+define("string", "checkpoint_dir", None,
+       "Keep the training state here (a folder per run: task, learning rate, seed and settings) at "
+       "each epoch's end and every --checkpoint_every_steps; the same command resumes after a "
+       "crash or preemption. Default: none, or <submission_directory>/checkpoints when several "
+       "tasks run.", roles="command")
+define("integer", "checkpoint_every_steps", 0,
+       "Also checkpoint every this many training steps (0: only at epoch ends).",
+       lower_bound=0, roles="uncounted")
+define("string", "distribution_strategy", "auto",
+       "How a run spreads over the devices it sees: auto (mirrored when more than one GPU is "
+       "visible, else one device), one_device, mirrored (every local GPU, or every CPU device when "
+       "there is none), or tpu:<the TPU's name or grpc://host:port> (tpu:local on a TPU VM; plain "
+       "tpu finds it from the environment). --batch_size is the global batch, split across "
+       "replicas.", roles="uncounted")
+define("integer", "tpu_timeout_seconds", 600,
+       "With tpu: how long to wait for the TPU to answer at start.",
+       lower_bound=1, roles="uncounted")
 
 # Set by a command for each run it starts (a run's process); not for the command line.
-flags.DEFINE_string("run_dir", None, "The folder this run writes its record into; given, the "
-                    "process is one run of a sweep.")
-flags.DEFINE_string("run_label", None, "How the run's progress lines name it.")
-flags.DEFINE_bool("keep_model", False, "Save the run's model in its folder.")
-flags.DEFINE_string("run_checkpoints", None, "The run's own checkpoint folder.")
-flags.DEFINE_string("run_tensorboard", None, "The run's own TensorBoard folder.")
-
-# `--help` lists the flags by purpose, in this order (absl alone would sort them by name).
-HELP_GROUPS = {
-    "Task and data": ("task_name", "data_dir", "max_sequence_length", "limit"),
-    "Model": ("preset", "pooling", "use_default_classifier", "init_from_finetuned",
-              "finetuning_model_load_path"),
-    "Training": ("recipe", "epochs", "batch_size", "learning_rate", "seed", "warmup_ratio",
-                 "weight_decay", "clip_norm", "evaluations_per_epoch", "select_best_epoch",
-                 "max_restarts", "gradient_accumulation_steps", "mixed_precision",
-                 "jit_compile"),
-    "Output": ("submission_directory", "results_path", "finetuning_model_save_path",
-               "report", "compare_with", "tensorboard", "tensorboard_dir", "overwrite",
-               "make_submission_zip", "fill_missing_from", "validate_submission"),
-    "Scale-out and resuming": ("parallel_runs", "checkpoint_dir", "checkpoint_every_steps",
-                               "distribution_strategy", "tpu_timeout_seconds"),
-    "Set by a command for each run it starts": ("run_dir", "run_label", "keep_model",
-                                                "run_checkpoints", "run_tensorboard"),
-}
 RUN_FLAGS = "Set by a command for each run it starts"
+HELP_GROUPS[RUN_FLAGS] = []
+define("string", "run_dir", None,
+       "The folder this run writes its record into; given, the process is one run of a sweep.")
+define("string", "run_label", None, "How the run's progress lines name it.")
+define("bool", "keep_model", False, "Save the run's model in its folder.")
+define("string", "run_checkpoints", None, "The run's own checkpoint folder.")
+define("string", "run_tensorboard", None, "The run's own TensorBoard folder.")
+
 
 ### Custom code block starts ###
 # (1) Preprocessing: `preprocess_fn(feature, label)` turns a batch of examples into model inputs.
@@ -1154,7 +1169,7 @@ def run_task(task, options, root, script, keep_models=False):
     starts from this one's). Returns its entry; fails with a line when a run was lost."""
     settings = fingerprint(task, options, run_devices(options))
     folder = records_folder(root, task, fingerprint_id(settings))
-    previous = read_results(results_path(options)).get(task.name)
+    previous = read_results(options.results_path).get(task.name)
     save_path = model_save_path(options, task)
     keep_models = keep_models or bool(save_path and not options.finetuning_model_load_path)
     remove_abandoned(os.path.join(root, task.name))
@@ -1240,12 +1255,6 @@ def check_restart_seeds(records, asked, max_restarts):
                                 f"{rate_label(rate)}) would take seed {run['seed']}, which is "
                                 "recorded with these settings; give other seeds or fewer "
                                 "restarts")
-
-
-# A run whose process is running: the asked (learning rate, seed), its chain so far, the seed it
-# runs with (a restart's differs), its name, folder, process, device slot and run flags.
-Started = collections.namedtuple(
-    "Started", "learning_rate seed chain run_seed name staged process slot flags")
 
 
 class Sweep:
@@ -1382,6 +1391,12 @@ class Sweep:
             raise
 
 
+# A run whose process is running: the asked (learning rate, seed), its chain so far, the seed it
+# runs with (a restart's differs), its name, folder, process, device slot and run flags.
+Started = collections.namedtuple(
+    "Started", "learning_rate seed chain run_seed name staged process slot flags")
+
+
 def start_run(command, log_path, environment=None, cores=None):
     """Starts one run's process. Its output reaches this process' stdout and stderr line by line
     as it comes, and its log file whole. `cores`: the CPU cores it may use (None: all). If this
@@ -1453,41 +1468,10 @@ def device_slots(parallel_runs, gpus, cores):
     return [({}, set(mine[i * share:(i + 1) * share]) or None) for i in range(parallel_runs)]
 
 
-def run_devices(options):
-    """`(strategy, replicas)` as a run of this command will make them, for its fingerprint:
-    said from the devices' count alone, since the command itself sets up no device."""
-    name, _ = strategy_and_tpu(options.distribution_strategy)
-    gpus = gpu_count() // options.parallel_runs
-    if name == "tpu":
-        return "TPUStrategy", "the TPU's"
-    if name == "one_device" or (name == "auto" and gpus < 2):
-        return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
-                1)
-    # On CPU one device, unless what runs glue.py set more up (tests/with_cpu_devices.py).
-    return "MirroredStrategy", gpus or (len(tf.config.list_logical_devices("CPU"))
-                                        if "tensorflow" in sys.modules else 1)
-
-
-def gpu_count():
-    """The GPUs a run will see, as CUDA_VISIBLE_DEVICES or NVIDIA's driver lists them."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
-    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
-
-
-# The flags only a command reads: they shape which runs it starts and what it makes of them,
-# not a run. Every other glue.py flag, a researcher's own included, goes to each run's process.
-SWEEP_FLAGS = ("max_restarts", "results_path", "finetuning_model_save_path", "report",
-               "tensorboard", "tensorboard_dir", "overwrite", "make_submission_zip",
-               "fill_missing_from", "validate_submission", "checkpoint_dir", "parallel_runs",
-               "compare_with")
-
-
 def run_flag_names(names):
     """The flags among `names` that a run's process gets."""
     return [name for name in names
-            if name not in SWEEP_FLAGS + HELP_GROUPS[RUN_FLAGS]]
+            if name not in flags_with("command") + HELP_GROUPS[RUN_FLAGS]]
 
 
 def arguments(values):
@@ -1510,7 +1494,7 @@ def record_run(task, options, settings, staged, run, save_path):
     in the folder of a run that may be chosen, the best of its learning rate."""
     folder = os.path.dirname(staged)
     write_json(os.path.join(staged, RUN_RECORD), run)
-    with updating_results(results_path(options)) as results:
+    with updating_results(options.results_path) as results:
         put_in_place(staged, run_folder(folder, run["learning_rate"], run["seed"]))
         records = read_records(folder)
         leaders = {run_key(best_run(rate_runs)) for rate_runs in runs_by_rate(records).values()}
@@ -1525,344 +1509,7 @@ def record_run(task, options, settings, staged, run, save_path):
         shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
 
 # ================================================================================================
-# Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
-# per learning rate; the rate with the best median wins, and its best run is submitted.
-
-
-def run_order(run):
-    """Runs sort by learning rate, then seed: choices never depend on the order of recording."""
-    return run["learning_rate"] or 0.0, run["seed"]
-
-
-def rate_label(learning_rate):
-    return "none" if learning_rate is None else f"{learning_rate:g}"
-
-
-def chains(runs):
-    """The runs as chains, in run order: each asked run, then the restarts that followed it
-    while it collapsed. A restart names the run it followed (`restarted_from`), so one left by
-    an earlier attempt that --overwrite redid follows nothing and is left out."""
-    followers = {run["restarted_from"]: run for run in runs if "restarted_from" in run}
-    found = []
-    for head in sorted(runs, key=run_order):
-        if "restart_of" in head:
-            continue
-        chain = [head]
-        while chain[-1].get("collapsed") and chain[-1].get("run_id") in followers:
-            chain.append(followers[chain[-1]["run_id"]])
-        found.append(chain)
-    return found
-
-
-def chain_of(runs, learning_rate, seed):
-    """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
-    return next((chain for chain in chains(runs)
-                 if run_key(chain[0]) == (learning_rate, seed)), [])
-
-
-def counted_runs(runs):
-    """The runs that summaries count: a collapsed run that was restarted counts through its
-    last restart instead."""
-    return sorted((chain[-1] for chain in chains(runs)), key=run_order)
-
-
-def runs_by_rate(runs):
-    by_rate = {}
-    for run in counted_runs(runs):
-        by_rate.setdefault(rate_label(run["learning_rate"]), []).append(run)
-    return by_rate
-
-
-def best_run(counted):
-    """The counted run with the best task score on dev (the first of equals in run order)."""
-    return max(sorted(counted, key=run_order), key=run_score)
-
-
-def chosen_runs(runs):
-    """The counted runs of the learning rate with the best median task score over its seeds
-    (the smallest rate of equals), among the rates with as many runs as the best-covered one:
-    a rate with one run left by an exploratory command never beats rates of five."""
-    incomplete = incomplete_rates(runs)
-    return max((rate_runs for rate, rate_runs in runs_by_rate(runs).items()
-                if rate not in incomplete),
-               key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
-
-
-def incomplete_rates(runs):
-    """`{rate: (its runs, the most runs of a rate, the seeds it lacks)}` for the learning rates
-    with fewer runs than the best-covered one, which may not be chosen."""
-    by_rate = runs_by_rate(runs)
-    most = max(map(len, by_rate.values()), default=0)
-    seeds = {rate: {run.get("restart_of", run["seed"]) for run in rate_runs}
-             for rate, rate_runs in by_rate.items()}
-    covered = set().union(*(seeds[rate] for rate, rate_runs in by_rate.items()
-                            if len(rate_runs) == most))
-    return {rate: (len(rate_runs), most, sorted(covered - seeds[rate]))
-            for rate, rate_runs in by_rate.items() if len(rate_runs) < most}
-
-
-def spread(values):
-    """Median, mean, sample standard deviation (0 for one value), min and max of the defined
-    values, and how many there were."""
-    values = [value for value in values if value is not None]
-    if not values:
-        return {"runs": 0}
-    return {"median": statistics.median(values), "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "runs": len(values)}
-
-
-def seed_summary(rate_runs):
-    """Per dev split and metric, the spread over one learning rate's runs; the spread of their
-    task scores; and how many of them collapsed."""
-    summary = {split: {name: spread([run.get(split, {}).get(name) for run in rate_runs])
-                       for name in metrics}
-               for split, metrics in dev_metrics(rate_runs[0]).items()}
-    return {**summary, "task_score": spread(map(run_score, rate_runs)),
-            "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
-
-
-PROCESS_KEYS = ("flags", "tokenize_seconds", "replicas")  # what a run's process adds to it
-
-
-def summarized(runs):
-    """A task's results entry made from its run records: every run of a live chain; the
-    submitted run (the chosen rate's best) with its dev metrics and times, and its process's
-    flags; the spread over seeds of every rate; and the task's GLUE score, the median of the
-    chosen rate's task scores."""
-    runs = [run for chain in chains(runs) for run in chain]
-    rate_runs = chosen_runs(runs)
-    submitted = best_run(rate_runs)
-    entry = {"runs": sorted(({key: value for key, value in run.items() if key not in PROCESS_KEYS}
-                             for run in runs), key=run_order),
-             **dev_metrics(submitted),
-             "submitted_run": {"learning_rate": submitted["learning_rate"],
-                               "seed": submitted["seed"]}}
-    entry.update({key: submitted[key] for key in (
-        "learning_rate", "train_examples", "load_seconds", "train_seconds", *PROCESS_KEYS)
-        if key in submitted})
-    entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
-                                     submitted.get("test_predict_seconds", 0.0), 2)
-    by_rate = runs_by_rate(runs)
-    entry["seed_summary"] = {rate: seed_summary(rate_runs) for rate, rate_runs in by_rate.items()}
-    if dev_metrics(submitted):
-        entry["glue_task_score"] = statistics.median(map(run_score, rate_runs))
-    if len(by_rate) > 1:  # the sweep at a glance: each rate's medians
-        entry["learning_rate_sweep"] = {
-            rate: {split: {name: values.get("median") for name, values in metrics.items()}
-                   for split, metrics in dev_metrics(summary).items()}
-            for rate, summary in entry["seed_summary"].items()}
-    return entry
-
-
-def entry_score(entry):
-    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
-
-
-def glue_score(results):
-    """The GLUE average over the tasks in `results`: each task's score (`entry_score`), then
-    their mean. MNLI counts once, however its dev splits were run: the entry with both
-    (`mnli`), else the mean of `mnli_matched`'s and `mnli_mismatched`'s."""
-    entries_by_task = by_dataset({name: entry for name, entry in sorted(results.items())
-                                  if name in TASKS and dev_metrics(entry)})
-    scores = {}
-    for name, entries in sorted(entries_by_task.items()):
-        whole = [entry for entry in entries
-                 if len(dev_metrics(entry)) == len(TASKS[name].eval_splits)]
-        scores[name] = statistics.fmean(map(entry_score, whole[:1] or entries))
-    if not scores:
-        return None
-    return {"average": sum(scores.values()) / len(scores), "tasks": scores}
-
-# ================================================================================================
-# Publishing: the results JSON, the submission files and the saved model, made anew from the
-# records; the results table
-
-
-def publish(task, options, settings, folder, save_path=None):
-    """Makes the task's entry in the results JSON, its top-level submission files and the
-    saved model anew from the run records of `settings`, under the results lock, so that
-    processes finishing at once agree. Returns the entry (None when no run is recorded)."""
-    with updating_results(results_path(options)) as results:
-        return publish_into(results, task, options, settings, folder, save_path)
-
-
-def publish_into(results, task, options, settings, folder, save_path):
-    """`publish`, with the results JSON already open under its lock."""
-    records = read_records(folder)
-    if not chains(records):  # none, or only restarts whose run was redone (--overwrite)
-        return results.get(task.name)
-    entry = {**summarized(records), "fingerprint": settings,
-             "fingerprint_id": fingerprint_id(settings)}
-    submitted = entry["submitted_run"]
-    chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
-    rows = options.submission_directory and not settings.get("limit") and submit_files(
-        task, chosen, options.submission_directory)
-    if rows:
-        entry.update(submission_rows=rows, submission_files_run=dict(submitted))
-    saved = (results.get(task.name) or {}).get("saved_model")  # an earlier command's
-    if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
-        saved = save_chosen_model(task, chosen, save_path) and os.path.abspath(save_path)
-    if saved:
-        entry["saved_model"] = saved
-    results[task.name] = entry
-    return entry
-
-
-def publish_recorded(options, root):
-    """`--task_name=none`: every recorded task's results and submission files made anew from
-    the records of its latest settings, those of its last recorded run (after a job array's
-    runs have all ended, say), with a line for each other settings it has records of."""
-    for name, entry in read_results(results_path(options)).items():
-        if name in TASKS and not os.path.isdir(os.path.join(root, name)) and \
-                isinstance(entry, dict):
-            say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
-                "record its runs)")
-    for name, (latest, *others) in recorded_settings(root).items():
-        task = TASKS[name]
-        settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
-        publish(task, options, settings, records_folder(root, task, latest),
-                model_save_path(options, task))
-        for other in others:
-            folder = records_folder(root, task, other)
-            say(f"{name}: published from its latest settings ({latest}); also recorded: "
-                f"{plural(len(counted_runs(read_records(folder))), 'run')} under {other} ("
-                f"{changed_settings(settings, read_json(os.path.join(folder, 'fingerprint.json')))}"
-                f"): to publish those instead, run one of their commands again (`command` in "
-                f"{folder}/*/{RUN_RECORD})")
-
-
-def recorded_settings(root):
-    """`{task: its settings ids, latest first}` of the tasks with runs recorded under `root`:
-    what --task_name=none publishes."""
-    return {name: ids for name in sorted(TASKS) if (ids := settings_by_recency(root, TASKS[name]))}
-
-
-def settings_by_recency(root, task):
-    """The fingerprint ids of a task's record folders that hold runs, the one whose last run
-    was recorded last first (by `recorded_at`, which a copy of the folder keeps; else by the
-    record's file time)."""
-    recorded = {}
-    for fingerprint_file in glob.glob(os.path.join(glob.escape(root), task.name, "*",
-                                                   "fingerprint.json")):
-        folder = os.path.dirname(fingerprint_file)
-        records = read_records(folder)
-        if chains(records):
-            recorded[os.path.basename(folder)] = max(
-                run.get("recorded_at") or os.path.getmtime(run_folder(
-                    folder, run["learning_rate"], run["seed"])) for run in records)
-    return sorted(recorded, key=recorded.get, reverse=True)
-
-
-def report_results(options):
-    """The report of the results JSON, in the submission folder, made anew (it may fail only
-    with a warning line: the results are recorded already)."""
-    if not (options.report and options.submission_directory and results_path(options)):
-        return
-    try:  # under the lock: a report is never older than the results beside it
-        with updating_results(results_path(options)) as results:
-            write_report(results, options.submission_directory)
-    except Exception as error:
-        say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
-
-
-def report_and_package(options, results, comparison=None):
-    """Prints the results table and the comparison, then fills and zips the submission if
-    asked to."""
-    table = format_results(read_results(results_path(options)) or results)
-    for text in (table, comparison and comparison_table(comparison)):
-        if text:
-            print(text)
-    if options.fill_missing_from:
-        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
-        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
-    if options.make_submission_zip:
-        print(f"Wrote {make_submission_zip(options.submission_directory)}")
-
-
-SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
-SUBMISSION_HEADER = "index\tprediction"
-
-
-def format_results(results):
-    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
-    the median ± sample standard deviation over the chosen learning rate's runs."""
-    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
-    for task_name, entry in sorted(results.items()):
-        if task_name not in TASKS:
-            continue
-        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
-        summary = entry.get("seed_summary", {}).get(rate)
-        limit = entry.get("fingerprint", {}).get("limit")
-        for split, metrics in dev_metrics(entry).items():
-            if summary:
-                shown = "  ".join(spread_text(name, summary[split][name]) for name in metrics)
-                shown += f"  ({runs_text(summary)}" + (
-                    f"; limited to the first {limit} rows)" if limit else ")")
-            else:  # an entry of one run, as older versions wrote
-                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
-            lines.append(f"{task_name:<16} {split:<22} {shown}")
-        for rate, (runs, most, seeds) in incomplete_rates(entry.get("runs", [])).items():
-            lines.append(f"{task_name:<16} lr {rate} not chosen: {runs} of {most} runs "
-                         f"(--learning_rate={rate} --seed={','.join(map(str, seeds))} "
-                         "completes it)")
-    score = glue_score(results)
-    if not score:
-        return ""  # no dev metrics to show (AX has none)
-    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
-                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
-    recipes = sorted({entry.get("flags", {}).get("recipe") for name, entry in results.items()
-                      if name in TASKS} - {None})
-    if recipes:
-        lines.append(f"Recipe: {', '.join(recipes)}")
-    return "\n".join(lines)
-
-
-def spread_text(name, values):
-    if not values["runs"]:
-        return f"{name} n/a"
-    return f"{name} {percent(values['median'])} ± {percent(values['std'])}"
-
-
-def runs_text(summary):
-    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
-    text = f"{runs} run{'s' * (runs != 1)}"
-    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
-                 for values in metrics.values()} - {runs}
-    if undefined:
-        text += f"; a metric is undefined in {runs - min(undefined)}"
-    return text + (f", {collapsed} collapsed" if collapsed else "")
-
-# ================================================================================================
 # Checking the options before any work: one clear line, before anything is read or trained
-
-
-# The flags' own checks, which absl runs as it parses them.
-STRATEGIES = ("auto", "one_device", "mirrored", "tpu")
-MULTI_WORKER = ("multi-worker training is retired: every GLUE encoder fits on one machine; use "
-                "--parallel_runs=N for several runs at once on one machine, or job arrays (one "
-                "seed each) into one shared --submission_directory across machines")
-
-
-def strategy_and_tpu(value):
-    """`--distribution_strategy`'s strategy name, and the TPU named after `tpu:` (else None)."""
-    name, _, tpu = value.partition(":")
-    return name, tpu or None
-
-
-def _valid_strategy(value):
-    name, _ = strategy_and_tpu(value)
-    if name == "multi_worker_mirrored":
-        raise flags.ValidationError(MULTI_WORKER)
-    return name in STRATEGIES and (name == "tpu" or ":" not in value)
-
-
-def _valid_learning_rates(values):
-    try:
-        rates = [float(value) for value in values]
-    except ValueError:
-        return False
-    return bool(rates) and min(rates) > 0 and len(set(rates)) == len(rates)
 
 
 flags.register_validator(
@@ -1870,14 +1517,6 @@ flags.register_validator(
         name in ("all", "none") or name in TASKS for name in names),
     "each name must be all, none, or a GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, "
     "mnli_matched, mnli_mismatched, qnli, rte, wnli, ax")
-flags.register_validator("learning_rate", _valid_learning_rates,
-                         "give positive numbers, comma-separated, each once")
-flags.register_validator(
-    "distribution_strategy", _valid_strategy,
-    f"use {', '.join(STRATEGIES[:-1])} or tpu:<name or grpc://host:port>")
-flags.register_validator("seed", lambda values: bool(values) and all(
-    re.fullmatch(r"\d+", value.strip()) for value in values),
-    "give non-negative integers, comma-separated")
 
 
 def check_options(options, task_names):
@@ -1914,7 +1553,7 @@ def check_options(options, task_names):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
     check_output_paths(options)
     check_multi_worker(os.environ.get("TF_CONFIG"))
-    limited = [name for name, entry in read_results(results_path(options)).items()  # a bad
+    limited = [name for name, entry in read_results(options.results_path).items()  # a bad
                if isinstance(entry, dict) and name not in task_names and  # file fails now
                entry.get("fingerprint", {}).get("limit")]
     if options.make_submission_zip and (options.limit or limited):
@@ -1966,8 +1605,8 @@ def check_output_paths(options):
     """Every folder the run will write to exists or can be made, and takes a file."""
     folders = [("submission_directory", options.submission_directory),
                ("checkpoint_dir", options.checkpoint_dir),
-               ("tensorboard_dir", tensorboard_root(options))]
-    for flag, path in [("results_path", results_path(options)),
+               ("tensorboard_dir", options.tensorboard_dir)]
+    for flag, path in [("results_path", options.results_path),
                        ("finetuning_model_save_path", options.finetuning_model_save_path)]:
         if path and os.path.isdir(path):
             raise GlueError(f"--{flag}={path} is a folder; give a file path")
@@ -2007,11 +1646,6 @@ def check_downloads_possible(options, task_names):
                     "local GLUE files instead")
 
 
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
 def explain_preset_failure(preset, error):
     try:  # A preset whose backbone loads but whose text classes do not is no text encoder.
         backbone = keras_hub.models.Backbone.from_preset(preset, load_weights=False)
@@ -2028,36 +1662,6 @@ def looks_like_path(preset):
     return "://" not in preset and (os.sep in preset or preset.startswith((".", "~")))
 
 
-def results_path(options):
-    if options.results_path or not options.submission_directory:
-        return options.results_path
-    return os.path.join(options.submission_directory, "glue_results.json")
-
-
-def tensorboard_folder(options, task, learning_rate, seed, settings):
-    """Where one run's TensorBoard logs go (None: nowhere): `<task>/<settings id>/lr<rate>_seed
-    <seed>`, so that TensorBoard's run selector is the sweep, and a run resumed under its
-    settings never continues the curves of the same seed under others."""
-    root = tensorboard_root(options)
-    if not root or learning_rate is None:
-        return None
-    return os.path.join(root, task.name, fingerprint_id(settings),
-                        f"lr{rate_label(learning_rate)}_seed{seed}")
-
-
-def tensorboard_root(options):
-    if not options.tensorboard:
-        return None
-    return options.tensorboard_dir or (options.submission_directory and os.path.join(
-        options.submission_directory, "tensorboard"))
-
-
-def model_save_path(options, task):
-    """`--finetuning_model_save_path`, with `{task}` in it replaced by the task's name."""
-    path = options.finetuning_model_save_path
-    return path and path.replace("{task}", task.name)
-
-
 def check_save_path(options, root, task_names):
     """A save path without `{task}` is one file, for one task's model: refused at start when
     several tasks would save theirs there (this command's, a folder's under --task_name=none,
@@ -2065,7 +1669,7 @@ def check_save_path(options, root, task_names):
     path = options.finetuning_model_save_path
     if not path or "{task}" in path or options.finetuning_model_load_path:
         return
-    there = [name for name, entry in read_results(results_path(options)).items()
+    there = [name for name, entry in read_results(options.results_path).items()
              if isinstance(entry, dict) and entry.get("saved_model") == os.path.abspath(path)]
     there = there if os.path.isfile(path) else []  # a model there now, not one moved away
     tasks = sorted({*(task_names or recorded_settings(root)), *there})
@@ -2105,11 +1709,90 @@ def check_devices_fit(options, task_names, settings):
                             "give the replicas a larger --batch_size instead")
 
 
+# The flags' own checks, which absl runs as it parses them.
+STRATEGIES = ("auto", "one_device", "mirrored", "tpu")
+MULTI_WORKER = ("multi-worker training is retired: every GLUE encoder fits on one machine; use "
+                "--parallel_runs=N for several runs at once on one machine, or job arrays (one "
+                "seed each) into one shared --submission_directory across machines")
+
+
+def strategy_and_tpu(value):
+    """`--distribution_strategy`'s strategy name, and the TPU named after `tpu:` (else None)."""
+    name, _, tpu = value.partition(":")
+    return name, tpu or None
+
+
+def _valid_strategy(value):
+    name, _ = strategy_and_tpu(value)
+    if name == "multi_worker_mirrored":
+        raise flags.ValidationError(MULTI_WORKER)
+    return name in STRATEGIES and (name == "tpu" or ":" not in value)
+
+
+flags.register_validator(
+    "distribution_strategy", _valid_strategy,
+    f"use {', '.join(STRATEGIES[:-1])} or tpu:<name or grpc://host:port>")
+
+# The comma lists of numbers: (the kind of number, the bound each is above, whether each must
+# be given once, what to give). A recipe's lists are judged by the same check
+# (`recipe_value_problem`). A repeated seed is check_runs' to explain, with the restart seeds.
+NUMBER_LISTS = {"learning_rate": (float, 0, True, "positive numbers"),
+                "seed": (int, -1, False, "non-negative integers")}
+
+
+def numbers_above(kind, above, once):
+    def check(values):
+        try:
+            numbers = [kind(value) for value in values]
+        except ValueError:
+            return False
+        return bool(numbers) and min(numbers) > above and (
+            not once or len(set(numbers)) == len(numbers))
+    return check
+
+
+for _name, (_kind, _above, _once, _what) in NUMBER_LISTS.items():
+    flags.register_validator(_name, numbers_above(_kind, _above, _once),
+                             f"give {_what}{', each once' * _once}, comma-separated")
+
 # ================================================================================================
 # Recipes: the per-task settings of a published protocol, for --recipe. Each maps task names
 # (and "defaults", for every task) to flags, spelled without dashes, and says in "source" where
 # the settings come from. "init_from_task" starts a task from another task's chosen model, in a
 # second round. The command line wins over a recipe, a task's entry over "defaults".
+
+
+def read_recipe(name, flag_values):
+    """The recipe `--recipe` names (None for none): a shipped one, or a JSON file. A bad one is
+    one line naming its first wrong key."""
+    if not name:
+        return None
+    if name in RECIPES:
+        recipe = RECIPES[name]
+    elif not os.path.isfile(name):
+        raise GlueError(f"--recipe={name}: neither a shipped recipe ({', '.join(RECIPES)}) nor "
+                        "a JSON file")
+    else:
+        try:
+            recipe = read_json(name)
+        except (OSError, ValueError) as error:
+            raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
+    if not isinstance(recipe, dict):
+        raise GlueError(f"--recipe={name}: give a JSON object whose keys are task names")
+    for key, settings in recipe.items():
+        if key == "source" and isinstance(settings, str):
+            continue
+        if key not in TASKS and key != "defaults":
+            raise GlueError(f"--recipe={name}: unknown key {key!r}; the keys are task names "
+                            f"({', '.join(TASKS)}), defaults and source (a string)")
+        if not isinstance(settings, dict):
+            raise GlueError(f"--recipe={name}: {key} must map settings to values")
+        for setting, value in settings.items():
+            problem = recipe_value_problem(setting, value, flag_values)
+            if problem:
+                raise GlueError(f"--recipe={name}: {key}.{setting}: {problem}")
+    return recipe
+
 
 RECIPES = {
     "bert": {
@@ -2154,58 +1837,20 @@ RECIPES = {
         "sst2": {"seed": [1, 2, 3]},
     },
 }
-RECIPE_SETTINGS = ("learning_rate", "seed", "epochs", "batch_size", "gradient_accumulation_steps",
-                   "warmup_ratio", "weight_decay", "clip_norm", "max_sequence_length",
-                   "evaluations_per_epoch", "select_best_epoch", "max_restarts")
-
-
-def read_recipe(name, flag_values):
-    """The recipe `--recipe` names (None for none): a shipped one, or a JSON file. A bad one is
-    one line naming its first wrong key."""
-    if not name:
-        return None
-    if name in RECIPES:
-        recipe = RECIPES[name]
-    elif not os.path.isfile(name):
-        raise GlueError(f"--recipe={name}: neither a shipped recipe ({', '.join(RECIPES)}) nor "
-                        "a JSON file")
-    else:
-        try:
-            recipe = read_json(name)
-        except (OSError, ValueError) as error:
-            raise GlueError(f"--recipe={name}: cannot be read as JSON ({error})") from None
-    if not isinstance(recipe, dict):
-        raise GlueError(f"--recipe={name}: give a JSON object whose keys are task names")
-    for key, settings in recipe.items():
-        if key == "source" and isinstance(settings, str):
-            continue
-        if key not in TASKS and key != "defaults":
-            raise GlueError(f"--recipe={name}: unknown key {key!r}; the keys are task names "
-                            f"({', '.join(TASKS)}), defaults and source (a string)")
-        if not isinstance(settings, dict):
-            raise GlueError(f"--recipe={name}: {key} must map settings to values")
-        for setting, value in settings.items():
-            problem = recipe_value_problem(setting, value, flag_values)
-            if problem:
-                raise GlueError(f"--recipe={name}: {key}.{setting}: {problem}")
-    return recipe
 
 
 def recipe_value_problem(setting, value, flag_values):
     """What is wrong with one recipe value (None: nothing), judged as its flag would be."""
     if setting == "init_from_task":
         return None if value in TASKS else f"{value!r} is not a task name"
-    if setting not in RECIPE_SETTINGS:
-        return f"unknown setting; a recipe sets {', '.join(RECIPE_SETTINGS)} and init_from_task"
-    if setting in ("learning_rate", "seed"):
-        kind = int if setting == "seed" else (int, float)
-        if isinstance(value, list) and value and all(
-                isinstance(item, kind) and not isinstance(item, bool) for item in value) and (
-                min(value) >= 0 if setting == "seed" else min(value) > 0) and \
-                len(set(value)) == len(value):
-            return None
-        wanted = "non-negative integers" if setting == "seed" else "positive numbers"
-        return f"give a list of {wanted}, each once, got {value!r}"
+    if setting not in flags_with("recipe"):
+        return f"unknown setting; a recipe sets {', '.join(flags_with('recipe'))} and " \
+            "init_from_task"
+    if setting in NUMBER_LISTS:
+        kind, above, _, what = NUMBER_LISTS[setting]
+        return None if isinstance(value, list) and all(
+            type(item) in (int, float) for item in value) and numbers_above(kind, above, True)(
+            [str(item) for item in value]) else f"give a list of {what}, each once, got {value!r}"
     flag = flag_values[setting]
     kind, wanted = {"bool": (bool, "true or false"), "int": (int, "an integer"),
                     "float": ((int, float), "a number")}[flag.flag_type()]
@@ -2256,37 +1901,6 @@ def ordered_by_start(task_names, settings):
     return ordered
 
 
-def chosen_model(options, root, task_name, settings, for_task):
-    """The model `for_task` starts from: that of `task_name`'s chosen run under the settings
-    this command gives it (its recipe's), as its run folder kept it; a line if there is none."""
-    task, values = TASKS[task_name], with_warm_start(options, root, task_name, settings)
-    source = fingerprint(task, task_options(options, values), run_devices(options))
-    folder = records_folder(root, task, fingerprint_id(source))
-    records = read_records(folder)
-    if not chains(records):
-        raise GlueError(f"init_from_task: {task_name} has no recorded runs with this command's "
-                        "settings for it to start from; run it in the same command (or before, "
-                        "into the same folder)")
-    chosen = summarized(records)["submitted_run"]
-    path = run_model(folder, chosen)
-    if not os.path.isfile(path):
-        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; add "
-                        f"{task_name} to this command, which trains that run alone again")
-    say(f"{for_task}: starts from {task_name}'s chosen run ({describe_run(chosen)}, settings "
-        f"{fingerprint_id(source)})")
-    return path
-
-
-def with_warm_start(options, root, task_name, settings):
-    """A task's recipe settings in this command, with the model its init_from_task names (that
-    task's chosen run's) in place as --init_from_finetuned."""
-    values = dict(settings[task_name])
-    if values.get("init_from_task"):
-        values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
-                                                     settings, task_name)
-    return values
-
-
 def check_task_settings(options, task_names, settings):
     """Each task's runs make sense with its recipe settings too (`check_runs`; check_options
     checked the command line's), a warm start is a finetuning, which
@@ -2325,6 +1939,37 @@ def check_recorded_runs(options, root, task_names, settings):
     return known
 
 
+def chosen_model(options, root, task_name, settings, for_task):
+    """The model `for_task` starts from: that of `task_name`'s chosen run under the settings
+    this command gives it (its recipe's), as its run folder kept it; a line if there is none."""
+    task, values = TASKS[task_name], with_warm_start(options, root, task_name, settings)
+    source = fingerprint(task, task_options(options, values), run_devices(options))
+    folder = records_folder(root, task, fingerprint_id(source))
+    records = read_records(folder)
+    if not chains(records):
+        raise GlueError(f"init_from_task: {task_name} has no recorded runs with this command's "
+                        "settings for it to start from; run it in the same command (or before, "
+                        "into the same folder)")
+    chosen = summarized(records)["submitted_run"]
+    path = run_model(folder, chosen)
+    if not os.path.isfile(path):
+        raise GlueError(f"init_from_task: {task_name}'s chosen run kept no model at {path}; add "
+                        f"{task_name} to this command, which trains that run alone again")
+    say(f"{for_task}: starts from {task_name}'s chosen run ({describe_run(chosen)}, settings "
+        f"{fingerprint_id(source)})")
+    return path
+
+
+def with_warm_start(options, root, task_name, settings):
+    """A task's recipe settings in this command, with the model its init_from_task names (that
+    task's chosen run's) in place as --init_from_finetuned."""
+    values = dict(settings[task_name])
+    if values.get("init_from_task"):
+        values["init_from_finetuned"] = chosen_model(options, root, values["init_from_task"],
+                                                     settings, task_name)
+    return values
+
+
 def task_options(options, values):
     """The options of one task: `options`, with its recipe's `values` (parsed as their flags
     parse them, see `recipe_values`) in place."""
@@ -2338,36 +1983,14 @@ def task_options(options, values):
 # reused, resumed and summarized only under the same one.
 
 
-# What a task's fingerprint leaves out of the flags its runs get: the run's own place in the
-# sweep, where data and models come from (their contents count instead), and how the run is
-# placed on devices (the strategy and replicas count instead).
-FINGERPRINT_LEFT_OUT = ("task_name", "learning_rate", "seed", "recipe", "data_dir",
-                        "submission_directory", "checkpoint_every_steps",
-                        "distribution_strategy", "tpu_timeout_seconds")
-FINGERPRINT_FILES = {"preset": "folder", "init_from_finetuned": "file",
-                     "finetuning_model_load_path": "file"}  # counted by their contents
-
-
-# The code that shapes the numbers: the custom code blocks, how data is read and tokenized, and
-# how a model is trained, evaluated and predicts test, with every definition of this file they
-# use, followed name by name. Definitions that only print or explain are left out.
-CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
-              "load_task_data", "tokenize_task_data", "starting_model", "make_optimizer",
-              "compile_for", "finetune", "DevEvaluations", "evaluate", "main",
-              "predict_test", "make_strategy")
-CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "GlueError",
-                 "explain_preset_failure", "first_line", "training_flops", "per_second",
-                 "clock", "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
-                 "HELP_GROUPS", "RUN_FLAGS", "report_run", "write_run")
-
-
 def fingerprint(task, options, devices):
     """What a task's runs depend on, besides their learning rate and seed: every flag its runs
-    get (a researcher's own flags too), except those of FINGERPRINT_LEFT_OUT; the contents of
+    get (a researcher's own flags too), except the uncounted ones (see `define`); the contents of
     the files they read; the code; the libraries; and `devices`, the (strategy, replicas)."""
     settings = {name: getattr(options, name) for name in run_flag_names(vars(options))
-                if name not in FINGERPRINT_LEFT_OUT + tuple(FINGERPRINT_FILES)}
-    settings.update({name: file_id(getattr(options, name)) for name in FINGERPRINT_FILES})
+                if not {"uncounted", "folder", "file"} & set(FLAG_ROLES.get(name, ()))}
+    settings.update({name: file_id(getattr(options, name))
+                     for name in flags_with("folder") + flags_with("file")})
     settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
         options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
         for dataset, split in task_splits(task, not options.finetuning_model_load_path)}
@@ -2385,8 +2008,36 @@ def file_id(path):
     return contents_id(path) if path and os.path.exists(os.path.expanduser(path)) else path
 
 
-def fingerprint_id(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+@functools.cache
+def code_ids():
+    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree
+    written back as code (comments, docstrings, line breaks and line numbers do not count), and
+    `{file: contents id}` of the researcher's own modules it imports (`own_modules`)."""
+    path = os.path.abspath(__file__)
+    with open(path, encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    definitions = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = node
+        elif isinstance(node, ast.Assign):
+            definitions.update({target.id: node for target in node.targets
+                                if isinstance(target, ast.Name)})
+    ids, todo = {}, list(CODE_ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in ids or name not in definitions or name in CODE_LEFT_OUT:
+            continue
+        node = definitions[name]
+        for inner in ast.walk(node):  # docstrings do not count
+            if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and \
+                    ast.get_docstring(inner, clean=False) is not None:
+                inner.body = inner.body[1:] or [ast.Pass()]
+        ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
+        todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
+    ids.update({file.removeprefix(os.path.dirname(path) + os.sep): contents_id(file)
+                for file in own_modules(path)})
+    return dict(sorted(ids.items()))
 
 
 def contents_id(path):
@@ -2417,32 +2068,45 @@ def digest_of_file(path, size, mtime_ns):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-@functools.cache
-def code_ids():
-    """`{name: id}` of every definition in CODE_ROOTS' reach, from this file's syntax tree
-    written back as code: comments, docstrings, line breaks and line numbers do not count."""
-    with open(os.path.abspath(__file__), encoding="utf-8") as file:
-        tree = ast.parse(file.read())
-    definitions = {}
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            definitions[node.name] = node
-        elif isinstance(node, ast.Assign):
-            definitions.update({target.id: node for target in node.targets
-                                if isinstance(target, ast.Name)})
-    ids, todo = {}, list(CODE_ROOTS)
-    while todo:
-        name = todo.pop()
-        if name in ids or name not in definitions or name in CODE_LEFT_OUT:
-            continue
-        node = definitions[name]
-        for inner in ast.walk(node):  # docstrings do not count
-            if isinstance(inner, (ast.FunctionDef, ast.ClassDef)) and \
-                    ast.get_docstring(inner, clean=False) is not None:
-                inner.body = inner.body[1:] or [ast.Pass()]
-        ids[name] = hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:12]
-        todo += [used.id for used in ast.walk(node) if isinstance(used, ast.Name)]
-    return dict(sorted(ids.items()))
+# The code that shapes the numbers: the custom code blocks, how data is read and tokenized, and
+# how a model is trained, evaluated and predicts test, with every definition of this file they
+# use, followed name by name. Definitions that only print or explain are left out.
+CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_model",
+              "load_task_data", "tokenize_task_data", "starting_model", "make_optimizer",
+              "compile_for", "finetune", "DevEvaluations", "evaluate", "main",
+              "predict_test", "make_strategy")
+CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "GlueError",
+                 "explain_preset_failure", "first_line", "training_flops", "per_second",
+                 "clock", "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
+                 "HELP_GROUPS", "RUN_FLAGS", "report_run", "write_run")
+
+
+def own_modules(script):
+    """The files of the modules `script` imports, and those they import in turn, outside the
+    Python installation (whose packages count by their versions): a researcher's own, beside
+    glue.py, on PYTHONPATH or installed editable. Found by the standard library's modulefinder,
+    which reads code without running it: a module named only at run time is not seen."""
+    installed = tuple(os.path.realpath(folder) + os.sep for folder in (
+        os.path.dirname(os.__file__), *site.getsitepackages(), site.getusersitepackages()))
+
+    def own(path):
+        return not (os.path.realpath(path) + os.sep).startswith(installed)
+
+    search = [os.path.dirname(script), *filter(own, filter(os.path.isdir, sys.path))]
+    while True:
+        finder = modulefinder.ModuleFinder(search)
+        finder.run_script(script)
+        hooked = set()  # an editable install may be found through an import hook alone
+        for name in (name for name in finder.badmodules if "." not in name):
+            with contextlib.suppress(ImportError, ValueError):
+                spec = importlib.util.find_spec(name)  # the package itself is not imported
+                if spec and spec.has_location and own(spec.origin):
+                    hooked.add(os.path.dirname(spec.submodule_search_locations[0] if
+                                               spec.submodule_search_locations else spec.origin))
+        if hooked <= set(search):
+            return sorted({module.__file__ for module in finder.modules.values()
+                           if module.__file__} - {script})
+        search += sorted(hooked - set(search))
 
 
 def changed_settings(old, new):
@@ -2465,9 +2129,9 @@ def changed_settings(old, new):
         elif name == "versions":
             changes.append(", ".join(f"{part} {before.get(part)} -> {after.get(part)}"
                                      for part in parts.split(", ")))
-        elif name in FINGERPRINT_FILES and all(
+        elif name in flags_with("folder") + flags_with("file") and all(
                 str(value).startswith("sha256:") for value in (before, after)):
-            changes.append(f"--{name} {FINGERPRINT_FILES[name]} contents changed")
+            changes.append(f"--{name} {FLAG_ROLES[name][0]} contents changed")
         else:
             changes.append(f"{name} {before!r} -> {after!r}")
     return "; ".join(changes)
@@ -2496,9 +2160,7 @@ RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no proce
 
 def run_name(task, learning_rate, seed, several):
     """How progress lines name a run."""
-    if not several:
-        return task.name
-    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}"
+    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}" if several else task.name
 
 
 def describe_run(run):
@@ -2506,17 +2168,8 @@ def describe_run(run):
     return f"{rate}, seed {run['seed']}"
 
 
-def plural(count, noun):
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
-def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
-    """Where one run keeps its training state (None: nowhere); never shared with another run,
-    nor with the same run under other settings or code."""
-    if not checkpoint_dir or learning_rate is None:
-        return None
-    return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
-                                        f"{fingerprint_id(settings)}")
+def fingerprint_id(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 # ================================================================================================
 # Devices: one tf.distribute strategy for a run. The custom code blocks and the optimizer run
@@ -2572,6 +2225,29 @@ def watchdog(seconds, message):
     finally:
         guard.stdin.close()  # the guard sees end-of-file and leaves quietly
         guard.wait()
+
+
+def run_devices(options):
+    """`(strategy, replicas)` as a run of this command will make them, for its fingerprint:
+    said from the devices' count alone, since the command itself sets up no device."""
+    name, _ = strategy_and_tpu(options.distribution_strategy)
+    gpus = gpu_count() // options.parallel_runs
+    if name == "tpu":
+        return "TPUStrategy", "the TPU's"
+    if name == "one_device" or (name == "auto" and gpus < 2):
+        return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
+                1)
+    # On CPU one device, unless what runs glue.py set more up (tests/with_cpu_devices.py).
+    return "MirroredStrategy", gpus or (len(tf.config.list_logical_devices("CPU"))
+                                        if "tensorflow" in sys.modules else 1)
+
+
+def gpu_count():
+    """The GPUs a run will see, as CUDA_VISIBLE_DEVICES or NVIDIA's driver lists them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return 0 if visible.strip() in ("", "-1") else len(visible.split(","))
+    return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 # ================================================================================================
 # Checkpoints: resuming exactly after a crash or preemption
@@ -2672,64 +2348,8 @@ def on_stop_signals(stop):
         for number, handler in previous.items():
             signal.signal(number, handler)
 
-
-
 # ================================================================================================
 # Progress: lines that a person at a terminal, or tailing a log file, can follow; speed
-
-
-PROGRESS_SECONDS = 60  # a progress line at least this often,
-PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
-QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
-
-
-def clock(seconds):
-    """`12.3s`, `8m18s` or `2h05m`."""
-    if seconds < 60:
-        return f"{max(seconds, 0):.1f}s"
-    minutes, seconds = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def per_second(amount, seconds, unit):
-    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
-
-
-class Progress:
-    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
-    steps, as often as PROGRESS_* say. `start`: steps done before (resume)."""
-
-    def __init__(self, label, total, *, start=0, quiet_seconds=QUIET_SECONDS, unit="ex"):
-        self.label, self.total, self.start, self.unit = label, total, start, unit
-        self.quiet_seconds = quiet_seconds
-        self.started = self.last_time = time.perf_counter()
-        self.last_step = start
-
-    def update(self, step, examples, details=lambda: ""):
-        now = time.perf_counter()
-        due = (now - self.started >= self.quiet_seconds and
-               step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
-               or now - self.last_time >= PROGRESS_SECONDS)
-        if not due or step >= self.total:
-            return
-        self.last_step, self.last_time = step, now
-        elapsed = now - self.started
-        remaining = elapsed / (step - self.start) * (self.total - step)
-        say(f"{self.label}  step {step}/{self.total}  {details()}"
-            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
-            f"ETA {clock(remaining)}")
-
-    def callback(self, batch_size):
-        """A Keras callback that updates this progress as `predict` goes, batch by batch."""
-        return keras.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: (
-            self.update(batch + 1, (batch + 1) * batch_size)))
-
-    def summary(self, amount, noun="rows", details=""):
-        seconds = time.perf_counter() - self.started
-        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
-            f"({per_second(amount, seconds, noun)}){details}")
 
 
 @keras_subclass("callbacks.Callback")
@@ -2883,16 +2503,6 @@ def copy_encoder(source, target, source_path):
     target_encoder.set_weights(weights)
 
 
-def backbone_in(model):
-    """The KerasHub backbone inside a model, however deep (None if there is none)."""
-    for layer in model.layers:
-        if isinstance(layer, keras_hub.models.Backbone):
-            return layer
-        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
-            return backbone_in(layer)
-    return None
-
-
 def training_flops(model, split, epochs):
     """The encoder's matmul arithmetic in finetuning on `split` for `epochs` (forward and
     backward: 3 times forward), at the shapes `batch_by_length` makes, each row padded to its
@@ -2917,9 +2527,14 @@ def training_flops(model, split, epochs):
     return 3 * epochs * float(forward)
 
 
-# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
-# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
-BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
+def backbone_in(model):
+    """The KerasHub backbone inside a model, however deep (None if there is none)."""
+    for layer in model.layers:
+        if isinstance(layer, keras_hub.models.Backbone):
+            return layer
+        if isinstance(layer, keras.Model) and backbone_in(layer) is not None:
+            return backbone_in(layer)
+    return None
 
 
 def bf16_hint(flags):
@@ -2932,6 +2547,11 @@ def bf16_hint(flags):
     return None
 
 
+# How much faster glue.py trains in --mixed_precision=mixed_bfloat16 than in float32, on CPUs
+# with these instructions (whole MRPC, MiniLM-L6; benchmarks/RESULTS.md).
+BF16_SPEEDUPS = (("amx_bf16", "AMX", 1.8), ("avx512_bf16", "avx512_bf16", 1.3))
+
+
 def cpu_flags():
     """The CPU's feature flags, from /proc/cpuinfo (none where there is no such file)."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
@@ -2940,52 +2560,73 @@ def cpu_flags():
                 return set(line.split(":", 1)[1].split())
     return set()
 
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+PROGRESS_SECONDS = 60  # a progress line at least this often,
+PROGRESS_PARTS = 20  # and at least every 5% of a phase's steps,
+QUIET_SECONDS = 10  # except in the first seconds of tokenizing or predicting
+
+
+class Progress:
+    """Prints `<label>  step N/M  <details>  R ex/s  elapsed T  ETA T` for a phase of `total`
+    steps, as often as PROGRESS_* say. `start`: steps done before (resume)."""
+
+    def __init__(self, label, total, *, start=0, quiet_seconds=QUIET_SECONDS, unit="ex"):
+        self.label, self.total, self.start, self.unit = label, total, start, unit
+        self.quiet_seconds = quiet_seconds
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start
+
+    def update(self, step, examples, details=lambda: ""):
+        now = time.perf_counter()
+        due = (now - self.started >= self.quiet_seconds and
+               step - self.last_step >= max(self.total / PROGRESS_PARTS, 1)
+               or now - self.last_time >= PROGRESS_SECONDS)
+        if not due or step >= self.total:
+            return
+        self.last_step, self.last_time = step, now
+        elapsed = now - self.started
+        remaining = elapsed / (step - self.start) * (self.total - step)
+        say(f"{self.label}  step {step}/{self.total}  {details()}"
+            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"ETA {clock(remaining)}")
+
+    def callback(self, batch_size):
+        """A Keras callback that updates this progress as `predict` goes, batch by batch."""
+        return keras.callbacks.LambdaCallback(on_predict_batch_end=lambda batch, logs: (
+            self.update(batch + 1, (batch + 1) * batch_size)))
+
+    def summary(self, amount, noun="rows", details=""):
+        seconds = time.perf_counter() - self.started
+        say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
+            f"({per_second(amount, seconds, noun)}){details}")
+
+
+def clock(seconds):
+    """`12.3s`, `8m18s` or `2h05m`."""
+    if seconds < 60:
+        return f"{max(seconds, 0):.1f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def per_second(amount, seconds, unit):
+    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
+
 # ================================================================================================
 # Tokenizing, inside: each split tokenized on a thread per core, kept without its padding, and
 # gathered into padded batches as they are made. Then the GLUE files it reads: the local
 # glue_data/ layout, read and checked, or tensorflow-datasets
-
-TOKENIZE_BATCH = 1024
-
-
-def available_cores():
-    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
-
-
-@dataclasses.dataclass
-class TokenizedSplit:
-    """A tokenized split, one row per example, in file order, in numpy arrays.
-
-    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
-    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
-    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
-    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
-    Inputs without a `padding_mask` (a custom preprocessing may give any) stay whole in `inputs`.
-    """
-
-    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
-    labels: np.ndarray
-    idx: np.ndarray
-    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
-    padded_length: int = None  # the length `preprocess_fn` padded to
-    tokens: dict = dataclasses.field(default_factory=dict)
-    offsets: np.ndarray = None
-    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
-    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
-
-    def __len__(self):
-        return len(self.labels)
-
-
-def features_and_label(task):
-    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
-    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
 
 
 def tokenize(examples, task, preprocess_fn, split_name=""):
@@ -3017,6 +2658,14 @@ def tokenize(examples, task, preprocess_fn, split_name=""):
     return split
 
 
+TOKENIZE_BATCH = 1024
+
+
+def features_and_label(task):
+    """Maps a tfds-style example to `((text, ...), label)`, the input of `preprocess_fn`."""
+    return lambda example: (tuple(example[name] for name in task.text_features), example["label"])
+
+
 def without_padding(inputs, labels, idx):
     """A `TokenizedSplit` of one batch of `preprocess_fn`'s output."""
     inputs = tf.nest.map_structure(np.asarray, inputs)
@@ -3037,6 +2686,31 @@ def without_padding(inputs, labels, idx):
             padding = value[~mask][:1]  # padding as `preprocess_fn` pads
             split.pad_values[name] = padding[0] if len(padding) else value.dtype.type(0)
     return split
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """A tokenized split, one row per example, in file order, in numpy arrays.
+
+    The token-aligned inputs are kept without their padding: `tokens[name]` holds every row's
+    real tokens one after the other (row i at `offsets[i]:offsets[i + 1]`), in the smallest
+    integer type that holds them; `padding_mask` is not kept at all, since `lengths` say it.
+    So memory follows the real tokens, and each batch is padded as it is made (`rows_of`).
+    Inputs without a `padding_mask` (a custom preprocessing may give any) stay whole in `inputs`.
+    """
+
+    inputs: object  # the inputs that are not token-aligned: a dict of arrays, or one array
+    labels: np.ndarray
+    idx: np.ndarray
+    lengths: np.ndarray = None  # real lengths; None when the inputs cannot be trimmed
+    padded_length: int = None  # the length `preprocess_fn` padded to
+    tokens: dict = dataclasses.field(default_factory=dict)
+    offsets: np.ndarray = None
+    pad_values: dict = dataclasses.field(default_factory=dict)  # the padding, per input
+    dtypes: dict = dataclasses.field(default_factory=dict)  # each token input's own type
+
+    def __len__(self):
+        return len(self.labels)
 
 
 def smallest_integers(values):
@@ -3275,12 +2949,210 @@ def count(examples):
     known = int(examples.cardinality())
     return known if known >= 0 else int(examples.reduce(0, lambda total, _: total + 1))
 
+
+def available_cores():
+    """The cores this process may run on: its affinity mask on Linux, every core elsewhere."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+TOKENIZE_THREADS = available_cores()  # batches tokenized at once: one per core
+
+# ================================================================================================
+# Publishing: the results JSON, the submission files and the saved model, made anew from the
+# records; the results table
+
+
+def publish_recorded(options, root):
+    """`--task_name=none`: every recorded task's results and submission files made anew from
+    the records of its latest settings, those of its last recorded run (after a job array's
+    runs have all ended, say), with a line for each other settings it has records of."""
+    for name, entry in read_results(options.results_path).items():
+        if name in TASKS and not os.path.isdir(os.path.join(root, name)) and \
+                isinstance(entry, dict):
+            say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
+                "record its runs)")
+    for name, (latest, *others) in recorded_settings(root).items():
+        task = TASKS[name]
+        settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
+        publish(task, options, settings, records_folder(root, task, latest),
+                model_save_path(options, task))
+        for other in others:
+            folder = records_folder(root, task, other)
+            say(f"{name}: published from its latest settings ({latest}); also recorded: "
+                f"{plural(len(counted_runs(read_records(folder))), 'run')} under {other} ("
+                f"{changed_settings(settings, read_json(os.path.join(folder, 'fingerprint.json')))}"
+                f"): to publish those instead, run one of their commands again (`command` in "
+                f"{folder}/*/{RUN_RECORD})")
+
+
+def publish(task, options, settings, folder, save_path=None):
+    """Makes the task's entry in the results JSON, its top-level submission files and the
+    saved model anew from the run records of `settings`, under the results lock, so that
+    processes finishing at once agree. Returns the entry (None when no run is recorded)."""
+    with updating_results(options.results_path) as results:
+        return publish_into(results, task, options, settings, folder, save_path)
+
+
+def publish_into(results, task, options, settings, folder, save_path):
+    """`publish`, with the results JSON already open under its lock."""
+    records = read_records(folder)
+    if not chains(records):  # none, or only restarts whose run was redone (--overwrite)
+        return results.get(task.name)
+    entry = {**summarized(records), "fingerprint": settings,
+             "fingerprint_id": fingerprint_id(settings)}
+    submitted = entry["submitted_run"]
+    chosen = run_folder(folder, submitted["learning_rate"], submitted["seed"])
+    rows = options.submission_directory and not settings.get("limit") and submit_files(
+        task, chosen, options.submission_directory)
+    if rows:
+        entry.update(submission_rows=rows, submission_files_run=dict(submitted))
+    saved = (results.get(task.name) or {}).get("saved_model")  # an earlier command's
+    if save_path and not options.finetuning_model_load_path:  # no copy of the loaded model
+        saved = save_chosen_model(task, chosen, save_path) and os.path.abspath(save_path)
+    if saved:
+        entry["saved_model"] = saved
+    results[task.name] = entry
+    return entry
+
+
+def recorded_settings(root):
+    """`{task: its settings ids, latest first}` of the tasks with runs recorded under `root`:
+    what --task_name=none publishes."""
+    return {name: ids for name in sorted(TASKS) if (ids := settings_by_recency(root, TASKS[name]))}
+
+
+def settings_by_recency(root, task):
+    """The fingerprint ids of a task's record folders that hold runs, the one whose last run
+    was recorded last first (by `recorded_at`, which a copy of the folder keeps; else by the
+    record's file time)."""
+    recorded = {}
+    for fingerprint_file in glob.glob(os.path.join(glob.escape(root), task.name, "*",
+                                                   "fingerprint.json")):
+        folder = os.path.dirname(fingerprint_file)
+        records = read_records(folder)
+        if chains(records):
+            recorded[os.path.basename(folder)] = max(
+                run.get("recorded_at") or os.path.getmtime(run_folder(
+                    folder, run["learning_rate"], run["seed"])) for run in records)
+    return sorted(recorded, key=recorded.get, reverse=True)
+
+
+def report_results(options):
+    """The report of the results JSON, in the submission folder, made anew (it may fail only
+    with a warning line: the results are recorded already)."""
+    if not (options.report and options.submission_directory and options.results_path):
+        return
+    try:  # under the lock: a report is never older than the results beside it
+        with updating_results(options.results_path) as results:
+            write_report(results, options.submission_directory)
+    except Exception as error:
+        say(f"warning: {REPORT} not written ({type(error).__name__}: {first_line(error)})")
+
+
+def report_and_package(options, results, comparison=None):
+    """Prints the results table and the comparison, then fills and zips the submission if
+    asked to."""
+    table = format_results(read_results(options.results_path) or results)
+    for text in (table, comparison and comparison_table(comparison)):
+        if text:
+            print(text)
+    if options.fill_missing_from:
+        copied = fill_missing_files(options.submission_directory, options.fill_missing_from)
+        print(f"Copied from {options.fill_missing_from}: {', '.join(copied) or 'nothing'}")
+    if options.make_submission_zip:
+        print(f"Wrote {make_submission_zip(options.submission_directory)}")
+
+
+SUBMISSION_FILES = {output.file: output for task in TASKS.values() for output in task.outputs}
+SUBMISSION_HEADER = "index\tprediction"
+
+
+def format_results(results):
+    """A table of dev metrics, x100 as papers print them, and the GLUE average. Each metric is
+    the median ± sample standard deviation over the chosen learning rate's runs."""
+    lines = [f"{'task':<16} {'split':<22} metrics (median ± std over seeds)"]
+    for task_name, entry in sorted(results.items()):
+        if task_name not in TASKS:
+            continue
+        rate = rate_label(entry.get("submitted_run", {}).get("learning_rate"))
+        summary = entry.get("seed_summary", {}).get(rate)
+        limit = entry.get("fingerprint", {}).get("limit")
+        for split, metrics in dev_metrics(entry).items():
+            if summary:
+                shown = "  ".join(f"{name} {spread_text(summary[split][name])}"
+                                  for name in metrics)
+                shown += f"  ({runs_text(summary)}" + (
+                    f"; limited to the first {limit} rows)" if limit else ")")
+            else:  # an entry of one run, as older versions wrote
+                shown = "  ".join(f"{name} {percent(value)}" for name, value in metrics.items())
+            lines.append(f"{task_name:<16} {split:<22} {shown}")
+        for rate, (runs, most, seeds) in incomplete_rates(entry.get("runs", [])).items():
+            lines.append(f"{task_name:<16} lr {rate} not chosen: {runs} of {most} runs "
+                         f"(--learning_rate={rate} --seed={','.join(map(str, seeds))} "
+                         "completes it)")
+    score = glue_score(results)
+    if not score:
+        return ""  # no dev metrics to show (AX has none)
+    lines.append(f"GLUE average over {len(score['tasks'])} tasks "
+                 f"({', '.join(score['tasks'])}): {100 * score['average']:.2f}")
+    recipes = sorted({entry.get("flags", {}).get("recipe") for name, entry in results.items()
+                      if name in TASKS} - {None})
+    if recipes:
+        lines.append(f"Recipe: {', '.join(recipes)}")
+    return "\n".join(lines)
+
+
+def spread_text(values):
+    return f"{percent(values['median'])} ± {percent(values['std'])}" if values["runs"] else "n/a"
+
+
+def runs_text(summary):
+    runs, collapsed = summary["task_score"]["runs"], summary["collapsed_runs"]
+    text = f"{runs} run{'s' * (runs != 1)}"
+    undefined = {values["runs"] for split, metrics in dev_metrics(summary).items()
+                 for values in metrics.values()} - {runs}
+    if undefined:
+        text += f"; a metric is undefined in {runs - min(undefined)}"
+    return text + (f", {collapsed} collapsed" if collapsed else "")
+
 # ================================================================================================
 # Submission files: validating, zipping. Every file is written to a temporary file
 # beside it, then renamed, so an interrupted run never leaves a half-written file behind.
 
 
-SHOWN_PROBLEMS_PER_FILE = 10
+def fill_missing_files(directory, source):
+    """Copies the submission files `directory` lacks from a sample submission; returns names."""
+    available = read_submission(source)
+    copied = []
+    for name in sorted(SUBMISSION_FILES):
+        target = os.path.join(directory, name)
+        if not os.path.exists(target) and name in available:
+            write_atomically(target, lambda temporary: pathlib.Path(temporary).write_bytes(
+                available[name]))
+            copied.append(name)
+    return copied
+
+
+def make_submission_zip(directory):
+    """Validates `directory`'s 11 files and zips them; never writes a zip that would fail."""
+    contents = read_submission(directory)
+    errors, notices = validate_submission(contents)
+    for line in notices + errors:
+        print(line)
+    if errors:
+        raise GlueError(f"{len(errors)} problems in {directory} (listed above); no zip written. "
+                        "Run the missing tasks, or pass --fill_missing_from=<sample submission>")
+    path = os.path.join(directory, "submission.zip")
+
+    def write(temporary):
+        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name in sorted(SUBMISSION_FILES):
+                archive.writestr(name, contents[name])
+
+    write_atomically(path, write)
+    return path
 
 
 def read_submission(path):
@@ -3317,6 +3189,9 @@ def validate_submission(contents):
         errors += file_errors
         notices += file_notices
     return errors, notices
+
+
+SHOWN_PROBLEMS_PER_FILE = 10
 
 
 def validate_submission_file(name, data, expected):
@@ -3378,271 +3253,10 @@ def check_prediction(task, prediction):
         return f"prediction {prediction!r} is not a finite number"
     return None if 0 <= score <= 5 else "out of range"
 
-
-def fill_missing_files(directory, source):
-    """Copies the submission files `directory` lacks from a sample submission; returns names."""
-    available = read_submission(source)
-    copied = []
-    for name in sorted(SUBMISSION_FILES):
-        target = os.path.join(directory, name)
-        if not os.path.exists(target) and name in available:
-            write_atomically(target, lambda temporary: pathlib.Path(temporary).write_bytes(
-                available[name]))
-            copied.append(name)
-    return copied
-
-
-def make_submission_zip(directory):
-    """Validates `directory`'s 11 files and zips them; never writes a zip that would fail."""
-    contents = read_submission(directory)
-    errors, notices = validate_submission(contents)
-    for line in notices + errors:
-        print(line)
-    if errors:
-        raise GlueError(f"{len(errors)} problems in {directory} (listed above); no zip written. "
-                        "Run the missing tasks, or pass --fill_missing_from=<sample submission>")
-    path = os.path.join(directory, "submission.zip")
-
-    def write(temporary):
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name in sorted(SUBMISSION_FILES):
-                archive.writestr(name, contents[name])
-
-    write_atomically(path, write)
-    return path
-
-# ================================================================================================
-# Run records and the results JSON. Each run's folder is the record of that run, written once,
-# by the run's process: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds run.json, its
-# log, its test predictions and, if asked for, its model. The results JSON, the top-level
-# submission files and the saved model are made from the records, under a lock.
-
-
-@contextlib.contextmanager
-def records_root(options):
-    """The folder of every task's run records: `runs/` in the submission folder, else beside the
-    results JSON, else a temporary folder that lives as long as the command."""
-    path = results_path(options)
-    if options.submission_directory or path:
-        yield os.path.join(options.submission_directory or os.path.dirname(os.path.abspath(path)),
-                           "runs")
-        return
-    with tempfile.TemporaryDirectory(prefix="glue-runs-") as folder:
-        yield folder
-
-
-def records_folder(root, task, settings_id):
-    """Where the runs of one task under one fingerprint are recorded."""
-    return os.path.join(root, task.name, settings_id)
-
-
-def run_folder(folder, learning_rate, seed):
-    """One run's folder in its fingerprint's: `lr2e-05_seed3`."""
-    return os.path.join(folder, f"lr{rate_label(learning_rate)}_seed{seed}")
-
-
-def run_model(folder, run):
-    """Where a run's folder keeps its model, if it kept one."""
-    return os.path.join(run_folder(folder, run["learning_rate"], run["seed"]), "model.keras")
-
-
-def read_records(folder):
-    """Every run record under one fingerprint, in run order ([] if there is none)."""
-    records = []
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name, RUN_RECORD)
-            if not name.startswith(".") and os.path.isfile(path):
-                records.append(read_json(path))
-    return sorted(records, key=run_order)
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
-
-
-STAGED = ".staged:"  # a run folder being written: .staged:<host>:<pid of its command>:<id>
-
-
-def remove_abandoned(task_folder, max_age_seconds=24 * 3600):
-    """Removes the staged run folders a killed command left, under any settings of a task: on
-    this host, those of a process that is gone; from another host (whose processes cannot be
-    seen), or from a glue.py that named them .tmp-*, those untouched for a day (a running run's
-    log changes every minute)."""
-    for path in glob.glob(os.path.join(glob.escape(task_folder), "*", ".*")):
-        name = os.path.basename(path)
-        if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")):
-            continue
-        host, pid, *_ = name.removeprefix(STAGED).split(":") + ["", ""]
-        if host == socket.gethostname():
-            abandoned = not is_running(int(pid))
-        else:
-            touched = max(map(os.path.getmtime, [path, *glob.glob(os.path.join(
-                glob.escape(path), "*"))]))
-            abandoned = time.time() - touched > max_age_seconds
-        if abandoned:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def is_running(pid):
-    try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
-
-
-def put_in_place(staged, final):
-    """Renames a staged run folder to its final name, replacing the same run's earlier folder
-    (--overwrite)."""
-    aside = f"{staged}-replaced"
-    if os.path.exists(final):
-        os.rename(final, aside)
-    os.rename(staged, final)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def submit_files(task, chosen, submission_directory):
-    """Copies the chosen run's test predictions to the top of the submission folder. Returns
-    their row counts (None if the run has none)."""
-    sources = {output.file: os.path.join(chosen, output.file) for output in task.outputs}
-    if not all(map(os.path.isfile, sources.values())):
-        say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) has no test predictions "
-            "(it ran without --submission_directory); the submission files were not updated")
-        return None
-    for file, source in sources.items():
-        copy_if_changed(source, os.path.join(submission_directory, file))
-    return {file: max(sum(1 for line in pathlib.Path(source).read_bytes().splitlines()
-                          if line.strip()) - 1, 0) for file, source in sources.items()}
-
-
-def save_chosen_model(task, chosen, save_path):
-    """Copies the chosen run's model to --finetuning_model_save_path; returns whether it is
-    there. If that run kept none, a model already there (an earlier choice's) is moved aside,
-    so that the path never holds a model that was not chosen."""
-    source = os.path.join(chosen, "model.keras")
-    if os.path.isfile(source):
-        if copy_if_changed(source, save_path):
-            say(f"{task.name}: {save_path} holds the chosen run's model "
-                f"({os.path.basename(chosen)})")
-        return True
-    moved = ""
-    if os.path.exists(save_path):
-        earlier = f"{save_path.removesuffix('.keras')}.earlier.keras"
-        os.replace(save_path, earlier)
-        moved = f"; the model that was at {save_path} is now at {earlier}"
-    say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (a run keeps "
-        f"it only for a save path or a warm start){moved}; run the task with "
-        "--finetuning_model_save_path to train that run again")
-
-
-def copy_if_changed(source, target):
-    """Copies `source` over `target` (atomically, with its modification time) unless `target`
-    is that copy already, by size and time: a large model is not read to know. Returns whether
-    it copied."""
-    if os.path.isfile(target):
-        copied, there = os.stat(source), os.stat(target)
-        if (copied.st_size, copied.st_mtime_ns) == (there.st_size, there.st_mtime_ns):
-            return False
-    write_atomically(target, lambda temporary: shutil.copy2(source, temporary))
-    return True
-
-
-def read_results(path):
-    """The results JSON written by earlier runs ({} if none, or no path)."""
-    if not path or not os.path.exists(path):
-        return {}
-    try:
-        results = read_json(path)
-    except (OSError, ValueError) as error:
-        raise GlueError(f"{path}: cannot read the results JSON ({error}); fix or move it, or "
-                        "pass another --results_path") from None
-    if not isinstance(results, dict):
-        raise GlueError(f"{path}: the results JSON is not an object keyed by task; fix or move "
-                        "it, or pass another --results_path")
-    return results
-
-
-# The results lock is a lease its holder renews while it lives: flock can fail silently on NFS,
-# where job arrays share a folder. A dead holder's lease is taken at once on its own host, and
-# after LOCK_LEASE_SECONDS from another; on NFS, where filelock cannot take it over, after
-# three times that, from any host.
-LOCK_LEASE_SECONDS, LOCK_TIMEOUT_SECONDS = 60, 1800
-
-
-@contextlib.contextmanager
-def updating_results(path):
-    """The results JSON as a dict to change, under the results lock; written back, with the
-    GLUE score, at the end (no path: a dict that is not kept)."""
-    if not path:
-        yield {}
-        return
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with results_lock(os.path.join(folder, f".{name}.lease")):
-        results = read_results(path)
-        yield results
-        results["glue_score"] = glue_score(results)
-        write_json(path, results)
-
-
-@contextlib.contextmanager
-def results_lock(lease):
-    """Holds the lease. filelock takes a dead holder's over by an atomic exchange of file
-    names, which NFS refuses: so a lease file that waiting has seen unchanged for three lease
-    lengths (a live holder renews it every third of one) is moved aside here, then taken."""
-    lock = filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS)
-    started, seen = time.monotonic(), None
-    while True:
-        left = LOCK_TIMEOUT_SECONDS - (time.monotonic() - started)
-        try:
-            held = lock.acquire(timeout=max(0, min(LOCK_LEASE_SECONDS, left)))
-            break
-        except filelock.Timeout:
-            if left <= LOCK_LEASE_SECONDS:  # it waited to the end
-                raise GlueError(f"{lease}: the results lock was not free within "
-                                f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's "
-                                "process and host: delete it if that process is gone") from None
-            say(f"{lease}: waiting for the results lock ({clock(time.monotonic() - started)})")
-            seen = move_aside_if_unchanged(lease, seen)
-    with held:  # released however the body ends
-        yield
-
-
-def move_aside_if_unchanged(lease, seen):
-    """`seen`: the lease file's (inode, time) and when waiting first saw them so. Moves the file
-    aside once unchanged for three lease lengths; returns what is seen now."""
-    try:
-        stat, now = os.stat(lease), time.monotonic()
-        key = (stat.st_ino, stat.st_mtime_ns)
-        if not seen or seen[0] != key:
-            return key, now
-        if now - seen[1] < 3 * LOCK_LEASE_SECONDS:
-            return seen
-        aside = f"{lease}.gone-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
-        os.rename(lease, aside)  # atomic on NFS too
-        moved = os.stat(aside)
-        if (moved.st_ino, moved.st_mtime_ns) != key:  # a live holder's, since: put it back
-            with contextlib.suppress(FileExistsError):  # unless a third one is holding by now
-                os.link(aside, lease)
-        else:
-            say(f"{lease}: unchanged for {clock(now - seen[1])}, its holder gone: moved aside")
-        os.remove(aside)
-    except OSError:  # gone meanwhile, or not this process' to move: wait on
-        pass
-    return None
-
-
 # ================================================================================================
 # The results report: glue_report.md in the submission folder, its figures beside it in
 # glue_report/, made from the results JSON alone whenever that changes. matplotlib is imported
 # only to draw them, and a figure that cannot be drawn costs one warning line, never a result.
-
-
-REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
 
 
 def write_report(results, directory):
@@ -3682,8 +3296,7 @@ def report_table(entries):
         summary = entry["seed_summary"][rate_label(submitted["learning_rate"])]
         for split, metrics in dev_metrics(summary).items():
             for metric, values in metrics.items():
-                shown = spread_text(metric, values).removeprefix(f"{metric} ")
-                lines.append(f"| {name} | {split} | {metric} | {shown} | "
+                lines.append(f"| {name} | {split} | {metric} | {spread_text(values)} | "
                              f"{summary['task_score']['runs']} | {summary['collapsed_runs']} | "
                              f"{describe_run(submitted)} |")
     return lines
@@ -3728,6 +3341,9 @@ def figure(directory, file, draw, *args_and_caption):
             f"{first_line(error)}); the report goes without it")
         return []
     return [f"![{caption}]({REPORT_FIGURES}/{file})", ""]
+
+
+REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
 
 
 def draw_dev_scores(drawn, name, entry):
@@ -3780,32 +3396,6 @@ def draw_seed_spread(drawn, entries):
 # is the median over its drawn runs of their task scores on the drawn examples, as the results
 # give a task's score. The interval covers seeds and dev examples, not the hyperparameter search.
 
-COMPARISON, RESAMPLES, RESAMPLING_SEED = "glue_comparison.json", 1000, 0
-
-# The GLUE metrics on every resample at once, from a split's labels and predictions (float32),
-# the drawn examples' indices (resamples, examples) and how often each example was drawn (the
-# same shape): counted for accuracy and F1, the examples themselves for the correlations. For
-# 0/1 labels Matthews' coefficient is Pearson's; Spearman's is Pearson's over ranks.
-RESAMPLED_METRICS = {
-    "accuracy": lambda labels, predictions, drawn, counts:
-        counts @ (labels == predictions).astype(np.float32) / len(labels),
-    "f1": lambda labels, predictions, drawn, counts:
-        2 * (counts @ (labels * predictions)) / (counts @ labels + counts @ predictions),
-    "pearson": lambda labels, predictions, drawn, counts:
-        scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
-    "spearmanr": lambda labels, predictions, drawn, counts: scipy.stats.pearsonr(
-        scipy.stats.rankdata(labels[drawn], axis=1),
-        scipy.stats.rankdata(predictions[drawn], axis=1), axis=1).statistic,
-}
-RESAMPLED_METRICS["matthews_corrcoef"] = RESAMPLED_METRICS["pearson"]  # for 0/1 labels
-
-
-def scored_entries(results):
-    """The entries of tasks with a dev score, as this glue.py records them."""
-    return {name: entry for name, entry in results.items() if name in TASKS and
-            isinstance(entry, dict) and dev_metrics(entry) and "submitted_run" in entry and
-            entry.get("runs")}
-
 
 def other_results(options, task_names):
     """The results of the folder --compare_with names, as they are before this command, for
@@ -3818,17 +3408,33 @@ def other_results(options, task_names):
     if not other:
         raise GlueError(f"--compare_with={path}: no dev results there (glue_results.json); give "
                         "the submission folder of runs with a dev set")
-    ours = set(scored_entries(read_results(results_path(options)))) | {
+    ours = set(scored_entries(read_results(options.results_path))) | {
         name for name in task_names if TASKS[name].eval_splits}
     if not ours & set(other):
         raise GlueError(f"--compare_with={path}: no task in common (it has "
                         f"{', '.join(other)}; this one {', '.join(sorted(ours)) or 'none'})")
     own = options.submission_directory or (
-        results_path(options) and os.path.dirname(os.path.abspath(results_path(options))))
+        options.results_path and os.path.dirname(os.path.abspath(options.results_path)))
     if own and os.path.isdir(own) and os.path.samefile(path, own):
         say("--compare_with is this folder itself: each task as it is now, against itself as "
             "it was before this command (under other settings where this command changes them)")
     return other
+
+
+def compare_and_record(options, results, root, other):
+    """Compares this folder's results (this command's, when there is no results file) with
+    the other folder's `other`, and writes glue_comparison.json into the submission folder."""
+    try:  # the other folder's files are read only now; a bad one costs a line, not the results
+        comparison = {"against": options.compare_with, **compare(
+            read_results(options.results_path) or results, root, other,
+            os.path.join(options.compare_with, "runs"))}
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as error:
+        say(f"warning: --compare_with={options.compare_with}: not compared ({type(error).__name__}"
+            f": {first_line(error)})")
+        return None
+    if options.submission_directory:
+        write_json(os.path.join(options.submission_directory, COMPARISON), comparison)
+    return comparison
 
 
 def compare(results, root, other, other_root):
@@ -3871,17 +3477,17 @@ def compare(results, root, other, other_root):
     return comparison
 
 
+def mean_over_tasks(values):
+    """The GLUE score's mean over tasks of per-task values (numbers or arrays of resamples)."""
+    return np.mean([np.mean(group, axis=0) for group in by_dataset(values).values()], axis=0)
+
+
 def by_dataset(named):
     """Values by task, grouped by the dataset that trains them: MNLI's entries count once."""
     grouped = {}
     for name, value in named.items():
         grouped.setdefault(TASKS[name].training_data, []).append(value)
     return grouped
-
-
-def mean_over_tasks(values):
-    """The GLUE score's mean over tasks of per-task values (numbers or arrays of resamples)."""
-    return np.mean([np.mean(group, axis=0) for group in by_dataset(values).values()], axis=0)
 
 
 def chosen_predictions(root, task, entry):
@@ -3959,38 +3565,6 @@ def compared(this, other, differences, judged=True):
             "interval": [float(low), float(high)], "verdict": verdict}
 
 
-def comparison_table(comparison):
-    """The comparison as printed after the results, and shown in the report, x100."""
-    lines = [f"Compared with {comparison['against']}: the difference and its 95% interval over "
-             f"seeds and dev examples ({comparison['resamples']} resamples)",
-             f"{'task':<16} {'this':>7} {'other':>7} {'difference':>10}  {'95% interval':<18} "
-             "verdict"]
-    if not comparison["tasks"]:
-        return "\n".join([lines[0], "no task in common to compare"])
-    for name, row in [*comparison["tasks"].items(), ("GLUE score", comparison["glue_score"])]:
-        interval = "[{:+.2f}, {:+.2f}]".format(*(100 * value for value in row["interval"]))
-        lines.append(f"{name:<16} {percent(row['this']):>7} {percent(row['other']):>7} "
-                     f"{100 * row['difference']:>+10.2f}  {interval:<18} {row['verdict']}" +
-                     (f" ({row['note']})" if "note" in row else ""))
-    return "\n".join(lines)
-
-
-def compare_and_record(options, results, root, other):
-    """Compares this folder's results (this command's, when there is no results file) with
-    the other folder's `other`, and writes glue_comparison.json into the submission folder."""
-    try:  # the other folder's files are read only now; a bad one costs a line, not the results
-        comparison = {"against": options.compare_with, **compare(
-            read_results(results_path(options)) or results, root, other,
-            os.path.join(options.compare_with, "runs"))}
-    except (OSError, ValueError, KeyError, pd.errors.ParserError) as error:
-        say(f"warning: --compare_with={options.compare_with}: not compared ({type(error).__name__}"
-            f": {first_line(error)})")
-        return None
-    if options.submission_directory:
-        write_json(os.path.join(options.submission_directory, COMPARISON), comparison)
-    return comparison
-
-
 def comparison_section(directory, results):
     """The report's section on the folder's glue_comparison.json, if it has one and it is
     about these results: its table, and a figure of each difference with its interval."""
@@ -4013,6 +3587,32 @@ def comparison_section(directory, results):
                           "each task's difference of dev scores and its 95% interval")
 
 
+COMPARISON, RESAMPLES, RESAMPLING_SEED = "glue_comparison.json", 1000, 0
+
+
+def scored_entries(results):
+    """The entries of tasks with a dev score, as this glue.py records them."""
+    return {name: entry for name, entry in results.items() if name in TASKS and
+            isinstance(entry, dict) and dev_metrics(entry) and "submitted_run" in entry and
+            entry.get("runs")}
+
+
+def comparison_table(comparison):
+    """The comparison as printed after the results, and shown in the report, x100."""
+    lines = [f"Compared with {comparison['against']}: the difference and its 95% interval over "
+             f"seeds and dev examples ({comparison['resamples']} resamples)",
+             f"{'task':<16} {'this':>7} {'other':>7} {'difference':>10}  {'95% interval':<18} "
+             "verdict"]
+    if not comparison["tasks"]:
+        return "\n".join([lines[0], "no task in common to compare"])
+    for name, row in [*comparison["tasks"].items(), ("GLUE score", comparison["glue_score"])]:
+        interval = "[{:+.2f}, {:+.2f}]".format(*(100 * value for value in row["interval"]))
+        lines.append(f"{name:<16} {percent(row['this']):>7} {percent(row['other']):>7} "
+                     f"{100 * row['difference']:>+10.2f}  {interval:<18} {row['verdict']}" +
+                     (f" ({row['note']})" if "note" in row else ""))
+    return "\n".join(lines)
+
+
 def draw_comparison(drawn, comparison):
     """Each task's difference (a dot) and its interval (a bar), the GLUE score's at the
     bottom, on one axis with a line at 0."""
@@ -4028,13 +3628,437 @@ def draw_comparison(drawn, comparison):
              title="differences and 95% intervals (green: better, red: worse)")
     axes.grid(axis="x", alpha=0.3)
 
+
+# The GLUE metrics on every resample at once, from a split's labels and predictions (float32),
+# the drawn examples' indices (resamples, examples) and how often each example was drawn (the
+# same shape): counted for accuracy and F1, the examples themselves for the correlations. For
+# 0/1 labels Matthews' coefficient is Pearson's; Spearman's is Pearson's over ranks.
+RESAMPLED_METRICS = {
+    "accuracy": lambda labels, predictions, drawn, counts:
+        counts @ (labels == predictions).astype(np.float32) / len(labels),
+    "f1": lambda labels, predictions, drawn, counts:
+        2 * (counts @ (labels * predictions)) / (counts @ labels + counts @ predictions),
+    "pearson": lambda labels, predictions, drawn, counts:
+        scipy.stats.pearsonr(labels[drawn], predictions[drawn], axis=1).statistic,
+    "spearmanr": lambda labels, predictions, drawn, counts: scipy.stats.pearsonr(
+        scipy.stats.rankdata(labels[drawn], axis=1),
+        scipy.stats.rankdata(predictions[drawn], axis=1), axis=1).statistic,
+}
+RESAMPLED_METRICS["matthews_corrcoef"] = RESAMPLED_METRICS["pearson"]  # for 0/1 labels
+
+# ================================================================================================
+# Run records and the results JSON. Each run's folder is the record of that run, written once,
+# by the run's process: runs/<task>/<fingerprint id>/lr<rate>_seed<seed>/ holds run.json, its
+# log, its test predictions and, if asked for, its model; its checkpoints and TensorBoard logs
+# have folders of their own. The results JSON, the top-level submission files and the saved
+# model are made from the records, under a lock.
+
+
+@contextlib.contextmanager
+def records_root(options):
+    """The folder of every task's run records: `runs/` in the submission folder, else beside the
+    results JSON, else a temporary folder that lives as long as the command."""
+    path = options.results_path
+    if options.submission_directory or path:
+        yield os.path.join(options.submission_directory or os.path.dirname(os.path.abspath(path)),
+                           "runs")
+        return
+    with tempfile.TemporaryDirectory(prefix="glue-runs-") as folder:
+        yield folder
+
+
+def records_folder(root, task, settings_id):
+    """Where the runs of one task under one fingerprint are recorded."""
+    return os.path.join(root, task.name, settings_id)
+
+
+def run_model(folder, run):
+    """Where a run's folder keeps its model, if it kept one."""
+    return os.path.join(run_folder(folder, run["learning_rate"], run["seed"]), "model.keras")
+
+
+def run_folder(folder, learning_rate, seed):
+    """One run's folder in its fingerprint's: `lr2e-05_seed3`."""
+    return os.path.join(folder, f"lr{rate_label(learning_rate)}_seed{seed}")
+
+
+def read_records(folder):
+    """Every run record under one fingerprint, in run order ([] if there is none)."""
+    records = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name, RUN_RECORD)
+            if not name.startswith(".") and os.path.isfile(path):
+                records.append(read_json(path))
+    return sorted(records, key=run_order)
+
+
+def remove_abandoned(task_folder, max_age_seconds=24 * 3600):
+    """Removes the staged run folders a killed command left, under any settings of a task: on
+    this host, those of a process that is gone; from another host (whose processes cannot be
+    seen), or from a glue.py that named them .tmp-*, those untouched for a day (a running run's
+    log changes every minute)."""
+    for path in glob.glob(os.path.join(glob.escape(task_folder), "*", ".*")):
+        name = os.path.basename(path)
+        if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")):
+            continue
+        host, pid, *_ = name.removeprefix(STAGED).split(":") + ["", ""]
+        if host == socket.gethostname():
+            abandoned = not is_running(int(pid))
+        else:
+            touched = max(map(os.path.getmtime, [path, *glob.glob(os.path.join(
+                glob.escape(path), "*"))]))
+            abandoned = time.time() - touched > max_age_seconds
+        if abandoned:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+STAGED = ".staged:"  # a run folder being written: .staged:<host>:<pid of its command>:<id>
+
+
+def is_running(pid):
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def put_in_place(staged, final):
+    """Renames a staged run folder to its final name, replacing the same run's earlier folder
+    (--overwrite)."""
+    aside = f"{staged}-replaced"
+    if os.path.exists(final):
+        os.rename(final, aside)
+    os.rename(staged, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def submit_files(task, chosen, submission_directory):
+    """Copies the chosen run's test predictions to the top of the submission folder. Returns
+    their row counts (None if the run has none)."""
+    sources = {output.file: os.path.join(chosen, output.file) for output in task.outputs}
+    if not all(map(os.path.isfile, sources.values())):
+        say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) has no test predictions "
+            "(it ran without --submission_directory); the submission files were not updated")
+        return None
+    for file, source in sources.items():
+        copy_if_changed(source, os.path.join(submission_directory, file))
+    return {file: max(sum(1 for line in pathlib.Path(source).read_bytes().splitlines()
+                          if line.strip()) - 1, 0) for file, source in sources.items()}
+
+
+def save_chosen_model(task, chosen, save_path):
+    """Copies the chosen run's model to --finetuning_model_save_path; returns whether it is
+    there. If that run kept none, a model already there (an earlier choice's) is moved aside,
+    so that the path never holds a model that was not chosen."""
+    source = os.path.join(chosen, "model.keras")
+    if os.path.isfile(source):
+        if copy_if_changed(source, save_path):
+            say(f"{task.name}: {save_path} holds the chosen run's model "
+                f"({os.path.basename(chosen)})")
+        return True
+    moved = ""
+    if os.path.exists(save_path):
+        earlier = f"{save_path.removesuffix('.keras')}.earlier.keras"
+        os.replace(save_path, earlier)
+        moved = f"; the model that was at {save_path} is now at {earlier}"
+    say(f"{task.name}: the chosen run ({os.path.basename(chosen)}) kept no model (a run keeps "
+        f"it only for a save path or a warm start){moved}; run the task with "
+        "--finetuning_model_save_path to train that run again")
+
+
+def copy_if_changed(source, target):
+    """Copies `source` over `target` (atomically, with its modification time) unless `target`
+    is that copy already, by size and time: a large model is not read to know. Returns whether
+    it copied."""
+    if os.path.isfile(target):
+        copied, there = os.stat(source), os.stat(target)
+        if (copied.st_size, copied.st_mtime_ns) == (there.st_size, there.st_mtime_ns):
+            return False
+    write_atomically(target, lambda temporary: shutil.copy2(source, temporary))
+    return True
+
+
+@contextlib.contextmanager
+def updating_results(path):
+    """The results JSON as a dict to change, under the results lock; written back, with the
+    GLUE score, at the end (no path: a dict that is not kept)."""
+    if not path:
+        yield {}
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with results_lock(os.path.join(folder, f".{name}.lease")):
+        results = read_results(path)
+        yield results
+        results["glue_score"] = glue_score(results)
+        write_json(path, results)
+
+
+def read_results(path):
+    """The results JSON written by earlier runs ({} if none, or no path)."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        results = read_json(path)
+    except (OSError, ValueError) as error:
+        raise GlueError(f"{path}: cannot read the results JSON ({error}); fix or move it, or "
+                        "pass another --results_path") from None
+    if not isinstance(results, dict):
+        raise GlueError(f"{path}: the results JSON is not an object keyed by task; fix or move "
+                        "it, or pass another --results_path")
+    return results
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+@contextlib.contextmanager
+def results_lock(lease):
+    """Holds the lease. filelock takes a dead holder's over by an atomic exchange of file
+    names, which NFS refuses: so a lease file that waiting has seen unchanged for three lease
+    lengths (a live holder renews it every third of one) is moved aside here, then taken."""
+    lock = filelock.SoftFileLease(lease, lease_duration=LOCK_LEASE_SECONDS)
+    started, seen = time.monotonic(), None
+    while True:
+        left = LOCK_TIMEOUT_SECONDS - (time.monotonic() - started)
+        try:
+            held = lock.acquire(timeout=max(0, min(LOCK_LEASE_SECONDS, left)))
+            break
+        except filelock.Timeout:
+            if left <= LOCK_LEASE_SECONDS:  # it waited to the end
+                raise GlueError(f"{lease}: the results lock was not free within "
+                                f"{clock(LOCK_TIMEOUT_SECONDS)}; the file names its holder's "
+                                "process and host: delete it if that process is gone") from None
+            say(f"{lease}: waiting for the results lock ({clock(time.monotonic() - started)})")
+            seen = move_aside_if_unchanged(lease, seen)
+    with held:  # released however the body ends
+        yield
+
+
+def move_aside_if_unchanged(lease, seen):
+    """`seen`: the lease file's (inode, time) and when waiting first saw them so. Moves the file
+    aside once unchanged for three lease lengths; returns what is seen now."""
+    try:
+        stat, now = os.stat(lease), time.monotonic()
+        key = (stat.st_ino, stat.st_mtime_ns)
+        if not seen or seen[0] != key:
+            return key, now
+        if now - seen[1] < 3 * LOCK_LEASE_SECONDS:
+            return seen
+        aside = f"{lease}.gone-{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        os.rename(lease, aside)  # atomic on NFS too
+        moved = os.stat(aside)
+        if (moved.st_ino, moved.st_mtime_ns) != key:  # a live holder's, since: put it back
+            with contextlib.suppress(FileExistsError):  # unless a third one is holding by now
+                os.link(aside, lease)
+        else:
+            say(f"{lease}: unchanged for {clock(now - seen[1])}, its holder gone: moved aside")
+        os.remove(aside)
+    except OSError:  # gone meanwhile, or not this process' to move: wait on
+        pass
+    return None
+
+
+# The results lock is a lease its holder renews while it lives: flock can fail silently on NFS,
+# where job arrays share a folder. A dead holder's lease is taken at once on its own host, and
+# after LOCK_LEASE_SECONDS from another; on NFS, where filelock cannot take it over, after
+# three times that, from any host.
+LOCK_LEASE_SECONDS, LOCK_TIMEOUT_SECONDS = 60, 1800
+
+
+def model_save_path(options, task):
+    """`--finetuning_model_save_path`, with `{task}` in it replaced by the task's name."""
+    path = options.finetuning_model_save_path
+    return path and path.replace("{task}", task.name)
+
+
+def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
+    """Where one run keeps its training state (None: nowhere); never shared with another run,
+    nor with the same run under other settings or code."""
+    if checkpoint_dir and learning_rate is not None:
+        return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
+                                            f"{fingerprint_id(settings)}")
+
+
+def tensorboard_folder(options, task, learning_rate, seed, settings):
+    """Where one run's TensorBoard logs go (None: nowhere): `<task>/<settings id>/lr<rate>_seed
+    <seed>`, so that TensorBoard's run selector is the sweep, and a run resumed under its
+    settings never continues the curves of the same seed under others."""
+    if options.tensorboard_dir and learning_rate is not None:
+        return os.path.join(options.tensorboard_dir, task.name, fingerprint_id(settings),
+                            f"lr{rate_label(learning_rate)}_seed{seed}")
+
+# ================================================================================================
+# Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
+# per learning rate; the rate with the best median wins, and its best run is submitted.
+
+
+def chain_of(runs, learning_rate, seed):
+    """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
+    return next((chain for chain in chains(runs)
+                 if run_key(chain[0]) == (learning_rate, seed)), [])
+
+
+def summarized(runs):
+    """A task's results entry made from its run records: every run of a live chain; the
+    submitted run (the chosen rate's best) with its dev metrics and times, and its process's
+    flags; the spread over seeds of every rate; and the task's GLUE score, the median of the
+    chosen rate's task scores."""
+    runs = [run for chain in chains(runs) for run in chain]
+    rate_runs = chosen_runs(runs)
+    submitted = best_run(rate_runs)
+    entry = {"runs": sorted(({key: value for key, value in run.items() if key not in PROCESS_KEYS}
+                             for run in runs), key=run_order),
+             **dev_metrics(submitted),
+             "submitted_run": {"learning_rate": submitted["learning_rate"],
+                               "seed": submitted["seed"]}}
+    entry.update({key: submitted[key] for key in (
+        "learning_rate", "train_examples", "load_seconds", "train_seconds", *PROCESS_KEYS)
+        if key in submitted})
+    entry["predict_seconds"] = round(submitted.get("dev_predict_seconds", 0.0) +
+                                     submitted.get("test_predict_seconds", 0.0), 2)
+    by_rate = runs_by_rate(runs)
+    entry["seed_summary"] = {rate: seed_summary(rate_runs) for rate, rate_runs in by_rate.items()}
+    if dev_metrics(submitted):
+        entry["glue_task_score"] = statistics.median(map(run_score, rate_runs))
+    if len(by_rate) > 1:  # the sweep at a glance: each rate's medians
+        entry["learning_rate_sweep"] = {
+            rate: {split: {name: values.get("median") for name, values in metrics.items()}
+                   for split, metrics in dev_metrics(summary).items()}
+            for rate, summary in entry["seed_summary"].items()}
+    return entry
+
+
+def best_run(counted):
+    """The counted run with the best task score on dev (the first of equals in run order)."""
+    return max(sorted(counted, key=run_order), key=run_score)
+
+
+def chosen_runs(runs):
+    """The counted runs of the learning rate with the best median task score over its seeds
+    (the smallest rate of equals), among the rates with as many runs as the best-covered one:
+    a rate with one run left by an exploratory command never beats rates of five."""
+    incomplete = incomplete_rates(runs)
+    return max((rate_runs for rate, rate_runs in runs_by_rate(runs).items()
+                if rate not in incomplete),
+               key=lambda rate_runs: statistics.median(map(run_score, rate_runs)))
+
+
+def incomplete_rates(runs):
+    """`{rate: (its runs, the most runs of a rate, the seeds it lacks)}` for the learning rates
+    with fewer runs than the best-covered one, which may not be chosen."""
+    by_rate = runs_by_rate(runs)
+    most = max(map(len, by_rate.values()), default=0)
+    seeds = {rate: {run.get("restart_of", run["seed"]) for run in rate_runs}
+             for rate, rate_runs in by_rate.items()}
+    covered = set().union(*(seeds[rate] for rate, rate_runs in by_rate.items()
+                            if len(rate_runs) == most))
+    return {rate: (len(rate_runs), most, sorted(covered - seeds[rate]))
+            for rate, rate_runs in by_rate.items() if len(rate_runs) < most}
+
+
+def runs_by_rate(runs):
+    by_rate = {}
+    for run in counted_runs(runs):
+        by_rate.setdefault(rate_label(run["learning_rate"]), []).append(run)
+    return by_rate
+
+
+def rate_label(learning_rate):
+    return "none" if learning_rate is None else f"{learning_rate:g}"
+
+
+def counted_runs(runs):
+    """The runs that summaries count: a collapsed run that was restarted counts through its
+    last restart instead."""
+    return sorted((chain[-1] for chain in chains(runs)), key=run_order)
+
+
+def chains(runs):
+    """The runs as chains, in run order: each asked run, then the restarts that followed it
+    while it collapsed. A restart names the run it followed (`restarted_from`), so one left by
+    an earlier attempt that --overwrite redid follows nothing and is left out."""
+    followers = {run["restarted_from"]: run for run in runs if "restarted_from" in run}
+    found = []
+    for head in sorted(runs, key=run_order):
+        if "restart_of" in head:
+            continue
+        chain = [head]
+        while chain[-1].get("collapsed") and chain[-1].get("run_id") in followers:
+            chain.append(followers[chain[-1]["run_id"]])
+        found.append(chain)
+    return found
+
+
+def run_order(run):
+    """Runs sort by learning rate, then seed: choices never depend on the order of recording."""
+    return run["learning_rate"] or 0.0, run["seed"]
+
+
+def seed_summary(rate_runs):
+    """Per dev split and metric, the spread over one learning rate's runs; the spread of their
+    task scores; and how many of them collapsed."""
+    summary = {split: {name: spread([run.get(split, {}).get(name) for run in rate_runs])
+                       for name in metrics}
+               for split, metrics in dev_metrics(rate_runs[0]).items()}
+    return {**summary, "task_score": spread(map(run_score, rate_runs)),
+            "collapsed_runs": sum(bool(run.get("collapsed")) for run in rate_runs)}
+
+
+def spread(values):
+    """Median, mean, sample standard deviation (0 for one value), min and max of the defined
+    values, and how many there were."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return {"runs": 0}
+    return {"median": statistics.median(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "runs": len(values)}
+
+
+PROCESS_KEYS = ("flags", "tokenize_seconds", "replicas")  # what a run's process adds to it
+
+
+def glue_score(results):
+    """The GLUE average over the tasks in `results`: each task's score (`entry_score`), then
+    their mean. MNLI counts once, however its dev splits were run: the entry with both
+    (`mnli`), else the mean of `mnli_matched`'s and `mnli_mismatched`'s."""
+    entries_by_task = by_dataset({name: entry for name, entry in sorted(results.items())
+                                  if name in TASKS and dev_metrics(entry)})
+    scores = {}
+    for name, entries in sorted(entries_by_task.items()):
+        whole = [entry for entry in entries
+                 if len(dev_metrics(entry)) == len(TASKS[name].eval_splits)]
+        scores[name] = statistics.fmean(map(entry_score, whole[:1] or entries))
+    if not scores:
+        return None
+    return {"average": sum(scores.values()) / len(scores), "tasks": scores}
+
+
+def entry_score(entry):
+    return entry.get("glue_task_score", task_score(dev_metrics(entry)))
+
 # ================================================================================================
 # Command line
 
 
 def options_from_flags(own_flags):
-    """glue.py's flags as a plain namespace, as a command reads them."""
-    return types.SimpleNamespace(**{flag.name: flag.value for flag in own_flags})
+    """glue.py's flags as a plain namespace, as a command reads them, with the places that
+    default to the submission folder's filled in: the results JSON and TensorBoard's folder
+    (None: no TensorBoard logs)."""
+    options = types.SimpleNamespace(**{flag.name: flag.value for flag in own_flags})
+    folder = options.submission_directory
+    options.results_path = options.results_path or (
+        folder and os.path.join(folder, "glue_results.json"))
+    options.tensorboard_dir = options.tensorboard and (
+        options.tensorboard_dir or (folder and os.path.join(folder, "tensorboard"))) or None
+    return options
 
 
 def parse_flags(argv):
@@ -4046,10 +4070,13 @@ def parse_flags(argv):
 
 
 def grouped_help(flag_values):
-    """The text of --help: the usage line, then every group of HELP_GROUPS, each flag with its
-    help and default, wrapped as absl wraps them."""
+    """The text of --help: the usage line, then every group of HELP_GROUPS and the flags a
+    researcher defined with absl's own DEFINE_*, each with its help and default, wrapped as
+    absl wraps them."""
     lines = ["\n\n".join(__doc__.strip().split("\n\n")[:2]), ""]
-    for title, names in HELP_GROUPS.items():
+    own = [flag.name for flag in flag_values.get_key_flags_for_module(sys.modules[__name__])
+           if flag.name not in FLAG_ROLES]
+    for title, names in {**HELP_GROUPS, **({"Your own flags": own} if own else {})}.items():
         lines.append(f"{title}:")
         for name in names:
             flag = flag_values[name]

@@ -2,9 +2,12 @@
 and the contents of the files; job arrays that lose no run; resumes that choose the same best
 evaluation; errors caught before anything trains."""
 
+import ast
 import errno
 import filecmp
 import glob
+import importlib.abc
+import importlib.machinery
 import json
 import os
 import shutil
@@ -118,6 +121,72 @@ def test_comments_and_docstrings_are_not_code(glue_data, tiny_preset, tmp_path, 
                         '(var_names=["bias", "gamma", "beta", "embeddings"])', of=new_head))
     run_glue(*args)
     assert "wnli: redone, the code of make_optimizer changed" in capsys.readouterr().out
+
+
+MY_HEAD = """import keras
+
+
+def head(encoder, num_outputs):
+    hidden = keras.layers.Dropout({dropout})(encoder.output)
+    return keras.Model(encoder.input, keras.layers.Dense(num_outputs, dtype="float32")(hidden))
+"""
+
+
+def test_an_edited_module_that_block_3_imports_redoes_the_task_and_is_named(
+        glue_data, tiny_preset, tmp_path, run_glue, capsys, code_of):
+    """A head moved into a module of its own beside glue.py, as researchers do once it outgrows
+    the block: the fingerprint takes the module by its contents."""
+    module = tmp_path / "my_head.py"
+    module.write_text(MY_HEAD.format(dropout=0.1))
+    code_of(edited_copy(
+        tmp_path, "        return GlueClassifier(backbone=encoder, num_classes=num_outputs)\n",
+        "        import my_head\n        return my_head.head(encoder, num_outputs)\n"))
+    args = ("--task_name=wnli", f"--preset={tiny_preset}", f"--data_dir={glue_data[0]}",
+            f"--submission_directory={tmp_path / 'out'}", *TINY)
+    run_glue(*args)
+    assert "my_head.py" in entry_of(tmp_path / "out", "wnli")["fingerprint"]["code"]
+    glue.code_ids.cache_clear()  # as a new command would
+    capsys.readouterr()
+    run_glue(*args)
+    assert "wnli: already complete with these settings (1 run recorded), skipped" in \
+        capsys.readouterr().out
+    module.write_text(MY_HEAD.format(dropout=0.25))
+    glue.code_ids.cache_clear()
+    run_glue(*args)
+    assert "wnli: redone, the code of my_head.py changed" in capsys.readouterr().out
+    assert run_folders(tmp_path / "out", "wnli") == ["lr5e-05_seed42"] * 2
+
+
+class EditableFinder(importlib.abc.MetaPathFinder):
+    """What setuptools installs for `pip install -e` of a flat project: an import hook that
+    finds the package in a folder that is not on sys.path."""
+
+    def __init__(self, name, folder):
+        self.name, self.folder = name, folder
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.name:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, [self.folder])
+
+
+def test_the_modules_found_are_the_researcher_s_own_wherever_they_are(tmp_path, monkeypatch):
+    package = tmp_path / "lib" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("from . import layers\n")
+    (package / "layers.py").write_text("import numpy\nfrom .util import x\nimport hooked\n")
+    (package / "util.py").write_text("import json\nx = 1\n")
+    (tmp_path / "project" / "hooked").mkdir(parents=True)
+    (tmp_path / "project" / "hooked" / "__init__.py").write_text("from .heads import head\n")
+    (tmp_path / "project" / "hooked" / "heads.py").write_text("def head():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))  # as PYTHONPATH would
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, EditableFinder(
+        "hooked", str(tmp_path / "project"))])  # as an editable install would
+    script = tmp_path / "glue.py"
+    script.write_text("import os\nimport keras\nfrom pkg.layers import x\n")
+    assert [os.path.relpath(file, tmp_path) for file in glue.own_modules(str(script))] == [
+        "lib/pkg/__init__.py", "lib/pkg/layers.py", "lib/pkg/util.py",
+        "project/hooked/__init__.py", "project/hooked/heads.py"]
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ import sys
 import time
 
 import pytest
+from absl import flags
 
 import glue
-from conftest import REPO, crash_runs, entry_of, error_of, imported_modules
+from conftest import REPO, crash_runs, entry_of, error_of, imported_modules, options_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ("--task_name=rte", "--epochs=2", "--batch_size=4", "--max_sequence_length=32")
@@ -140,6 +141,21 @@ def test_a_run_s_flags_are_spelled_as_its_command_line():
         "--jit_compile"]
     names = glue.run_flag_names(["epochs", "my_dropout", "overwrite", "run_dir", "seed"])
     assert names == ["epochs", "my_dropout", "seed"]  # a researcher's own flag goes to the run
+
+
+def test_a_flag_a_researcher_adds_for_a_block_is_one_edit():
+    """One DEFINE line in a custom code block: --help shows the flag, each run gets it, and the
+    fingerprint counts it."""
+    flags.DEFINE_float("head_dropout", 0.1, "Dropout of my head.", module_name=glue.__name__)
+    try:
+        assert "Your own flags:\n  --head_dropout: Dropout of my head. (default: '0.1')" in \
+            glue.grouped_help(flags.FLAGS)
+        options = options_for("--head_dropout=0.3")
+        assert "head_dropout" in glue.run_flag_names(vars(options))
+        assert glue.fingerprint(glue.TASKS["rte"], options, ("_DefaultDistributionStrategy", 1))[
+            "head_dropout"] == 0.3
+    finally:
+        delattr(flags.FLAGS, "head_dropout")
 
 
 def test_a_lost_run_adds_no_entry_and_the_others_are_recorded(glue_data, tiny_preset, tmp_path,
