@@ -82,9 +82,8 @@ keras, keras_hub, pd, scipy, sklearn, tf, tfds = map(Later, (
 
 
 def keras_subclass(base):
-    """Class decorator: the class' instances are of a subclass of it and of Keras' `base`
-    ("callbacks.Callback"), made at the first one, so that reading this file imports no Keras.
-    Its methods, patched or not, are found through the class as usual."""
+    """Class decorator: instances are of a subclass of the class and of Keras' `base`, made at the
+    first one, so that reading this file imports no Keras; methods are found through the class."""
     def decorate(cls):
         with_base = functools.cache(lambda: type(
             cls.__name__, (cls, operator.attrgetter(base)(keras)), {}))
@@ -101,22 +100,15 @@ FLAG_ROLES, HELP_GROUPS = {}, {}  # filled by `define`: absl alone would sort --
 
 
 def define(kind, name, default, help_text, roles="", **options):
-    """Defines --`name` with absl's `DEFINE_<kind>` (`options`: its bounds, its enum values) in
-    the --help group last opened, and declares its roles, words among:
-    - command: only the command reads it, to choose the runs and make something of them. Every
-      other flag, a researcher's own too, goes to each run's process and into its fingerprint;
-    - uncounted: the fingerprint leaves it out, and counts instead what it stands for: the run's
-      place in a sweep, the contents of the files, the devices;
-    - folder, file: the fingerprint counts the folder or file it names by its contents;
-    - recipe: a recipe may set it.
-    A flag of a custom code block needs no roles: absl's own DEFINE_* is enough."""
+    """Defines --`name` with absl's `DEFINE_<kind>` (`options`: bounds, enum values) in the --help
+    group last opened, with its roles, among: `command` (only the command reads it; every other
+    flag, a researcher's own too, goes to each run and its fingerprint), `uncounted` (left out of
+    the fingerprint, which counts what it stands for: the place in a sweep, the contents of
+    files, the devices), `folder` and `file` (counted by the contents of what it names) and
+    `recipe` (a recipe may set it). A custom code block's flag needs none: absl's DEFINE_*."""
     getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, **options)
     HELP_GROUPS[next(reversed(HELP_GROUPS))].append(name)
     FLAG_ROLES[name] = roles.split()
-
-
-def flags_with(role):
-    return [name for name, roles in FLAG_ROLES.items() if role in roles]
 
 
 HELP_GROUPS["Task and data"] = []
@@ -324,10 +316,9 @@ def from_preset(cls, preset, **kwargs):
 def sentence_encoder(backbone, pooling=None):
     """Wraps a KerasHub text backbone into a model giving one vector per example.
 
-    `pooling`: "pooled" (the backbone's pooler, BERT-style), "cls" (the first token's vector,
-    as RoBERTa-style classifiers read it) or "mean" (the average over real tokens, for
-    checkpoints whose pooler was never trained). None picks pooled where there is a pooler.
-    """
+    `pooling`: "pooled" (the backbone's pooler, BERT-style), "cls" (the first token's vector, as
+    RoBERTa-style classifiers read it) or "mean" (the average over real tokens, for checkpoints
+    whose pooler was never trained). None picks pooled where there is a pooler."""
     if not is_text_backbone(backbone):
         raise GlueError(f"{type(backbone).__name__} is not a KerasHub text backbone (no "
                         "token_ids input); adapt the custom code blocks to your model")
@@ -352,8 +343,7 @@ def GlueClassifier(backbone, num_classes, dropout=0.1):  # noqa: N802 (named as 
     """The default finetuning head: dropout and a dense layer over one vector per example.
 
     `backbone` maps the model inputs to a `(batch, hidden)` tensor. The logits are float32 even
-    under mixed precision, so the loss stays numerically stable.
-    """
+    under mixed precision, so the loss stays numerically stable."""
     inputs = backbone.input
     hidden = keras.layers.Dropout(dropout)(backbone(inputs))
     logits = keras.layers.Dense(
@@ -670,11 +660,36 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_
                         f"{total_steps} batches of the whole training: no update would be made")
     schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
                                  accumulation)
-    optimizer = keras.optimizers.AdamW(
+    optimizer = FusedAdamW(
         learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=clip_norm or None,
         gradient_accumulation_steps=accumulation if accumulation > 1 else None)  # 1: refused
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
+
+
+@keras_subclass("optimizers.AdamW")
+class FusedAdamW:
+    """Keras' AdamW, each variable's Adam step one TensorFlow kernel (ApplyAdam, Keras' formula)
+    with the step's scalars made once: a fraction of the ops to trace and run. It replaces a
+    private step of Keras' TensorFlow optimizer: benchmarks/first_step.py checks it still pays."""
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        lr, beta1, beta2, epsilon = (tf.cast(value, "float32") for value in (  # a replica's:
+            distribution.experimental_local_results(learning_rate)[0],  # they are the same
+            self.beta_1, self.beta_2, self.epsilon))
+        step = tf.cast(self.iterations + 1, "float32")
+        scalars = dict(lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                       beta1_power=beta1 ** step, beta2_power=beta2 ** step)
+
+        def adam_step(variable, gradient, m, v):  # one variable's, on its device
+            tf.raw_ops.ResourceApplyAdam(var=variable.handle, m=m.handle, v=v.handle,
+                                         grad=tf.cast(gradient, variable.dtype), **scalars)
+
+        for gradient, variable in grads_and_vars:
+            index = self._get_variable_index(variable)
+            distribution.extended.update(variable, adam_step, args=(
+                gradient, self._momentums[index].value, self._velocities[index].value),
+                group=False)
 
 
 @keras_subclass("optimizers.schedules.LearningRateSchedule")
@@ -797,10 +812,9 @@ class DevEvaluations:
     """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
     evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
 
-    With `keep_best`, a copy of the best evaluation's weights (the highest task score; a later
-    one must beat it, not tie) is kept in memory while a later evaluation could still beat it,
-    and `finish` puts it back; the checkpoints save it with the training state, in one file.
-    """
+    With `keep_best`, a copy of the best evaluation's weights (the highest task score; a later one
+    must beat it, not tie) is kept in memory while a later evaluation could still beat it, and
+    `finish` puts it back; the checkpoints save it with the training state, in one file."""
 
     def __init__(self, evaluate, steps_per_epoch, epochs, per_epoch=1, keep_best=True):
         super().__init__()
@@ -878,8 +892,7 @@ DEV_PREDICTIONS = "{}_predictions.tsv"  # one file per dev split, in the run's f
 def predict(model, split, task, batch_size, label=None):
     """Returns `(idx, labels, predictions)` for a tokenized split, shortest examples first.
 
-    Predictions are class ids, or STS-B scores clipped to the label range [0, 5].
-    """
+    Predictions are class ids, or STS-B scores clipped to the label range [0, 5]."""
     order = shortest_first(split)
     batches = (prediction_batches(split, order, batch_size)
                .apply(lambda batches: model_inputs(batches, with_labels=False))
@@ -2182,14 +2195,26 @@ def make_strategy(value, tpu_timeout_seconds=600):
     if name == "tpu":
         return tpu_strategy(tpu, tpu_timeout_seconds)
     gpus = [device.name for device in tf.config.list_logical_devices("GPU")]
-    local_devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
-    if name == "auto":
-        return tf.distribute.MirroredStrategy(gpus) if len(gpus) > 1 else \
-            tf.distribute.get_strategy()
+    devices = gpus or [device.name for device in tf.config.list_logical_devices("CPU")]
+    kind, _ = planned_strategy(value, len(gpus), len(devices))
+    return {"_DefaultDistributionStrategy": tf.distribute.get_strategy,
+            "OneDeviceStrategy": lambda: tf.distribute.OneDeviceStrategy(devices[0]),
+            "MirroredStrategy": lambda: tf.distribute.MirroredStrategy(devices)}[kind]()
+
+
+def planned_strategy(value, gpus, cpus):
+    """`(the strategy's class, its replicas)` that --distribution_strategy=value makes with
+    `gpus` GPUs, or else `cpus` CPU devices, in view: the one decision, which a run acts on and
+    its command foresees for the fingerprint (`run_devices`)."""
+    name, _ = strategy_and_tpu(value)
+    if name == "tpu":
+        return "TPUStrategy", "the TPU's"
     if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(local_devices[0])
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(local_devices)
+        return "OneDeviceStrategy", 1
+    if name == "auto" and gpus < 2:
+        return "_DefaultDistributionStrategy", 1
+    if name in ("auto", "mirrored"):
+        return "MirroredStrategy", gpus or cpus
     raise GlueError(f"unknown distribution strategy {name!r}; use one of {', '.join(STRATEGIES)}")
 
 
@@ -2229,17 +2254,11 @@ def watchdog(seconds, message):
 
 def run_devices(options):
     """`(strategy, replicas)` as a run of this command will make them, for its fingerprint:
-    said from the devices' count alone, since the command itself sets up no device."""
-    name, _ = strategy_and_tpu(options.distribution_strategy)
-    gpus = gpu_count() // options.parallel_runs
-    if name == "tpu":
-        return "TPUStrategy", "the TPU's"
-    if name == "one_device" or (name == "auto" and gpus < 2):
-        return ("OneDeviceStrategy" if name == "one_device" else "_DefaultDistributionStrategy",
-                1)
-    # On CPU one device, unless what runs glue.py set more up (tests/with_cpu_devices.py).
-    return "MirroredStrategy", gpus or (len(tf.config.list_logical_devices("CPU"))
-                                        if "tensorflow" in sys.modules else 1)
+    foreseen from the devices' count alone, since the command itself sets up no device. On CPU
+    one device, unless what runs glue.py set more up (tests/with_cpu_devices.py)."""
+    return planned_strategy(options.distribution_strategy, gpu_count() // options.parallel_runs,
+                            len(tf.config.list_logical_devices("CPU"))
+                            if "tensorflow" in sys.modules else 1)
 
 
 def gpu_count():
@@ -4059,6 +4078,10 @@ def options_from_flags(own_flags):
     options.tensorboard_dir = options.tensorboard and (
         options.tensorboard_dir or (folder and os.path.join(folder, "tensorboard"))) or None
     return options
+
+
+def flags_with(role):
+    return [name for name, roles in FLAG_ROLES.items() if role in roles]
 
 
 def parse_flags(argv):

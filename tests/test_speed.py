@@ -212,3 +212,30 @@ def test_training_flops_count_the_encoder_matmuls_at_the_batch_widths(mrpc_token
     forward = sum(2 * dense_weights * width + 4 * 1 * 8 * width ** 2 for width in widths)
     assert glue.training_flops(model, mrpc_tokenized, epochs=2) == pytest.approx(
         3 * 2 * forward)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_fused_adamw_takes_keras_own_steps(accumulation):
+    """One kernel a variable (`FusedAdamW`) against Keras' AdamW: the same weights, to a float32
+    rounding, with the schedule, clipping, decay on the kernels alone, and accumulation."""
+    def trained(optimizer):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="gelu"),
+                                  keras.layers.LayerNormalization(), keras.layers.Dense(2)])
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        rng = np.random.default_rng(0)
+        for _ in range(6):
+            model.train_on_batch(rng.normal(size=(8, 6)), rng.integers(0, 2, 8))
+        return [weight.numpy() for weight in model.weights]
+
+    fused = glue.make_optimizer(1e-2, 6, 0.3, 0.1, clip_norm=0.5, accumulation=accumulation)
+    assert type(fused).__mro__[1] is glue.FusedAdamW
+    own = keras.optimizers.AdamW(
+        learning_rate=glue.WarmupLinearDecay(1e-2, int(6 // accumulation * 0.3),
+                                             6 // accumulation, accumulation),
+        weight_decay=0.1, global_clipnorm=0.5,
+        gradient_accumulation_steps=accumulation if accumulation > 1 else None)
+    own.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    for ours, keras_own in zip(trained(fused), trained(own)):
+        np.testing.assert_allclose(ours, keras_own, atol=1e-6)
