@@ -123,8 +123,8 @@ def test_the_lower_story_reads_one_way():
     banner = source.splitlines().index(BANNER) + 1
     below = {name: node for name, node in top_level_names(ast.parse(source))
              if node.lineno > banner}
-    directions = [below[used].lineno > node.lineno for name, node in below.items()
-                  for used in {name.id for name in ast.walk(node) if isinstance(name, ast.Name)}
+    directions = [below[used].lineno > node.lineno for node in below.values()
+                  for used in {inner.id for inner in ast.walk(node) if isinstance(inner, ast.Name)}
                   if used in below and below[used] is not node]
     assert sum(directions) / len(directions) >= ONE_WAY, sum(directions) / len(directions)
 
