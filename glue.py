@@ -1483,8 +1483,8 @@ def device_slots(parallel_runs, gpus, cores):
 
 def run_flag_names(names):
     """The flags among `names` that a run's process gets."""
-    return [name for name in names
-            if name not in flags_with("command") + HELP_GROUPS[RUN_FLAGS]]
+    not_for_runs = flags_with("command") + HELP_GROUPS[RUN_FLAGS]
+    return [name for name in names if name not in not_for_runs]
 
 
 def arguments(values):
@@ -2001,9 +2001,9 @@ def fingerprint(task, options, devices):
     get (a researcher's own flags too), except the uncounted ones (see `define`); the contents of
     the files they read; the code; the libraries; and `devices`, the (strategy, replicas)."""
     settings = {name: getattr(options, name) for name in run_flag_names(vars(options))
-                if not {"uncounted", "folder", "file"} & set(FLAG_ROLES.get(name, ()))}
+                if name not in flags_with("uncounted", "folder", "file")}
     settings.update({name: file_id(getattr(options, name))
-                     for name in flags_with("folder") + flags_with("file")})
+                     for name in flags_with("folder", "file")})
     settings["data"] = {f"{dataset} {split}": contents_id(local_split_path(
         options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
         for dataset, split in task_splits(task, not options.finetuning_model_load_path)}
@@ -2142,7 +2142,7 @@ def changed_settings(old, new):
         elif name == "versions":
             changes.append(", ".join(f"{part} {before.get(part)} -> {after.get(part)}"
                                      for part in parts.split(", ")))
-        elif name in flags_with("folder") + flags_with("file") and all(
+        elif name in flags_with("folder", "file") and all(
                 str(value).startswith("sha256:") for value in (before, after)):
             changes.append(f"--{name} {FLAG_ROLES[name][0]} contents changed")
         else:
@@ -4080,8 +4080,8 @@ def options_from_flags(own_flags):
     return options
 
 
-def flags_with(role):
-    return [name for name, roles in FLAG_ROLES.items() if role in roles]
+def flags_with(*wanted):
+    return [name for name, roles in FLAG_ROLES.items() if set(wanted) & set(roles)]
 
 
 def parse_flags(argv):
