@@ -757,7 +757,7 @@ def finetune(model, split, checkpoints, *, epochs, batch_size, seed, label, tens
         logging.info("Resuming from step %d, checkpoint in %s", done, checkpoints.directory)
     evaluations = checkpoints.evaluations
     progress = TrainingProgress(label, epochs, steps, batch_size, len(split))
-    logs = tensorboard and TensorBoardLogs(tensorboard, steps, batch_size, done, evaluations)
+    logs = tensorboard and TensorBoardLogs(tensorboard, steps, batch_size, evaluations)
     start = time.perf_counter()
     with checkpoints.stopping_on_signals(), logs or contextlib.nullcontext():
         for epoch in range(done // steps, epochs):
@@ -777,26 +777,25 @@ def finetune(model, split, checkpoints, *, epochs, batch_size, seed, label, tens
                       callbacks=[*filter(None, [evaluations, logs]), checkpoints, progress])
             if checkpoints.stopped_by:
                 raise Preempted(
-                    f"stopped by {checkpoints.stopped_by} at step {checkpoints.batches} of "
+                    f"stopped by {checkpoints.stopped_by} at step {evaluations.batches} of "
                     f"{epochs * steps}; the checkpoint is in {checkpoints.directory}: run the "
                     "same command again to resume")
-    evaluation_seconds = evaluations.seconds if evaluations else 0.0
-    record = {"train_seconds": round(seconds_since(start) - evaluation_seconds, 2),
+    record = {"train_seconds": round(seconds_since(start) - evaluations.seconds, 2),
               "train_examples": len(split)}
     flops = training_flops(model, split, epochs)
     if flops and not done and record["train_seconds"] > 0:  # a resumed run did less
         record["train_tflops_per_second"] = round(flops / record["train_seconds"] / 1e12, 4)
-        say(f"{label}: train {epochs * len(split) / record['train_seconds']:.0f} ex/s, "
+        say(f"{label}: train {Progress.per_second(epochs * len(split), record['train_seconds'])}, "
             f"{record['train_tflops_per_second']:.3f} TFLOP/s of encoder matmuls")
     if keras.mixed_precision.global_policy().name == "mixed_float16":
         # Steps the loss scale skipped, after an overflow.
         record["skipped_steps"] = epochs * steps - batches_applied(model.optimizer)
-    if evaluations:
-        reported = evaluations.finish(model)  # the best evaluation's weights, if selected
+    reported = evaluations.finish(model)  # the best evaluation's weights, if selected
+    if reported:
         record.update(dev_metrics(reported), collapsed=reported["collapsed"],
                       best_epoch=evaluations.records[evaluations.best]["epoch"],
                       evaluations=evaluations.records,
-                      dev_predict_seconds=round(evaluation_seconds, 2))
+                      dev_predict_seconds=round(evaluations.seconds, 2))
     return record
 
 
@@ -809,8 +808,9 @@ def batches_applied(optimizer):
 
 @keras_subclass("callbacks.Callback")
 class DevEvaluations:
-    """Evaluates on dev `per_epoch` times an epoch, the last time at its end, and records each
-    evaluation: `{"epoch", "step", <dev split>: metrics, "collapsed"}`.
+    """Evaluates on dev `per_epoch` times an epoch (0: never), the last time at its end, and
+    records each: `{"epoch", "step", <dev split>: metrics, "collapsed"}`. First of the callbacks,
+    it counts the batches trained, over a resume too: the run's one count, which the others read.
 
     With `keep_best`, a copy of the best evaluation's weights (the highest task score; a later one
     must beat it, not tie) is kept in memory while a later evaluation could still beat it, and
@@ -1076,14 +1076,14 @@ def main(argv):
                     FLAGS.jit_compile)
                 evaluations = DevEvaluations(
                     lambda model: evaluate(model, eval_rows, task, FLAGS.batch_size, label),
-                    steps, FLAGS.epochs, FLAGS.evaluations_per_epoch,
-                    FLAGS.select_best_epoch) if eval_rows else None
-                checkpoints = TrainingCheckpoints(FLAGS.run_checkpoints,
-                                                  FLAGS.checkpoint_every_steps, evaluations)
+                    steps, FLAGS.epochs, FLAGS.evaluations_per_epoch if eval_rows else 0,
+                    FLAGS.select_best_epoch)
+                checkpoints = TrainingCheckpoints(FLAGS.run_checkpoints, evaluations,
+                                                  FLAGS.checkpoint_every_steps)
                 record.update(finetune(model, train_rows, checkpoints, epochs=FLAGS.epochs,
                                        batch_size=FLAGS.batch_size, seed=seed, label=label,
                                        tensorboard=FLAGS.run_tensorboard))
-                tables = dict(evaluations and evaluations.predictions or {})
+                tables = dict(evaluations.predictions or {})
             if FLAGS.submission_directory and not FLAGS.limit:
                 start = time.perf_counter()
                 tables.update(predict_test(model, test_rows, task, FLAGS.batch_size, label))
@@ -1314,15 +1314,16 @@ class Sweep:
         staged = os.path.join(self.folder, f"{STAGED}{socket.gethostname()}:{os.getpid()}:"
                               f"{uuid.uuid4().hex[:12]}")
         os.makedirs(staged)
+        trains = learning_rate is not None  # else it evaluates --finetuning_model_load_path
         values = {**vars(options), "task_name": [task.name], "seed": [str(run_seed)],
-                  "learning_rate": options.learning_rate[:1] if learning_rate is None else
-                  [str(learning_rate)]}
-        extra = {"run_dir": staged, "run_label": name,
-                 "keep_model": self.keep_models and learning_rate is not None,  # not a loaded one
-                 "run_checkpoints": checkpoint_folder(options.checkpoint_dir, task, learning_rate,
-                                                      run_seed, self.settings),
-                 "run_tensorboard": tensorboard_folder(options, task, learning_rate, run_seed,
-                                                       self.settings)}
+                  "learning_rate": [str(learning_rate)] if trains else options.learning_rate[:1]}
+        extra = {"run_dir": staged, "run_label": name, "keep_model": self.keep_models and trains}
+        if trains and options.checkpoint_dir:
+            extra["run_checkpoints"] = checkpoint_folder(options.checkpoint_dir, task,
+                                                         learning_rate, run_seed, self.settings)
+        if trains and options.tensorboard_dir:
+            extra["run_tensorboard"] = tensorboard_folder(options, task, learning_rate,
+                                                          run_seed, self.settings)
         flags = {key: values[key] for key in run_flag_names(values)}
         slot = min(set(range(len(self.slots))) - {run.slot for run in self.running})
         process = start_run([sys.executable, self.script, *arguments(flags), *arguments(extra)],
@@ -1516,10 +1517,9 @@ def record_run(task, options, settings, staged, run, save_path):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(run_model(folder, other))
         publish_into(results, task, options, settings, folder, save_path)
-    checkpoints = checkpoint_folder(options.checkpoint_dir, task, run["learning_rate"],
-                                    run["seed"], settings)
-    if checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # never resumed now
+    if options.checkpoint_dir:  # never resumed now
+        shutil.rmtree(checkpoint_folder(options.checkpoint_dir, task, run["learning_rate"],
+                                        run["seed"], settings), ignore_errors=True)
 
 # ================================================================================================
 # Checking the options before any work: one clear line, before anything is read or trained
@@ -2089,8 +2089,8 @@ CODE_ROOTS = ("make_preprocess_fn", "load_pretrained_model", "make_finetuning_mo
               "compile_for", "finetune", "DevEvaluations", "evaluate", "main",
               "predict_test", "make_strategy")
 CODE_LEFT_OUT = ("say", "Progress", "TrainingProgress", "GlueError",
-                 "explain_preset_failure", "first_line", "training_flops", "per_second",
-                 "clock", "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
+                 "explain_preset_failure", "first_line", "training_flops", "clock",
+                 "seconds_since", "TensorBoardLogs", "Preempted", "run_sweep",
                  "HELP_GROUPS", "RUN_FLAGS", "report_run", "write_run")
 
 
@@ -2286,13 +2286,12 @@ class TrainingCheckpoints:
     steps it skips.
     """
 
-    def __init__(self, directory, every_steps=0, evaluations=None):
+    def __init__(self, directory, evaluations, every_steps=0):
         super().__init__()
         self.directory = directory
+        self.evaluations = evaluations  # the run's dev evaluations and count, saved alongside
         self.every_steps = every_steps
-        self.evaluations = evaluations  # the run's dev evaluations, saved alongside
         self.stopped_by = None  # the signal that asked training to stop
-        self.batches = 0  # batches trained, in all epochs
 
     def paths(self):
         return sorted(glob.glob(os.path.join(self.directory, "step-*.npz")))
@@ -2318,20 +2317,19 @@ class TrainingCheckpoints:
                             "delete it or pass another --checkpoint_dir")
         for variable, array in zip(state, arrays):
             variable.assign(array)
-        self.batches = batches
-        if self.evaluations:
-            self.evaluations.resume(batches, evaluations, best or None)
+        self.evaluations.resume(batches, evaluations, best or None)
         return batches
 
     def save(self):
         if not self.directory:
             return
-        path = os.path.join(self.directory, f"step-{self.batches:09d}.npz")
+        batches = self.evaluations.batches
+        path = os.path.join(self.directory, f"step-{batches:09d}.npz")
         arrays = [np.asarray(variable) for variable in self.state(self.model)]
-        evaluations = json.dumps(self.evaluations.records if self.evaluations else [])
-        best = (self.evaluations and self.evaluations.best_weights) or []
+        evaluations = json.dumps(self.evaluations.records)
+        best = self.evaluations.best_weights or []
         write_atomically(path, lambda temporary: np.savez(
-            temporary, *arrays, batches=np.array(self.batches),
+            temporary, *arrays, batches=np.array(batches),
             evaluations=np.array(evaluations),
             **{f"best_{i}": weight for i, weight in enumerate(best)}))
         for older in self.paths():
@@ -2339,8 +2337,8 @@ class TrainingCheckpoints:
                 os.remove(older)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if self.stopped_by or (self.every_steps and self.batches % self.every_steps == 0):
+        if self.stopped_by or (self.every_steps and
+                               self.evaluations.batches % self.every_steps == 0):
             self.save()
         if self.stopped_by:
             self.model.stop_training = True
@@ -2413,12 +2411,12 @@ class TensorBoardLogs:
     leaves through `os._exit`, which would lose unflushed events.
     """
 
-    def __init__(self, folder, steps_per_epoch, batch_size, resumed_batches=0, evaluations=None):
+    def __init__(self, folder, steps_per_epoch, batch_size, evaluations):
         super().__init__()
         self.every, self.batch_size = max(steps_per_epoch // 100, 1), batch_size
-        self.evaluations = evaluations
-        self.batches = resumed_batches
-        self.logged = len(evaluations.records) if evaluations else 0  # before the checkpoint
+        self.evaluations = evaluations  # their records, and the count of batches trained
+        self.logged = len(evaluations.records)  # those logged before the checkpoint
+        resumed_batches = evaluations.batches
         kinds = ("train", "validation")
         for kind in kinds:
             if resumed_batches:
@@ -2437,14 +2435,13 @@ class TensorBoardLogs:
             writer.close()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = (time.perf_counter(), self.batches)
+        self.epoch_start = (time.perf_counter(), self.evaluations.batches)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-        if self.batches % self.every == 0 or \
+        if self.evaluations.batches % self.every == 0 or \
                 time.perf_counter() - self.last_point[0] >= PROGRESS_SECONDS:
             self.log_training("batch", logs, self.last_point)
-        for record in self.evaluations.records[self.logged:] if self.evaluations else ():
+        for record in self.evaluations.records[self.logged:]:
             self.log_evaluation(record)
             self.logged += 1
 
@@ -2452,13 +2449,13 @@ class TensorBoardLogs:
         self.log_training("epoch", logs, self.epoch_start)
 
     def log_training(self, prefix, logs, since):
-        now = time.perf_counter()
-        speed = (self.batches - since[1]) * self.batch_size / max(now - since[0], 1e-9)
-        self.write("train", self.batches, {
+        now, batches = time.perf_counter(), self.evaluations.batches
+        self.write("train", batches, {
             f"{prefix}_loss": float(logs["loss"]),
             f"{prefix}_learning_rate": float(self.model.optimizer.learning_rate),
-            f"{prefix}_examples_per_second": speed})
-        self.last_point = (now, self.batches)
+            f"{prefix}_examples_per_second": Progress.per_second(
+                (batches - since[1]) * self.batch_size, now - since[0], unit=None)})
+        self.last_point = (now, batches)
 
     def log_evaluation(self, record):
         splits = dev_metrics(record)
@@ -2615,8 +2612,15 @@ class Progress:
         elapsed = now - self.started
         remaining = elapsed / (step - self.start) * (self.total - step)
         say(f"{self.label}  step {step}/{self.total}  {details()}"
-            f"{per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
+            f"{self.per_second(examples, elapsed, self.unit)}  elapsed {clock(elapsed)}  "
             f"ETA {clock(remaining)}")
+
+    @staticmethod
+    def per_second(amount, seconds, unit="ex"):
+        """`12 ex/s`, the speed written the one way every line and log gives it; the bare
+        number with `unit=None`."""
+        speed = amount / max(seconds, 1e-9)
+        return speed if unit is None else f"{speed:.0f} {unit}/s"
 
     def callback(self, batch_size):
         """A Keras callback that updates this progress as `predict` goes, batch by batch."""
@@ -2626,7 +2630,7 @@ class Progress:
     def summary(self, amount, noun="rows", details=""):
         seconds = time.perf_counter() - self.started
         say(f"{self.label}: {amount} {noun} in {clock(seconds)} "
-            f"({per_second(amount, seconds, noun)}){details}")
+            f"({self.per_second(amount, seconds, noun)}){details}")
 
 
 def clock(seconds):
@@ -2637,10 +2641,6 @@ def clock(seconds):
     if minutes < 60:
         return f"{minutes}m{seconds:02d}s"
     return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def per_second(amount, seconds, unit):
-    return f"{amount / max(seconds, 1e-9):.0f} {unit}/s"
 
 # ================================================================================================
 # Tokenizing, inside: each split tokenized on a thread per core, kept without its padding, and
@@ -3368,11 +3368,11 @@ REPORT, REPORT_FIGURES = "glue_report.md", "glue_report"
 def draw_dev_scores(drawn, name, entry):
     """One line per run, coloured by learning rate; collapsed runs dashed, marked x."""
     axes, labelled = drawn.subplots(), set()
-    rates = sorted({run["learning_rate"] or 0.0 for run in entry["runs"]})
+    rates = sorted({run_order(run)[0] for run in entry["runs"]})
     colors = {rate: f"C{index % 10}" for index, rate in enumerate(rates)}
     for run in entry["runs"]:
         evaluations = run.get("evaluations", [])
-        rate = run["learning_rate"] or 0.0
+        rate = run_order(run)[0]
         collapsed = bool(run.get("collapsed"))
         axes.plot([evaluation["step"] for evaluation in evaluations],
                   [100 * run_score(evaluation) for evaluation in evaluations],
@@ -3898,20 +3898,18 @@ def model_save_path(options, task):
 
 
 def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
-    """Where one run keeps its training state (None: nowhere); never shared with another run,
-    nor with the same run under other settings or code."""
-    if checkpoint_dir and learning_rate is not None:
-        return os.path.join(checkpoint_dir, f"{task.name}_lr{learning_rate:g}_seed{seed}_"
-                                            f"{fingerprint_id(settings)}")
+    """Where one run keeps its training state; never shared with another run, nor with the same
+    run under other settings or code."""
+    return os.path.join(checkpoint_dir, f"{task.name}_lr{rate_label(learning_rate)}_seed{seed}_"
+                                        f"{fingerprint_id(settings)}")
 
 
 def tensorboard_folder(options, task, learning_rate, seed, settings):
-    """Where one run's TensorBoard logs go (None: nowhere): `<task>/<settings id>/lr<rate>_seed
-    <seed>`, so that TensorBoard's run selector is the sweep, and a run resumed under its
-    settings never continues the curves of the same seed under others."""
-    if options.tensorboard_dir and learning_rate is not None:
-        return os.path.join(options.tensorboard_dir, task.name, fingerprint_id(settings),
-                            f"lr{rate_label(learning_rate)}_seed{seed}")
+    """Where one run's TensorBoard logs go: `<task>/<settings id>/lr<rate>_seed<seed>`, so that
+    TensorBoard's run selector is the sweep, and a run resumed under its settings never continues
+    the curves of the same seed under others."""
+    return os.path.join(options.tensorboard_dir, task.name, fingerprint_id(settings),
+                        f"lr{rate_label(learning_rate)}_seed{seed}")
 
 # ================================================================================================
 # Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized

@@ -26,7 +26,7 @@ if os.environ.get("GLUE_TEST_INTERRUPT"):
     record_step = glue.TrainingCheckpoints.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.batches + 1 == int(step) and os.environ.get(
+        if self.evaluations.batches == int(step) and os.environ.get(
                 "GLUE_TEST_INTERRUPT_SEED", glue.FLAGS.seed[0]) == glue.FLAGS.seed[0]:
             if whom == ["group"]:
                 os.killpg(os.getpgid(0), getattr(signal, signal_name))

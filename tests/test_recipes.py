@@ -233,8 +233,9 @@ def test_a_partial_group_carries_over_the_epoch_end(glue_data, tiny_preset):
     assert glue.steps_per_epoch(rows, 4) == 5
     glue.compile_for(model, glue.TASKS["stsb"], glue.make_optimizer(
         1e-3, total_steps=15, warmup_ratio=0.1, weight_decay=0.01, accumulation=2))
-    glue.finetune(model, rows, glue.TrainingCheckpoints(None), epochs=3, batch_size=4, seed=1,
-                  label="stsb")
+    no_dev = glue.DevEvaluations(None, steps_per_epoch=5, epochs=3, per_epoch=0)
+    glue.finetune(model, rows, glue.TrainingCheckpoints(None, no_dev), epochs=3, batch_size=4,
+                  seed=1, label="stsb")
     assert glue.batches_applied(model.optimizer) == 15
     assert int(model.optimizer.iterations) == 7
     assert float(model.optimizer.learning_rate) == 0.0  # the schedule ended with the updates

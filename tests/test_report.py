@@ -69,7 +69,7 @@ def test_steps_only_increase_across_a_kill_and_resume(glue_data, tiny_preset, tm
 
     def crash_at_step_8(self, batch, logs=None):
         real(self, batch, logs)
-        if self.batches == 8:  # logged up to step 8 (an evaluation too), checkpointed at 6
+        if self.evaluations.batches == 8:  # logged to step 8 (an evaluation too), checkpointed at 6
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:

@@ -286,7 +286,7 @@ def test_a_checkpoint_made_by_other_code_is_not_resumed(glue_data, tiny_preset, 
 
     def crash_at_step_3(self, batch, logs=None):
         real(self, batch, logs)
-        if self.batches == 3:
+        if self.evaluations.batches == 3:
             raise KeyboardInterrupt  # the process dies, its step-3 checkpoint written
 
     with monkeypatch.context() as patch:
