@@ -1310,7 +1310,8 @@ class Sweep:
     def start(self, learning_rate, seed, chain):
         options, task = self.options, self.task
         run_seed = seed + RESTART_SEED_STEP * len(chain)
-        name = run_name(task, learning_rate, run_seed, self.several)
+        name = f"{task.name} lr {rate_label(learning_rate)} seed {run_seed}" if self.several \
+            else task.name  # as progress lines name the run
         staged = os.path.join(self.folder, f"{STAGED}{socket.gethostname()}:{os.getpid()}:"
                               f"{uuid.uuid4().hex[:12]}")
         os.makedirs(staged)
@@ -1558,6 +1559,9 @@ def check_options(options, task_names):
     if looks_like_path(options.preset) and not os.path.isdir(os.path.expanduser(options.preset)):
         raise GlueError(f"--preset={options.preset}: no such folder; give a KerasHub preset "
                         "folder, a Hugging Face model folder, or a KerasHub preset id")
+    if not (task_names or options.submission_directory or options.results_path):
+        raise GlueError("--task_name=none makes the results anew from the runs recorded in a "
+                        "folder: give its --submission_directory")
     if (options.make_submission_zip or options.fill_missing_from) and \
             not options.submission_directory:
         raise GlueError("--make_submission_zip and --fill_missing_from need "
@@ -2169,11 +2173,6 @@ def needs_run(chain, max_restarts):
 
 
 RESTART_SEED_STEP = 1000  # the k-th restart of seed s uses s + 1000 k: no process repeats one
-
-
-def run_name(task, learning_rate, seed, several):
-    """How progress lines name a run."""
-    return f"{task.name} lr {rate_label(learning_rate)} seed {seed}" if several else task.name
 
 
 def describe_run(run):
@@ -2992,7 +2991,10 @@ def publish_recorded(options, root):
                 isinstance(entry, dict):
             say(f"{name}: recorded by an older glue.py, left as it is (run the task again to "
                 "record its runs)")
-    for name, (latest, *others) in recorded_settings(root).items():
+    recorded = recorded_settings(root)
+    if not recorded:
+        say(f"{root}: no runs recorded, so no results to make (a task's command records them)")
+    for name, (latest, *others) in recorded.items():
         task = TASKS[name]
         settings = read_json(os.path.join(records_folder(root, task, latest), "fingerprint.json"))
         publish(task, options, settings, records_folder(root, task, latest),

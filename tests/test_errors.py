@@ -131,6 +131,16 @@ def test_missing_model_to_load(run_glue, tmp_path):
     assert "no such file" in message
 
 
+def test_task_name_none_needs_a_folder_and_says_when_it_holds_no_runs(run_glue, tmp_path,
+                                                                      capsys):
+    assert error_of(run_glue, "--task_name=none") == (
+        "glue.py: error: --task_name=none makes the results anew from the runs recorded in a "
+        "folder: give its --submission_directory")
+    run_glue("--task_name=none", f"--submission_directory={tmp_path}")  # a mistyped folder
+    assert f"{tmp_path / 'runs'}: no runs recorded, so no results to make (a task's command " \
+        "records them)" in capsys.readouterr().out
+
+
 def test_unreadable_results_json_fails_before_training_and_is_kept(glue_data, tiny_preset,
                                                                      tmp_path, run_glue):
     results = tmp_path / "glue_results.json"
