@@ -3290,8 +3290,7 @@ def write_report(results, directory):
              *report_table(entries), ""]
     score = glue_score(results)
     if score:
-        lines += [f"GLUE average over {len(score['tasks'])} tasks: "
-                  f"{percent(score['average'])}", ""]
+        lines += [f"GLUE average over {len(score['tasks'])} tasks: {percent(score['average'])}", ""]
     for name, entry in entries.items():
         if not dev_metrics(entry):
             continue  # AX: no dev set, nothing to draw
@@ -3309,17 +3308,18 @@ def write_report(results, directory):
 
 
 def report_table(entries):
-    """Per task and dev metric: median ± std, runs, collapsed, and the submitted run."""
+    """Per task and dev metric: median ± std, runs (and any --limit), collapsed, submitted run."""
     lines = ["| task | split | metric | median ± std | runs | collapsed | submitted run |",
              "|---|---|---|---|---|---|---|"]
     for name, entry in entries.items():
         submitted = entry["submitted_run"]
         summary = entry["seed_summary"][rate_label(submitted["learning_rate"])]
+        limit = entry.get("fingerprint", {}).get("limit")
+        runs = f"{summary['task_score']['runs']}" + (f", first {limit} rows" if limit else "")
         for split, metrics in dev_metrics(summary).items():
             for metric, values in metrics.items():
-                lines.append(f"| {name} | {split} | {metric} | {spread_text(values)} | "
-                             f"{summary['task_score']['runs']} | {summary['collapsed_runs']} | "
-                             f"{describe_run(submitted)} |")
+                lines.append(f"| {name} | {split} | {metric} | {spread_text(values)} | {runs} | "
+                             f"{summary['collapsed_runs']} | {describe_run(submitted)} |")
     return lines
 
 

@@ -206,6 +206,8 @@ def test_limit_checks_an_edit_on_a_few_rows_and_keeps_it_apart(tiny_preset, glue
         assert len(pd.read_csv(run_folder / f"validation_{split}_predictions.tsv", sep="\t")) == 5
     assert not list(tmp_path.glob("*.tsv"))
     assert "; limited to the first 5 rows)" in capsys.readouterr().out
+    assert "| mnli | validation_matched | accuracy |" in (tmp_path / "glue_report.md").read_text()
+    assert "| 1, first 5 rows |" in (tmp_path / "glue_report.md").read_text()  # its table too
 
     with pytest.raises(SystemExit) as refused:
         run_glue("--task_name=none", f"--submission_directory={tmp_path}",
