@@ -658,8 +658,7 @@ def make_optimizer(learning_rate, total_steps, warmup_ratio, weight_decay, clip_
     if not updates:
         raise GlueError(f"--gradient_accumulation_steps={accumulation} is more than the "
                         f"{total_steps} batches of the whole training: no update would be made")
-    schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates,
-                                 accumulation)
+    schedule = WarmupLinearDecay(learning_rate, int(updates * warmup_ratio), updates, accumulation)
     optimizer = FusedAdamW(
         learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=clip_norm or None,
         gradient_accumulation_steps=accumulation if accumulation > 1 else None)  # 1: refused
@@ -1434,7 +1433,8 @@ def start_run(command, log_path, environment=None, cores=None):
     def copy(lines, terminal):
         for line in lines:
             with contextlib.suppress(OSError, ValueError):  # a terminal gone: the log goes on
-                if not any(chatter in line for chatter in TENSORFLOW_CHATTER):
+                if not line.startswith("glue.py: error: ") and not any(  # the command says it
+                        chatter in line for chatter in TENSORFLOW_CHATTER):
                     terminal.write(line)
                     terminal.flush()
             with lock:
@@ -1651,16 +1651,20 @@ def check_downloads_possible(options, task_names):
     missing = sorted(dataset for dataset in datasets
                      if not glob.glob(os.path.join(folder, dataset, "*", "dataset_info.json")))
     problem = missing and download_problem(missing[0], GLUE_HOST)
-    if not problem:
-        return
     kaggle = os.path.expanduser(os.environ.get("KAGGLEHUB_CACHE", "~/.cache/kagglehub"))
-    if not looks_like_path(options.preset) and not glob.glob(
-            os.path.join(kaggle, "models", "*", "*", "*", options.preset, "*", "config.json")):
+    preset_missing = not looks_like_path(options.preset) and "://" not in options.preset and \
+        not glob.glob(os.path.join(kaggle, "models", "*", "*", "*", options.preset, "*",
+                                   "config.json"))  # a KerasHub id, from Kaggle
+    if problem:
         raise GlueError(f"{problem}; and cannot load preset {options.preset!r} (not downloaded "
                         "before). Pass --data_dir=<folder in the glue_data/ layout> and "
-                        "--preset=<local preset or model folder>")
-    raise GlueError(f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
-                    "local GLUE files instead")
+                        "--preset=<local preset or model folder>" if preset_missing else
+                        f"{problem}; pass --data_dir=<folder in the glue_data/ layout> to read "
+                        "local GLUE files instead")
+    if preset_missing and download_problem(options.preset, KAGGLE_HOST):
+        raise GlueError(f"cannot load preset {options.preset!r} (not downloaded before, and "
+                        f"{KAGGLE_HOST} is unreachable); download it where you have network and "
+                        "pass --preset=<local dir>")
 
 
 def explain_preset_failure(preset, error):
@@ -2462,8 +2466,7 @@ class TensorBoardLogs:
                                         if len(splits) > 1 else ""): value
                    for split, metrics in splits.items() for metric, value in metrics.items()
                    if value is not None}
-        self.write("validation", record["step"], {**scalars, "epoch_task_score":
-                                                  run_score(record)})
+        self.write("validation", record["step"], {**scalars, "epoch_task_score": run_score(record)})
 
     def write(self, kind, step, scalars):
         # tf.summary.scalar is TensorBoard's, which TensorFlow no longer installs: this writes
@@ -2952,6 +2955,7 @@ def load_tfds_split(dataset, split):
 
 
 GLUE_HOST = "dl.fbaipublicfiles.com"  # where tensorflow-datasets downloads every GLUE file from
+KAGGLE_HOST = "api.kaggle.com"  # where KerasHub downloads its presets from
 
 
 def download_problem(name, host):
@@ -3102,8 +3106,7 @@ def format_results(results):
         limit = entry.get("fingerprint", {}).get("limit")
         for split, metrics in dev_metrics(entry).items():
             if summary:
-                shown = "  ".join(f"{name} {spread_text(summary[split][name])}"
-                                  for name in metrics)
+                shown = "  ".join(f"{name} {spread_text(summary[split][name])}" for name in metrics)
                 shown += f"  ({runs_text(summary)}" + (
                     f"; limited to the first {limit} rows)" if limit else ")")
             else:  # an entry of one run, as older versions wrote
@@ -3355,8 +3358,7 @@ def figure(directory, file, draw, *args_and_caption):
         from matplotlib.figure import Figure  # noqa: PLC0415 (only when drawing)
         drawn = Figure(figsize=(7, 4), layout="constrained")
         draw(drawn, *args)
-        write_atomically(path, lambda temporary: drawn.savefig(temporary, format="png",
-                                                               dpi=90))
+        write_atomically(path, lambda temporary: drawn.savefig(temporary, format="png", dpi=90))
     except Exception as error:  # a figure is never worth a run or a result
         say(f"warning: {REPORT}: could not draw {file} ({type(error).__name__}: "
             f"{first_line(error)}); the report goes without it")
@@ -3471,8 +3473,7 @@ def compare(results, root, other, other_root):
         unpaired = unpaired_because(task, entries, sides)
         draws = {} if unpaired else {file: example_draws(len(table), rng)
                                      for file, table in sides[0][1][0].items()}
-        resampled = [side_resampled(task, runs, tables, draws, rng)
-                     for runs, tables in sides]
+        resampled = [side_resampled(task, runs, tables, draws, rng) for runs, tables in sides]
         differences[name] = resampled[0] - resampled[1]
         runs = [len(runs) for runs, _ in sides]
         rows[name] = {"metric": ", ".join(task.metrics),
@@ -3920,8 +3921,7 @@ def tensorboard_folder(options, task, learning_rate, seed, settings):
 
 def chain_of(runs, learning_rate, seed):
     """The recorded chain of an asked (learning rate, seed): the run, then its restarts."""
-    return next((chain for chain in chains(runs)
-                 if run_key(chain[0]) == (learning_rate, seed)), [])
+    return next((chain for chain in chains(runs) if run_key(chain[0]) == (learning_rate, seed)), [])
 
 
 def summarized(runs):

@@ -155,6 +155,7 @@ def test_an_unreachable_tpu_is_waited_for_a_bounded_time(tiny_preset, learnable_
         "glue.py: error: the TPU grpc://127.0.0.1:9 did not answer within "
         "--tpu_timeout_seconds=5; check the address in "
         "--distribution_strategy=tpu:<address>")
+    assert result.stderr.count("did not answer within") == 1  # the run's line, said once
 
 
 def test_one_device_and_auto_on_a_cpu_machine_use_one_replica():

@@ -111,6 +111,20 @@ def test_unknown_preset_points_at_a_local_directory(glue_data, run_glue):
     assert "--preset=<local dir>" in message
 
 
+def test_a_preset_never_downloaded_fails_at_start_offline_with_local_data(glue_data, run_glue,
+                                                                         monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(glue.socket, "create_connection", unreachable)
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path))  # nothing downloaded
+    monkeypatch.setattr(glue, "start_run", lambda *args, **kwargs: pytest.fail("a run started"))
+    assert error_of(run_glue, "--preset=bert_tiny_en_uncased", f"--data_dir={glue_data[0]}") == (
+        "glue.py: error: cannot load preset 'bert_tiny_en_uncased' (not downloaded before, and "
+        "api.kaggle.com is unreachable); download it where you have network and pass "
+        "--preset=<local dir>")
+
+
 @pytest.mark.parametrize("preset", ["/no/such/preset/dir", "./no_such_dir", "models/bert"])
 def test_a_preset_path_that_does_not_exist_is_no_such_folder(glue_data, run_glue, preset,
                                                              monkeypatch):
