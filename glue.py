@@ -11,12 +11,10 @@ places meant to be edited sit between `### Custom code block starts ###` and
 The file tells two stories. Above the line "Nothing below needs editing", one run: the flags,
 the custom code blocks, the task table, loading and tokenizing, the optimizer and the loss,
 finetuning, prediction, the run's record and `main`. Below it, the command, each part before
-the helpers it calls: the sweep plans its runs (tasks, learning rates, seeds) from the records
-already made and starts each run as a `glue.py` process of its own with the run's settings as
-its flags; then its checks, recipes, fingerprints, devices, checkpoints, progress lines and
-the tokenizing inside a run; then what it makes from the records: the results, the submission
-files, the report and a comparison with another folder; last, what all of them share: the run
-records and the summaries over runs.
+the helpers it calls: the sweep plans its runs from the records already made and starts each as
+a `glue.py` process with the run's flags, here or as a Slurm job; then its checks, recipes,
+fingerprints, devices, checkpoints, progress lines and a run's tokenizing; then what it makes
+from the records: results, submission files, the report, a comparison; last, what all share.
 """
 
 import ast
@@ -229,6 +227,12 @@ define("integer", "parallel_runs", 1,
        "Run this many runs at once, each a process of its own with its share of the GPUs "
        "(CUDA_VISIBLE_DEVICES), or on CPU of the cores. 1: one run at a time, with every device.",
        lower_bound=1, roles="command")
+define("enum", "launcher", "local", "Where runs run: local, as processes here; slurm, each as "
+       "a Slurm job through submitit, --parallel_runs at a time, while the command waits.",
+       enum_values=["local", "slurm"], roles="command")
+define("list", "slurm", [], "Each Slurm job's resources, as key=value: partition, time "
+       "(minutes; default 1440), gpus, cpus, mem (GB), account, qos; other keys go to sbatch.",
+       roles="command")
 define("string", "checkpoint_dir", None,
        "Keep the training state here (a folder per run: task, learning rate, seed and settings) at "
        "each epoch's end and every --checkpoint_every_steps; the same command resumes after a "
@@ -247,8 +251,7 @@ define("integer", "tpu_timeout_seconds", 600,
        "With tpu: how long to wait for the TPU to answer at start.",
        lower_bound=1, roles="uncounted")
 
-# Set by a command for each run it starts (a run's process); not for the command line.
-RUN_FLAGS = "Set by a command for each run it starts"
+RUN_FLAGS = "Set by a command for each run it starts"  # a run's process; not for a person
 HELP_GROUPS[RUN_FLAGS] = []
 define("string", "run_dir", None,
        "The folder this run writes its record into; given, the process is one run of a sweep.")
@@ -461,13 +464,10 @@ TASKS = {task.name: task for task in (
         local=LocalFiles("QQP", ("question1", "question2"), label_column="is_duplicate",
                          index_column="id")),
     _MNLI,
-    dataclasses.replace(
-        _MNLI, name="mnli_matched", train_dataset="mnli", eval_splits=("validation_matched",),
-        outputs=(MNLI_M,)),
-    dataclasses.replace(
-        _MNLI, name="mnli_mismatched", train_dataset="mnli",
-        eval_splits=("validation_mismatched",),
-        outputs=(MNLI_MM,)),
+    dataclasses.replace(_MNLI, name="mnli_matched", train_dataset="mnli",
+                        eval_splits=("validation_matched",), outputs=(MNLI_M,)),
+    dataclasses.replace(_MNLI, name="mnli_mismatched", train_dataset="mnli",
+                        eval_splits=("validation_mismatched",), outputs=(MNLI_MM,)),
     GlueTask(
         name="qnli", text_features=("question", "sentence"), label_names=ENTAILMENT_2,
         submission_labels=ENTAILMENT_2, metrics=("accuracy",), eval_splits=("validation",),
@@ -485,8 +485,7 @@ TASKS = {task.name: task for task in (
         local=LocalFiles("WNLI", SENTENCE_PAIR)),
     # AX is MNLI's diagnostic: it has only a test split, predicted by a model finetuned on MNLI.
     dataclasses.replace(
-        _MNLI, name="ax", train_dataset="mnli", eval_splits=(),
-        outputs=(AX,),
+        _MNLI, name="ax", train_dataset="mnli", eval_splits=(), outputs=(AX,),
         local=LocalFiles("diagnostic", SENTENCE_PAIR, files=(("test", "diagnostic.tsv"),))),
 )}
 
@@ -1121,7 +1120,8 @@ def run_sweep(own_flags, script):
     task_names = list(dict.fromkeys(  # all, none and comma lists: each task once, in order
         task for name in options.task_name for task in {"all": ALL_TASKS, "none": ()}.get(
             name, (name,))))
-    if len(task_names) > 1 and options.submission_directory and not options.checkpoint_dir:
+    if (len(task_names) > 1 or options.launcher == "slurm") and options.submission_directory \
+            and not options.checkpoint_dir:  # a requeued Slurm job resumes from there
         options.checkpoint_dir = os.path.join(options.submission_directory, "checkpoints")
     recipe = read_recipe(options.recipe, flag_values)
     check_options(options, task_names)
@@ -1154,12 +1154,20 @@ def run_sweep(own_flags, script):
 def run_tasks(task_names, options, root, settings, known, script):
     """Runs each task, with its recipe settings (`settings`, of every task; `known`, those
     with their warm start in place, checked at start), going on past failures. Returns (this
-    command's results, failures). A task others start from keeps its runs' models."""
+    command's results, failures). A task others start from keeps its runs' models. With
+    --launcher=slurm the tasks run at once, each as soon as the task it starts from has ended:
+    the cluster does the work, while a thread per task waits for its jobs."""
     sources = {values.get("init_from_task") for values in settings.values()}
-    results, failures = {}, {}
-    for name in task_names:
+    results, failures, stopped_by = {}, {}, []
+    ended, reporting = {name: threading.Event() for name in task_names}, threading.Lock()
+
+    def run(name):
         try:
             source = settings[name].get("init_from_task")
+            if source in ended:
+                ended[source].wait()
+            if stopped_by:
+                raise Preempted(f"stopped by {stopped_by[0]} before {name} started")
             if source in failures:  # its recorded choice, if any, is not this command's
                 raise GlueError(f"starts from {source}'s model, and {source} failed")
             values = known[name] if name in known else \
@@ -1168,9 +1176,27 @@ def run_tasks(task_names, options, root, settings, known, script):
                                      keep_models=name in sources)
         except GlueError as error:
             failures[name] = str(error)
+        finally:
+            ended[name].set()
         if name in failures and len(task_names) > 1:
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-        report_results(options)
+        with reporting:  # one report at a time: matplotlib draws in one thread at a time
+            report_results(options)
+
+    if not (options.launcher == "slurm" and shutil.which("srun") and len(task_names) > 1):
+        for name in task_names:  # here (submitit's local executor too): one task at a time
+            run(name)
+        return results, failures
+
+    def stop(signal_name):  # signals reach the main thread alone: it stops every task's jobs
+        stopped_by.append(signal_name)
+        for sweep in list(Sweep.live):
+            sweep.stop(signal_name)
+
+    with on_stop_signals(stop), concurrent.futures.ThreadPoolExecutor(len(task_names)) as pool:
+        tasks = [pool.submit(run, name) for name in task_names]
+    for task in tasks:
+        task.result()  # a stop, or a failure of the command itself, ends it here
     return results, failures
 
 
@@ -1271,27 +1297,36 @@ def check_restart_seeds(records, asked, max_restarts):
 
 class Sweep:
     """Trains a task's asked runs, each with its restarts, as processes of their own,
-    `--parallel_runs` at a time, each on its share of the devices. A run that ends without its
-    record (it failed, crashed or was killed) is lost: the others go on, and the command ends
-    naming it. SIGTERM or Ctrl-C to the command reaches the runs, which checkpoint and stop."""
+    `--parallel_runs` at a time, each on its share of the devices, or as Slurm jobs. A run that
+    ends without its record (it failed, crashed or was killed) is lost: the others go on, and
+    the command ends naming it. SIGTERM or Ctrl-C to the command reaches the runs, which
+    checkpoint and stop."""
+
+    live = set()  # the sweeps training now, which a signal stops (run_tasks, with threads)
 
     def __init__(self, task, options, settings, folder, script, keep_models):
         self.task, self.options, self.settings, self.folder = task, options, settings, folder
         self.script, self.keep_models = script, keep_models
         self.several = len(asked_runs(options)) > 1 or options.max_restarts > 0
         self.slots = device_slots(options.parallel_runs, gpu_count(), available_cores())
+        self.jobs = options.launcher == "slurm" and SlurmJobs(
+            folder, options.slurm, options.parallel_runs, task.name)
+        self.capacity = self.jobs.capacity if self.jobs else len(self.slots)
         self.running, self.lost, self.stopped_by, self.said_why = [], [], None, False
 
     def train(self, todo, record):
         """Runs `todo` ([(learning rate, seed, chain)]); `record(staged folder, run)` puts each
         finished run among the records. Returns the lost runs' lines."""
         waiting = collections.deque(todo)
-        with on_stop_signals(self.stop), self.stopping_runs_on_failure():
+        signals = on_stop_signals(self.stop) if threading.current_thread() is \
+            threading.main_thread() else contextlib.nullcontext()  # else run_tasks' reach it
+        with signals, self.stopping_runs_on_failure():
             while waiting or self.running:
                 if self.stopped_by:
                     waiting.clear()  # no new run; the running ones checkpoint and stop
-                while waiting and len(self.running) < len(self.slots):
-                    self.start(*waiting.popleft())
+                with self.jobs.batch() if self.jobs else contextlib.nullcontext():
+                    while waiting and len(self.running) < self.capacity:
+                        self.start(*waiting.popleft())
                 if not self.running:
                     break
                 run = self.next_finished()
@@ -1309,10 +1344,17 @@ class Sweep:
     def start(self, learning_rate, seed, chain):
         options, task = self.options, self.task
         run_seed = seed + RESTART_SEED_STEP * len(chain)
+        taken = self.jobs and self.jobs.take_over(self.folder, learning_rate, run_seed)
+        if taken:  # its job, alive or with the run's record: not started twice
+            staged, run, process = taken
+            self.running.append(Started(learning_rate, seed, chain, run_seed, run["name"],
+                                        staged, process, None, run["flags"]))
+            return
         name = f"{task.name} lr {rate_label(learning_rate)} seed {run_seed}" if self.several \
             else task.name  # as progress lines name the run
-        staged = os.path.join(self.folder, f"{STAGED}{socket.gethostname()}:{os.getpid()}:"
-                              f"{uuid.uuid4().hex[:12]}")
+        owner = "slurm" if self.jobs and self.jobs.outlive else \
+            f"{socket.gethostname()}:{os.getpid()}"  # remove_abandoned reads it
+        staged = os.path.join(self.folder, f"{STAGED}{owner}:{uuid.uuid4().hex[:12]}")
         os.makedirs(staged)
         trains = learning_rate is not None  # else it evaluates --finetuning_model_load_path
         values = {**vars(options), "task_name": [task.name], "seed": [str(run_seed)],
@@ -1325,9 +1367,14 @@ class Sweep:
             extra["run_tensorboard"] = tensorboard_folder(options, task, learning_rate,
                                                           run_seed, self.settings)
         flags = {key: values[key] for key in run_flag_names(values)}
-        slot = min(set(range(len(self.slots))) - {run.slot for run in self.running})
-        process = start_run([sys.executable, self.script, *arguments(flags), *arguments(extra)],
-                            os.path.join(staged, "log.txt"), *self.slots[slot])
+        command = [sys.executable, os.path.abspath(self.script), *arguments(flags),
+                   *arguments(extra)]
+        log = os.path.join(staged, "log.txt")
+        slot = None if self.jobs else min(set(range(len(self.slots))) -
+                                          {run.slot for run in self.running})
+        process = self.jobs.start(command, log, {
+            "learning_rate": learning_rate, "run_seed": run_seed, "name": name, "flags": flags}) \
+            if self.jobs else start_run(command, log, *self.slots[slot])
         self.running.append(Started(learning_rate, seed, chain, run_seed, name, staged,
                                     process, slot, flags))
         if self.stopped_by:  # the signal came while it started
@@ -1339,7 +1386,9 @@ class Sweep:
                 if run.process.poll() is not None:
                     run.process.finish()
                     return run
-            time.sleep(0.1)
+            if self.jobs:
+                self.jobs.watch(self.running)
+            time.sleep(1 if self.jobs else 0.1)
 
     def finish(self, run, record):
         """Records a finished run, or names it lost; returns whether it was recorded."""
@@ -1352,6 +1401,8 @@ class Sweep:
                   "command": shlex.join(["python", "glue.py", *arguments(run.flags)])}
         if run.chain:
             result.update(restart_of=run.seed, restarted_from=run.chain[-1]["run_id"])
+        if self.jobs:  # the run's own line, which only its log has
+            report_run(f"{run.name} (Slurm job {run.process.job.job_id})", result)
         run.chain.append(result)
         if result.get("collapsed"):
             then = (f"restarting with seed {result['seed'] + RESTART_SEED_STEP}"
@@ -1370,7 +1421,7 @@ class Sweep:
         shutil.rmtree(run.staged, ignore_errors=True)
         with open(log, encoding="utf-8", errors="replace") as file:
             tail = [line.rstrip() for line in file.readlines()[-6:] if line.strip()]
-        code = run.process.returncode
+        code, job = run.process.returncode, getattr(run.process, "job", None)
         if tail and tail[-1].startswith("glue.py: "):  # bad input, no TPU, or stopped
             self.lost.append(tail[-1].removeprefix("glue.py: ").removeprefix("error: "))
             self.said_why |= tail[-1].startswith("glue.py: error: ")  # in its line, shown
@@ -1378,8 +1429,9 @@ class Sweep:
         if self.stopped_by:
             self.lost.append(f"{run.name}: stopped before its checkpoint; its log: {log}")
             return
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else \
-            f"exit status {code}" + (f": {tail[-1][:200]}" if tail else "")
+        how = code if isinstance(code, str) else f"killed by {signal.Signals(-code).name}" \
+            if code < 0 else f"exit status {code}" + (f": {tail[-1][:200]}" if tail else "")
+        how = f"Slurm job {job.job_id}, {how}" if job else how
         line = f"{run.name}: LOST ({how}); its log: {log}"
         print("\n    ".join([line, *tail[-5:]]), file=sys.stderr, flush=True)
         self.lost.append(line)
@@ -1388,13 +1440,18 @@ class Sweep:
         """SIGTERM or Ctrl-C to the command passes SIGTERM on to its runs: they checkpoint and
         stop, and the command waits for them, then stops too."""
         self.stopped_by = self.stopped_by or signal_name
+        jobs = [run for run in self.running if run.process.returncode is None]
+        if self.jobs and jobs:
+            say(f"{self.task.name}: {signal_name}: cancelling {plural(len(jobs), 'Slurm job')} "
+                "(a run checkpoints as it stops)")
         for run in self.running:
             run.process.send_signal(signal.SIGTERM)  # nothing, once it has ended
 
     @contextlib.contextmanager
     def stopping_runs_on_failure(self):
         """A failure of the command itself (a record it cannot write, say) stops its running
-        runs before it goes on: none trains unattended."""
+        runs before it goes on: none trains unattended. While in it, the sweep is live."""
+        Sweep.live.add(self)
         try:
             yield
         except BaseException:
@@ -1403,6 +1460,8 @@ class Sweep:
                 run.process.wait()
                 run.process.finish()
             raise
+        finally:
+            Sweep.live.discard(self)
 
 
 # A run whose process is running: the asked (learning rate, seed), its chain so far, the seed it
@@ -1523,6 +1582,180 @@ def record_run(task, options, settings, staged, run, save_path):
                                         run["seed"], settings), ignore_errors=True)
 
 # ================================================================================================
+# Slurm (--launcher=slurm): each run a job, submitted through submitit. A job runs the run's own
+# command line; the command waits for its jobs, and stays the only writer of records and results.
+
+
+class SlurmJobs:
+    """Starts a task's runs as Slurm jobs, those started together as one job array with at most
+    `parallel_runs` jobs running at a time. Where there is no Slurm (no `srun`), submitit runs
+    the jobs here, `parallel_runs` at a time. To the Sweep, a job looks like a run's process
+    (`SlurmRun`); a line says when each starts, and every minute how many wait, run and ended."""
+
+    def __init__(self, folder, slurm, parallel_runs, task_name):
+        import submitit  # only here: a local command never needs it
+        self.submitit, self.folder = submitit, os.path.join(folder, ".slurm", "%j")
+        self.executor = submitit.AutoExecutor(folder=self.folder)
+        self.executor.update_parameters(name=f"glue-{task_name}", slurm_array_parallelism=(
+            parallel_runs), **slurm_parameters(slurm))
+        self.capacity = parallel_runs if self.executor.cluster == "local" else math.inf
+        self.outlive = self.executor.cluster == "slurm"  # jobs that outlive the command
+        self.task_name, self.jobs, self.said_at = task_name, [], time.monotonic()
+
+    @contextlib.contextmanager
+    def batch(self):
+        """The runs started in the block go as one job array, submitted as it ends."""
+        self.submitted = []
+        try:
+            with self.executor.batch(allow_implicit_submissions=True):
+                yield
+        except self.submitit.core.utils.FailedJobError as error:  # sbatch said no
+            for job in self.submitted:
+                job.job, job.returncode = None, "not submitted"
+                shutil.rmtree(os.path.dirname(job.log_path), ignore_errors=True)
+            raise GlueError(f"Slurm refused {self.task_name}'s jobs: {first_line(error)}") \
+                from None
+        for job in self.submitted:  # for a command that takes the job over if this one dies
+            write_json(os.path.join(os.path.dirname(job.log_path), SLURM_JOB),
+                       {**job.run, "job_id": job.job.job_id})
+        if self.submitted:
+            ids = sorted({job.job.job_id.split("_")[0] for job in self.submitted})
+            say(f"{self.task_name}: {plural(len(self.submitted), 'run')} submitted as Slurm "
+                f"job {', '.join(ids)} ({self.executor.cluster})")
+
+    def start(self, command, log_path, run):
+        """Submits a run's job; `run`, what a later command needs to take it over."""
+        job = SlurmRun(self.executor.submit(slurm_job(command, log_path)), log_path)
+        job.run = run
+        self.jobs.append(job)
+        self.submitted.append(job)
+        return job
+
+    def take_over(self, folder, learning_rate, run_seed):
+        """The job of a run that a command which ended (a login node rebooted) submitted, if its
+        staged folder is here: `(staged folder, what the run is, its job)`. A job that ended
+        without the run's record is forgotten, and the run started again."""
+        for path in glob.glob(os.path.join(glob.escape(folder), f"{STAGED}slurm:*", SLURM_JOB)):
+            run, staged = read_json(path), os.path.dirname(path)
+            if (run["learning_rate"], run["run_seed"]) != (learning_rate, run_seed):
+                continue
+            job = SlurmRun(self.submitit.SlurmJob(self.folder, run["job_id"]),
+                           os.path.join(staged, "log.txt"), started=True)
+            if job.poll() is not None and not os.path.isfile(os.path.join(staged, RUN_RECORD)):
+                say(f"{run['name']}: Slurm job {run['job_id']}, of an earlier command, ended "
+                    "without the run's record; starting it again")
+                shutil.rmtree(staged, ignore_errors=True)
+                return None
+            say(f"{run['name']}: taking over Slurm job {run['job_id']}, of an earlier command")
+            self.jobs.append(job)
+            return staged, run, job
+        return None
+
+    def watch(self, running):
+        """Says when a run's job starts (its log appears), and every minute the jobs' count."""
+        for run in running:
+            if not run.process.started and os.path.exists(run.process.log_path):
+                run.process.started = True
+                say(f"{run.name}: Slurm job {run.process.job.job_id} started")
+        if time.monotonic() - self.said_at >= PROGRESS_SECONDS:
+            self.said_at = time.monotonic()
+            ended = sum(job.returncode is not None for job in self.jobs)
+            running = sum(job.started and job.returncode is None for job in self.jobs)
+            say(f"{self.task_name}: Slurm jobs: {len(self.jobs) - running - ended} pending, "
+                f"{running} running, {ended} ended")
+
+
+SLURM_JOB = "slurm_job.json"  # in a run's staged folder: the id of the job that runs it
+# --slurm's keys that are submitit's parameters, with their types; any other goes to sbatch.
+SLURM_PARAMETERS = {"partition": ("slurm_partition", str), "time": ("timeout_min", int),
+                    "gpus": ("gpus_per_node", int), "cpus": ("cpus_per_task", int),
+                    "mem": ("mem_gb", float), "account": ("slurm_account", str),
+                    "qos": ("slurm_qos", str)}
+
+
+def slurm_parameters(items):
+    """submitit's parameters from --slurm's `key=value` items: a day's time limit unless given
+    (submitit's default is 5 minutes), every key not in SLURM_PARAMETERS as an sbatch option."""
+    parameters = {"timeout_min": 1440, "slurm_additional_parameters": {}}
+    for item in items:
+        key, _, value = item.partition("=")
+        name, kind = SLURM_PARAMETERS.get(key, (None, str))
+        try:
+            typed = kind(value) if key and value else None
+        except ValueError:
+            typed = None
+        if typed is None:
+            raise GlueError(f"--slurm={item}: give key=value, such as partition=gpu or "
+                            "time=240 (minutes)")
+        (parameters if name else parameters["slurm_additional_parameters"])[name or key] = typed
+    return parameters
+
+
+class SlurmRun:
+    """A run's Slurm job, as the Sweep sees a run's process. `returncode`: the run's exit status,
+    or the job's Slurm state when the job itself died (OUT_OF_MEMORY, NODE_FAIL, CANCELLED, ...).
+    `send_signal` cancels the job: Slurm sends the run SIGTERM, and it checkpoints and stops."""
+
+    def __init__(self, job, log_path, started=False):
+        self.job, self.log_path, self.started, self.returncode = job, log_path, started, None
+
+    def poll(self):
+        if self.returncode is None and self.job.done():
+            try:
+                self.returncode = self.job.result()
+            except Exception:  # the job died: the reason is its state
+                self.returncode = (self.job.state or "FAILED").split()[0]
+        return self.returncode
+
+    def send_signal(self, _):
+        if self.returncode is None:
+            self.job.cancel(check=False)
+
+    def wait(self):
+        while self.poll() is None:
+            time.sleep(1)
+
+    def finish(self):
+        """A job that died adds its own output (Slurm's lines: an out-of-memory kill, say) to the
+        run's log, without submitit's notes."""
+        if isinstance(self.returncode, str) and self.job:
+            with open(self.log_path, "a", encoding="utf-8") as log:
+                for path in (self.job.paths.stdout, self.job.paths.stderr):
+                    with contextlib.suppress(OSError), open(path, errors="replace") as output:
+                        log.writelines(line for line in output
+                                       if not line.startswith("submitit INFO"))
+
+
+def slurm_job(command, log_path):
+    """What a run's job calls on its node: the run's command line as a process, its output added
+    to the run's log. On Slurm's USR2 before the time limit or a preemption, submitit calls
+    `checkpoint`: the run gets SIGTERM, checkpoints and stops, and the job is requeued to run the
+    same command, which resumes. The class is made in here so that submitit's cloudpickle sends
+    it whole: the node needs submitit alone, not glue.py on its import path."""
+
+    class RunCommand:
+        def __call__(self):
+            with open(log_path, "a", encoding="utf-8") as log:
+                self.process = subprocess.Popen(  # USR2 is for submitit's process alone
+                    command, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+                return self.ended()
+
+        def ended(self):  # polled: a blocking wait would hold a lock `checkpoint` needs
+            while self.process.poll() is None:
+                time.sleep(0.5)
+            return self.process.returncode
+
+        def checkpoint(self):
+            import submitit
+            self.process.send_signal(signal.SIGTERM)
+            self.ended()
+            return submitit.helpers.DelayedSubmission(RunCommand())
+
+    return RunCommand()
+
+# ================================================================================================
 # Checking the options before any work: one clear line, before anything is read or trained
 
 
@@ -1569,6 +1802,7 @@ def check_options(options, task_names):
     if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
     check_output_paths(options)
+    check_slurm(options)
     check_multi_worker(os.environ.get("TF_CONFIG"))
     limited = [name for name, entry in read_results(options.results_path).items()  # a bad
                if isinstance(entry, dict) and name not in task_names and  # file fails now
@@ -1639,6 +1873,30 @@ def check_output_paths(options):
                             "(it is made if missing)")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise GlueError(f"--{flag}: cannot write in {existing}; give a writable folder")
+
+
+def check_slurm(options):
+    """--launcher=slurm can run: submitit is installed, --slurm reads, and every folder a job
+    reads or writes is one the compute nodes can reach, not a machine's own /tmp."""
+    if options.slurm and options.launcher != "slurm":
+        raise GlueError("--slurm sets the resources of Slurm jobs: give --launcher=slurm too")
+    if options.launcher != "slurm":
+        return
+    if not importlib.util.find_spec("submitit"):
+        raise GlueError("--launcher=slurm needs submitit: pip install submitit")
+    slurm_parameters(options.slurm)
+    if not (options.submission_directory or options.results_path):
+        raise GlueError("--launcher=slurm: give --submission_directory, on a filesystem the "
+                        "compute nodes share; the runs write their records there")
+    local = tuple(os.path.realpath(folder) + os.sep for folder in (
+        "/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir()))
+    for name in ("submission_directory", "results_path", "checkpoint_dir", "tensorboard_dir",
+                 "data_dir", "preset", *flags_with("file"), "finetuning_model_save_path"):
+        path = getattr(options, name)
+        if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(local):
+            raise GlueError(f"--launcher=slurm: --{name}={path} is in this machine's own "
+                            "temporary folder, which compute nodes cannot reach; give a folder "
+                            "on a shared filesystem")
 
 
 def check_downloads_possible(options, task_names):
@@ -2259,7 +2517,9 @@ def run_devices(options):
     """`(strategy, replicas)` as a run of this command will make them, for its fingerprint:
     foreseen from the devices' count alone, since the command itself sets up no device. On CPU
     one device, unless what runs glue.py set more up (tests/with_cpu_devices.py)."""
-    return planned_strategy(options.distribution_strategy, gpu_count() // options.parallel_runs,
+    gpus = slurm_parameters(options.slurm).get("gpus_per_node", 0) \
+        if options.launcher == "slurm" else gpu_count() // options.parallel_runs  # a job's
+    return planned_strategy(options.distribution_strategy, gpus,
                             len(tf.config.list_logical_devices("CPU"))
                             if "tensorflow" in sys.modules else 1)
 
