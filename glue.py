@@ -1659,6 +1659,8 @@ class SlurmJobs:
                 say(f"{run.name}: Slurm job {run.process.job.job_id} started")
         if time.monotonic() - self.said_at >= PROGRESS_SECONDS:
             self.said_at = time.monotonic()
+            if self.outlive:  # submitit asks sacct less often as jobs age: up to every 10 min
+                self.submitit.SlurmJob.watcher.update()
             ended = sum(job.returncode is not None for job in self.jobs)
             running = sum(job.started and job.returncode is None for job in self.jobs)
             say(f"{self.task_name}: Slurm jobs: {len(self.jobs) - running - ended} pending, "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 import pytest
 
@@ -253,3 +254,21 @@ def test_jobs_slurm_refuses_end_the_command_in_one_line(shared):
         "nope")
     assert not stand_in_jobs(shared)
     assert not glob.glob(f"{shared}/out/runs/rte/*/.staged*")  # nothing left behind
+
+
+def test_a_line_says_when_each_job_starts_and_every_minute_counts_the_jobs(
+        tmp_path, monkeypatch, capsys):
+    jobs = object.__new__(glue.SlurmJobs)  # its watching alone, with no executor
+    jobs.task_name, jobs.said_at, jobs.outlive = "rte", 0, False
+    runs = [types.SimpleNamespace(name=f"rte seed {seed}", process=glue.SlurmRun(
+        types.SimpleNamespace(job_id=f"7_{seed}"), str(tmp_path / f"{seed}.log")))
+        for seed in range(3)]
+    jobs.jobs = [run.process for run in runs]
+    for seed in (0, 1):  # a job's run opens its log as the job starts
+        (tmp_path / f"{seed}.log").write_text("")
+    runs[1].process.returncode = 0
+    monkeypatch.setattr(glue, "PROGRESS_SECONDS", 0)
+    jobs.watch(runs)
+    assert capsys.readouterr().out.splitlines() == [
+        "rte seed 0: Slurm job 7_0 started", "rte seed 1: Slurm job 7_1 started",
+        "rte: Slurm jobs: 1 pending, 1 running, 1 ended"]
