@@ -3981,10 +3981,12 @@ def remove_abandoned(task_folder, max_age_seconds=24 * 3600):
     """Removes the staged run folders a killed command left, under any settings of a task: on
     this host, those of a process that is gone; from another host (whose processes cannot be
     seen), or from a glue.py that named them .tmp-*, those untouched for a day (a running run's
-    log changes every minute)."""
+    log changes every minute). A Slurm job's, which may wait in the queue for days, stays: the
+    command that asks for its run again takes it over (`SlurmJobs.take_over`)."""
     for path in glob.glob(os.path.join(glob.escape(task_folder), "*", ".*")):
         name = os.path.basename(path)
-        if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")):
+        if not os.path.isdir(path) or not name.startswith((STAGED, ".tmp-")) or \
+                name.startswith(f"{STAGED}slurm:"):
             continue
         host, pid, *_ = name.removeprefix(STAGED).split(":") + ["", ""]
         if host == socket.gethostname():

@@ -460,13 +460,14 @@ def test_staged_folders_of_gone_processes_and_old_ones_are_removed(tmp_path):
              f"{glue.STAGED}{host}:{os.getpid()}:b": True,  # alive, however old
              f"{glue.STAGED}elsewhere:1:c": True, f"{glue.STAGED}elsewhere:1:d": False,
              f"{glue.STAGED}elsewhere:1:e": True,  # its log was written to an hour ago
-             ".tmp-0123456789ab": False, ".tmp-ba9876543210": True, "lr1e-05_seed1": True}
+             ".tmp-0123456789ab": False, ".tmp-ba9876543210": True, "lr1e-05_seed1": True,
+             f"{glue.STAGED}slurm:g": True}  # a Slurm job's, perhaps queued for days
     for name in names:
         os.makedirs(folder / name)
     (folder / f"{glue.STAGED}elsewhere:1:e" / "log.txt").write_text("epoch 9/10 ...")
     os.utime(folder / f"{glue.STAGED}elsewhere:1:e" / "log.txt", (time.time() - 3600,) * 2)
     for old in (f"{glue.STAGED}{host}:{os.getpid()}:b", f"{glue.STAGED}elsewhere:1:d",
-                f"{glue.STAGED}elsewhere:1:e", ".tmp-0123456789ab"):
+                f"{glue.STAGED}elsewhere:1:e", ".tmp-0123456789ab", f"{glue.STAGED}slurm:g"):
         os.utime(folder / old, (time.time() - 2 * day,) * 2)
     os.makedirs(other_settings / f"{glue.STAGED}{host}:{gone.pid}:f")
     glue.remove_abandoned(str(tmp_path))
