@@ -1421,7 +1421,7 @@ class Sweep:
         shutil.rmtree(run.staged, ignore_errors=True)
         with open(log, encoding="utf-8", errors="replace") as file:
             tail = [line.rstrip() for line in file.readlines()[-6:] if line.strip()]
-        code, job = run.process.returncode, getattr(run.process, "job", None)
+        code, job = run.process.returncode, self.jobs and run.process.job
         if tail and tail[-1].startswith("glue.py: "):  # bad input, no TPU, or stopped
             self.lost.append(tail[-1].removeprefix("glue.py: ").removeprefix("error: "))
             self.said_why |= tail[-1].startswith("glue.py: error: ")  # in its line, shown
