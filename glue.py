@@ -1156,7 +1156,8 @@ def run_tasks(task_names, options, root, settings, known, script):
     with their warm start in place, checked at start), going on past failures. Returns (this
     command's results, failures). A task others start from keeps its runs' models. With
     --launcher=slurm the tasks run at once, each as soon as the task it starts from has ended:
-    the cluster does the work, while a thread per task waits for its jobs."""
+    the cluster does the work, while a thread per task waits for its jobs; else one at a time.
+    SIGTERM or Ctrl-C, which reach the main thread alone, stop every task's runs or jobs."""
     sources = {values.get("init_from_task") for values in settings.values()}
     results, failures, stopped_by = {}, {}, []
     ended, reporting = {name: threading.Event() for name in task_names}, threading.Lock()
@@ -1173,7 +1174,7 @@ def run_tasks(task_names, options, root, settings, known, script):
             values = known[name] if name in known else \
                 with_warm_start(options, root, name, settings)
             results[name] = run_task(TASKS[name], task_options(options, values), root, script,
-                                     keep_models=name in sources)
+                                     name in sources, stopped_by)
         except GlueError as error:
             failures[name] = str(error)
         finally:
@@ -1183,28 +1184,29 @@ def run_tasks(task_names, options, root, settings, known, script):
         with reporting:  # one report at a time: matplotlib draws in one thread at a time
             report_results(options)
 
-    if not (options.launcher == "slurm" and shutil.which("srun") and len(task_names) > 1):
-        for name in task_names:  # here (submitit's local executor too): one task at a time
-            run(name)
-        return results, failures
-
-    def stop(signal_name):  # signals reach the main thread alone: it stops every task's jobs
-        stopped_by.append(signal_name)
+    def stop(signal_name):
+        stopped_by.append(signal_name)  # first: a sweep becoming live now sees it (`Sweep`)
         for sweep in list(Sweep.live):
             sweep.stop(signal_name)
 
-    with on_stop_signals(stop), concurrent.futures.ThreadPoolExecutor(len(task_names)) as pool:
-        tasks = [pool.submit(run, name) for name in task_names]
+    with on_stop_signals(stop):
+        if not (options.launcher == "slurm" and shutil.which("srun") and len(task_names) > 1):
+            for name in task_names:  # here (submitit's local executor too): one at a time
+                run(name)
+            return results, failures
+        with concurrent.futures.ThreadPoolExecutor(len(task_names)) as pool:
+            tasks = [pool.submit(run, name) for name in task_names]
     for task in tasks:
         task.result()  # a stop, or a failure of the command itself, ends it here
     return results, failures
 
 
-def run_task(task, options, root, script, keep_models=False):
+def run_task(task, options, root, script, keep_models=False, stopped_by=()):
     """One task: the runs its records of these settings lack are trained, each written to
     its own folder as it ends; then its results and submission are made anew from the records.
     Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
-    starts from this one's). Returns its entry; fails with a line when a run was lost."""
+    starts from this one's). `stopped_by`: the signals that stopped the command, as they come.
+    Returns its entry; fails with a line when a run was lost."""
     settings = fingerprint(task, options, run_devices(options))
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(options.results_path).get(task.name)
@@ -1216,7 +1218,7 @@ def run_task(task, options, root, script, keep_models=False):
     lost = []
     if todo:
         write_json(os.path.join(folder, "fingerprint.json"), settings)
-        sweep = Sweep(task, options, settings, folder, script, keep_models)
+        sweep = Sweep(task, options, settings, folder, script, keep_models, stopped_by)
         lost = sweep.train(todo, lambda staged, run: record_run(
             task, options, settings, staged, run, save_path))
     entry = publish(task, options, settings, folder, save_path)
@@ -1299,14 +1301,14 @@ class Sweep:
     """Trains a task's asked runs, each with its restarts, as processes of their own,
     `--parallel_runs` at a time, each on its share of the devices, or as Slurm jobs. A run that
     ends without its record (it failed, crashed or was killed) is lost: the others go on, and
-    the command ends naming it. SIGTERM or Ctrl-C to the command reaches the runs, which
-    checkpoint and stop."""
+    the command ends naming it. SIGTERM or Ctrl-C to the command (`stopped_by`, the signals
+    that stopped it, as they come) reaches the runs, which checkpoint and stop."""
 
-    live = set()  # the sweeps training now, which a signal stops (run_tasks, with threads)
+    live = set()  # the sweeps training now, which a signal stops (`run_tasks`)
 
-    def __init__(self, task, options, settings, folder, script, keep_models):
+    def __init__(self, task, options, settings, folder, script, keep_models, stopped_by=()):
         self.task, self.options, self.settings, self.folder = task, options, settings, folder
-        self.script, self.keep_models = script, keep_models
+        self.script, self.keep_models, self.command_stopped_by = script, keep_models, stopped_by
         self.several = len(asked_runs(options)) > 1 or options.max_restarts > 0
         self.slots = device_slots(options.parallel_runs, gpu_count(), available_cores())
         self.jobs = options.launcher == "slurm" and SlurmJobs(
@@ -1318,9 +1320,7 @@ class Sweep:
         """Runs `todo` ([(learning rate, seed, chain)]); `record(staged folder, run)` puts each
         finished run among the records. Returns the lost runs' lines."""
         waiting = collections.deque(todo)
-        signals = on_stop_signals(self.stop) if threading.current_thread() is \
-            threading.main_thread() else contextlib.nullcontext()  # else run_tasks' reach it
-        with signals, self.stopping_runs_on_failure():
+        with self.stopping_runs_on_failure():
             while waiting or self.running:
                 if self.stopped_by:
                     waiting.clear()  # no new run; the running ones checkpoint and stop
@@ -1452,6 +1452,8 @@ class Sweep:
         """A failure of the command itself (a record it cannot write, say) stops its running
         runs before it goes on: none trains unattended. While in it, the sweep is live."""
         Sweep.live.add(self)
+        if self.command_stopped_by:  # a signal before it was live
+            self.stop(self.command_stopped_by[0])
         try:
             yield
         except BaseException:
