@@ -1363,9 +1363,10 @@ class Sweep:
         if trains and options.checkpoint_dir:
             extra["run_checkpoints"] = checkpoint_folder(options.checkpoint_dir, task,
                                                          learning_rate, run_seed, self.settings)
-        if trains and options.tensorboard_dir:
-            extra["run_tensorboard"] = tensorboard_folder(options, task, learning_rate,
-                                                          run_seed, self.settings)
+        if trains and options.tensorboard_dir:  # laid out as the records: TensorBoard's run
+            extra["run_tensorboard"] = run_folder(records_folder(  # selector shows the sweep
+                options.tensorboard_dir, task, fingerprint_id(self.settings)), learning_rate,
+                run_seed)
         flags = {key: values[key] for key in run_flag_names(values)}
         command = [sys.executable, os.path.abspath(self.script), *arguments(flags),
                    *arguments(extra)]
@@ -4171,14 +4172,6 @@ def checkpoint_folder(checkpoint_dir, task, learning_rate, seed, settings):
     run under other settings or code."""
     return os.path.join(checkpoint_dir, f"{task.name}_lr{rate_label(learning_rate)}_seed{seed}_"
                                         f"{fingerprint_id(settings)}")
-
-
-def tensorboard_folder(options, task, learning_rate, seed, settings):
-    """Where one run's TensorBoard logs go: `<task>/<settings id>/lr<rate>_seed<seed>`, so that
-    TensorBoard's run selector is the sweep, and a run resumed under its settings never continues
-    the curves of the same seed under others."""
-    return os.path.join(options.tensorboard_dir, task.name, fingerprint_id(settings),
-                        f"lr{rate_label(learning_rate)}_seed{seed}")
 
 # ================================================================================================
 # Summaries over runs. A run is one (learning rate, seed) pair of a task. Seeds are summarized
