@@ -169,3 +169,16 @@ def test_a_lost_run_adds_no_entry_and_the_others_are_recorded(glue_data, tiny_pr
         in capsys.readouterr().err
     records = glob.glob(str(tmp_path / "runs" / "rte" / "*" / "*" / "run.json"))
     assert sorted(json.load(open(path))["seed"] for path in records) == [1, 3]
+
+
+def test_a_sweep_that_becomes_live_after_the_command_was_stopped_starts_no_run(
+        tmp_path, monkeypatch):
+    """The command catches SIGTERM and Ctrl-C in one place (`run_tasks`): a signal that came
+    while a task was still planning stops its sweep as it starts, before any run."""
+    started = []
+    monkeypatch.setattr(glue, "start_run", lambda *args: started.append(args))
+    sweep = glue.Sweep(glue.TASKS["rte"], options_for("--seed=1,2"), {}, str(tmp_path),
+                       "glue.py", False, ["SIGTERM"])
+    with pytest.raises(glue.Preempted, match="stopped by SIGTERM; the runs keep their"):
+        sweep.train([(5e-5, 1, []), (5e-5, 2, [])], record=None)
+    assert not started and not glue.Sweep.live
