@@ -3309,24 +3309,17 @@ def publish_into(results, task, options, settings, folder, save_path):
 
 def recorded_settings(root):
     """`{task: its settings ids, latest first}` of the tasks with runs recorded under `root`:
-    what --task_name=none publishes."""
-    return {name: ids for name in sorted(TASKS) if (ids := settings_by_recency(root, TASKS[name]))}
-
-
-def settings_by_recency(root, task):
-    """The fingerprint ids of a task's record folders that hold runs, the one whose last run
-    was recorded last first (by `recorded_at`, which a copy of the folder keeps; else by the
-    record's file time)."""
+    what --task_name=none publishes. The latest settings hold the run recorded last (by
+    `recorded_at`, which a copy of the folder keeps; else by the record's file time)."""
     recorded = {}
-    for fingerprint_file in glob.glob(os.path.join(glob.escape(root), task.name, "*",
-                                                   "fingerprint.json")):
-        folder = os.path.dirname(fingerprint_file)
-        records = read_records(folder)
-        if chains(records):
-            recorded[os.path.basename(folder)] = max(
+    for path in glob.glob(os.path.join(glob.escape(root), "*", "*", "fingerprint.json")):
+        folder = os.path.dirname(path)
+        task_name, records = os.path.basename(os.path.dirname(folder)), read_records(folder)
+        if task_name in TASKS and chains(records):
+            recorded.setdefault(task_name, {})[os.path.basename(folder)] = max(
                 run.get("recorded_at") or os.path.getmtime(run_folder(
                     folder, run["learning_rate"], run["seed"])) for run in records)
-    return sorted(recorded, key=recorded.get, reverse=True)
+    return {name: sorted(ids, key=ids.get, reverse=True) for name, ids in sorted(recorded.items())}
 
 
 def report_results(options):
