@@ -2168,20 +2168,16 @@ def in_rounds(task_names, settings):
     for name in settings:
         if settings[name].get("init_from_task") == name:
             raise GlueError(f"--recipe: {name} cannot start from its own model")
-    ordered_by_start(list(settings), settings)
-    return ordered_by_start(task_names, settings)
-
-
-def ordered_by_start(task_names, settings):
-    """`task_names`, each after the task it starts from (if that is among them)."""
-    ordered, waiting = [], list(task_names)
-    while waiting:
-        ready = [name for name in waiting if settings[name].get("init_from_task") not in waiting]
-        if not ready:
-            raise GlueError(f"--recipe: {', '.join(waiting)} start from each other's models; "
-                            "give init_from_task a task that does not start from them")
-        ordered += ready
-        waiting = [name for name in waiting if name not in ready]
+    for names in (list(settings), task_names):  # the whole recipe first, for its loops
+        ordered, waiting = [], list(names)
+        while waiting:
+            ready = [name for name in waiting
+                     if settings[name].get("init_from_task") not in waiting]
+            if not ready:
+                raise GlueError(f"--recipe: {', '.join(waiting)} start from each other's "
+                                "models; give init_from_task a task that does not start from them")
+            ordered += ready
+            waiting = [name for name in waiting if name not in ready]
     return ordered
 
 
