@@ -1152,12 +1152,11 @@ def run_sweep(own_flags, script):
 
 
 def run_tasks(task_names, options, root, settings, known, script):
-    """Runs each task, with its recipe settings (`settings`, of every task; `known`, those
-    with their warm start in place, checked at start), going on past failures. Returns (this
-    command's results, failures). A task others start from keeps its runs' models. With
-    --launcher=slurm the tasks run at once, each as soon as the task it starts from has ended:
-    the cluster does the work, while a thread per task waits for its jobs; else one at a time.
-    SIGTERM or Ctrl-C, which reach the main thread alone, stop every task's runs or jobs."""
+    """Runs each task with its recipe settings (`settings`, of every task; `known`, those with
+    their warm start in place, checked at start), past failures; returns (results, failures). A
+    task others start from keeps its runs' models. With --launcher=slurm the tasks run at once,
+    each when the task it starts from has ended (a thread per task waits for its jobs); else one
+    at a time. SIGTERM or Ctrl-C, caught here alone, stops every task's runs."""
     sources = {values.get("init_from_task") for values in settings.values()}
     results, failures, stopped_by = {}, {}, []
     ended, reporting = {name: threading.Event() for name in task_names}, threading.Lock()
@@ -1682,7 +1681,8 @@ def slurm_parameters(items):
     """submitit's parameters from --slurm's `key=value` items: a day's time limit unless given
     (submitit's default is 5 minutes), every key not in SLURM_PARAMETERS as an sbatch option."""
     parameters = {"timeout_min": 1440, "slurm_additional_parameters": {}}
-    for item in items:
+    # absl splits the flag at commas: a piece without `=` goes on the value before (exclude=a,b)
+    for item in re.split(r",(?=[^,=]*=)", ",".join(items)) if items else ():
         key, _, value = item.partition("=")
         name, kind = SLURM_PARAMETERS.get(key, (None, str))
         try:

@@ -241,6 +241,11 @@ def test_slurm_flags_map_to_submitit_s_parameters_and_stay_out_of_the_fingerprin
         "mem_gb": 32.0, "slurm_account": "lab", "slurm_qos": "high",
         "slurm_additional_parameters": {"constraint": "a100"}}
     assert glue.slurm_parameters([])["timeout_min"] == 1440  # not submitit's 5 minutes
+    # A value with commas, which absl's list flag splits: each piece goes on the value before it.
+    assert glue.slurm_parameters(options_for(
+        "--slurm=exclude=node1,node2,mail-type=END,FAIL,time=60").slurm) == {
+        "timeout_min": 60,
+        "slurm_additional_parameters": {"exclude": "node1,node2", "mail-type": "END,FAIL"}}
     local, slurm = (glue.fingerprint(glue.TASKS["rte"], options_for(*args), ("one_device", 1))
                     for args in ([], ["--launcher=slurm", "--slurm=partition=gpu"]))
     assert local == slurm
