@@ -102,8 +102,8 @@ def define(kind, name, default, help_text, roles="", **options):
     group last opened, with its roles, among: `command` (only the command reads it; every other
     flag, a researcher's own too, goes to each run and its fingerprint), `uncounted` (left out of
     the fingerprint, which counts what it stands for: the place in a sweep, the contents of
-    files, the devices), `folder` and `file` (counted by the contents of what it names) and
-    `recipe` (a recipe may set it). A custom code block's flag needs none: absl's DEFINE_*."""
+    files, the devices), `folder` and `file` (counted by the contents of what it names), `writes`
+    and `writes_file` (written into), `recipe` (a recipe may set it). A block's flag needs none."""
     getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, **options)
     HELP_GROUPS[next(reversed(HELP_GROUPS))].append(name)
     FLAG_ROLES[name] = roles.split()
@@ -185,15 +185,15 @@ define("enum", "mixed_precision", None,
 define("bool", "jit_compile", False, "Compile training and prediction with XLA (GPUs, TPUs).")
 
 HELP_GROUPS["Output"] = []
-define("string", "submission_directory", None,
-       "Folder for the task's leaderboard .tsv file(s). Default: write none.", roles="uncounted")
+define("string", "submission_directory", None, "Folder for the task's leaderboard .tsv file(s). "
+       "Default: write none.", roles="uncounted writes")
 define("string", "results_path", None,
        "JSON file that collects dev metrics across runs. Default: "
        "<submission_directory>/glue_results.json when a submission directory is set.",
-       roles="command")
+       roles="command writes_file")
 define("string", "finetuning_model_save_path", None,
        "Save the finetuned model to this `.keras` file; `{task}` in it becomes the task's name, a "
-       "file per task, which several tasks need.", roles="command")
+       "file per task, which several tasks need.", roles="command writes_file")
 define("bool", "report", True,
        "Write glue_report.md, with its figures in glue_report/, in the submission folder whenever "
        "the results change; --noreport writes none.", roles="command")
@@ -207,7 +207,7 @@ define("bool", "tensorboard", True,
 define("string", "tensorboard_dir", None,
        "Folder of the TensorBoard logs, one folder per run (<task>/<settings "
        "id>/lr<rate>_seed<seed>/train and /validation). Default: "
-       "<submission_directory>/tensorboard.", roles="command")
+       "<submission_directory>/tensorboard.", roles="command writes")
 define("bool", "overwrite", False,
        "Train the asked runs again even when they are recorded with these settings, replacing only "
        "their records (other runs' stay; start afresh in another --submission_directory).",
@@ -237,7 +237,7 @@ define("string", "checkpoint_dir", None,
        "Keep the training state here (a folder per run: task, learning rate, seed and settings) at "
        "each epoch's end and every --checkpoint_every_steps; the same command resumes after a "
        "crash or preemption. Default: none, or <submission_directory>/checkpoints when several "
-       "tasks run.", roles="command")
+       "tasks run.", roles="command writes")
 define("integer", "checkpoint_every_steps", 0,
        "Also checkpoint every this many training steps (0: only at epoch ends).",
        lower_bound=0, roles="uncounted")
@@ -1362,10 +1362,10 @@ class Sweep:
         if trains and options.checkpoint_dir:
             extra["run_checkpoints"] = checkpoint_folder(options.checkpoint_dir, task,
                                                          learning_rate, run_seed, self.settings)
-        if trains and options.tensorboard_dir:  # laid out as the records: TensorBoard's run
-            extra["run_tensorboard"] = run_folder(records_folder(  # selector shows the sweep
-                options.tensorboard_dir, task, fingerprint_id(self.settings)), learning_rate,
-                run_seed)
+        if trains and options.tensorboard_dir:  # as the records: TensorBoard's runs, the sweep
+            extra["run_tensorboard"] = run_folder(records_folder(options.tensorboard_dir, task,
+                                                                 fingerprint_id(self.settings)),
+                                                  learning_rate, run_seed)
         flags = {key: values[key] for key in run_flag_names(values)}
         command = [sys.executable, os.path.abspath(self.script), *arguments(flags),
                    *arguments(extra)]
@@ -1859,11 +1859,9 @@ def check_runs(options, task_names, where=""):
 
 def check_output_paths(options):
     """Every folder the run will write to exists or can be made, and takes a file."""
-    folders = [("submission_directory", options.submission_directory),
-               ("checkpoint_dir", options.checkpoint_dir),
-               ("tensorboard_dir", options.tensorboard_dir)]
-    for flag, path in [("results_path", options.results_path),
-                       ("finetuning_model_save_path", options.finetuning_model_save_path)]:
+    folders = [(flag, getattr(options, flag)) for flag in flags_with("writes")]
+    for flag in flags_with("writes_file"):
+        path = getattr(options, flag)
         if path and os.path.isdir(path):
             raise GlueError(f"--{flag}={path} is a folder; give a file path")
         folders.append((flag, path and (os.path.dirname(os.path.abspath(path)))))
@@ -1895,8 +1893,7 @@ def check_slurm(options):
                         "compute nodes share; the runs write their records there")
     local = tuple(os.path.realpath(folder) + os.sep for folder in (
         "/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir()))
-    for name in ("submission_directory", "results_path", "checkpoint_dir", "tensorboard_dir",
-                 "data_dir", "preset", *flags_with("file"), "finetuning_model_save_path"):
+    for name in (*flags_with("writes", "writes_file", "folder", "file"), "data_dir"):
         path = getattr(options, name)
         if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(local):
             raise GlueError(f"--launcher=slurm: --{name}={path} is in this machine's own "
