@@ -1201,11 +1201,10 @@ def run_tasks(task_names, options, root, settings, known, script):
 
 
 def run_task(task, options, root, script, keep_models=False, stopped_by=()):
-    """One task: the runs its records of these settings lack are trained, each written to
-    its own folder as it ends; then its results and submission are made anew from the records.
-    Runs keep their models with --finetuning_model_save_path, or `keep_models` (another task
-    starts from this one's). `stopped_by`: the signals that stopped the command, as they come.
-    Returns its entry; fails with a line when a run was lost."""
+    """One task: the runs its records of these settings lack are trained, each written to its
+    own folder as it ends; then its results and submission are made anew from the records. Runs
+    keep their models with --finetuning_model_save_path, or `keep_models` (another task starts
+    from this one's); `stopped_by`: the command's signals. Returns its entry; lost runs fail it."""
     settings = fingerprint(task, options, run_devices(options))
     folder = records_folder(root, task, fingerprint_id(settings))
     previous = read_results(options.results_path).get(task.name)
@@ -1894,8 +1893,9 @@ def check_slurm(options):
     local = tuple(os.path.realpath(folder) + os.sep for folder in (
         "/tmp", "/var/tmp", "/dev/shm", tempfile.gettempdir()))
     for name in (*flags_with("writes", "writes_file", "folder", "file"), "data_dir"):
-        path = getattr(options, name)
-        if path and (os.path.realpath(os.path.expanduser(path)) + os.sep).startswith(local):
+        path = getattr(options, name)  # a KerasHub preset id is no path, wherever it is run
+        if path and (name != "preset" or looks_like_path(path)) and (os.path.realpath(
+                os.path.expanduser(path)) + os.sep).startswith(local):
             raise GlueError(f"--launcher=slurm: --{name}={path} is in this machine's own "
                             "temporary folder, which compute nodes cannot reach; give a folder "
                             "on a shared filesystem")

@@ -277,3 +277,16 @@ def test_a_line_says_when_each_job_starts_and_every_minute_counts_the_jobs(
     assert capsys.readouterr().out.splitlines() == [
         "rte seed 0: Slurm job 7_0 started", "rte seed 1: Slurm job 7_1 started",
         "rte: Slurm jobs: 1 pending, 1 running, 1 ended"]
+
+
+def test_a_kerashub_preset_id_is_no_temporary_path_even_from_a_temporary_folder(
+        run_glue, monkeypatch, tmp_path):
+    """The /tmp check reads a preset id as an id: from a command started in /tmp, the id once
+    resolved to a path there, and the command was refused."""
+    monkeypatch.chdir(tmp_path)  # under /tmp
+    with pytest.raises(SystemExit) as stop:
+        run_glue("--task_name=rte", "--launcher=slurm", "--preset=bert_tiny_en_uncased",
+                 f"--submission_directory={tmp_path}/out")
+    assert "--submission_directory" in str(stop.value.code)  # not --preset
+    glue.check_slurm(options_for("--launcher=slurm", "--preset=bert_tiny_en_uncased",
+                                 f"--submission_directory={os.path.expanduser('~')}/out"))
