@@ -18,6 +18,7 @@ from the records: results, submission files, the report, a comparison; last, wha
 """
 
 import ast
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -3005,13 +3006,10 @@ def smallest_integers(values):
 def joined(pieces):
     """One `TokenizedSplit` of the pieces, freeing each piece's tokens once they are copied."""
     first = pieces[0]
-    split = dataclasses.replace(
-        first,
-        inputs=tf.nest.map_structure(lambda *parts: np.concatenate(parts),
-                                     *[piece.inputs for piece in pieces]),
+    split = dataclasses.replace(first, inputs=tf.nest.map_structure(
+        lambda *parts: np.concatenate(parts), *[piece.inputs for piece in pieces]),
         labels=np.concatenate([piece.labels for piece in pieces]),
-        idx=np.concatenate([piece.idx for piece in pieces]),
-        tokens={})
+        idx=np.concatenate([piece.idx for piece in pieces]), tokens={})
     if first.lengths is None:
         return split
     split.lengths = np.concatenate([piece.lengths for piece in pieces])
@@ -4357,10 +4355,11 @@ def grouped_help(flag_values):
 
 
 def main_then_exit(argv):
-    """`main`, then an immediate exit once everything is written and flushed: TensorFlow's
-    native teardown would take another 1.5 s, 5% of a short run (benchmarks/RESULTS.md).
-    Failures leave through `sys.exit` as usual."""
+    """`main`, then the exit handlers (autograph's removes the code it wrote to /tmp) and an
+    immediate exit, everything flushed: TensorFlow's native teardown would take another 1.5 s,
+    5% of a short run (benchmarks/RESULTS.md). Failures leave through `sys.exit` as usual."""
     main(argv)
+    atexit._run_exitfuncs()  # what a normal exit calls first
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

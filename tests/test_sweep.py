@@ -79,9 +79,11 @@ def maps_tensorflow(pid):
 def test_parallel_runs_go_side_by_side_each_on_its_own_cores(tiny_preset, glue_data, tmp_path):
     """...started by a command that never maps TensorFlow, and that shows none of the lines
     TensorFlow prints as a run starts; the runs' logs keep them. Then publishing and comparing
-    the folder load no TensorFlow either."""
+    the folder load no TensorFlow either. The runs leave no autograph code in /tmp."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     sweep = subprocess.Popen(command(tiny_preset, glue_data[0], tmp_path, "--seed=1,2",
-                                     "--parallel_runs=2"),
+                                     "--parallel_runs=2"), env=dict(os.environ, TMPDIR=temporary),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     most, cores, command_mapped = 0, set(), False
     while sweep.poll() is None:
@@ -104,6 +106,7 @@ def test_parallel_runs_go_side_by_side_each_on_its_own_cores(tiny_preset, glue_d
     assert not [line for line in (out + err).splitlines()
                 if any(chatter in line for chatter in glue.TENSORFLOW_CHATTER)]
     assert any(chatter in logs for chatter in glue.TENSORFLOW_CHATTER)  # kept there
+    assert not list(temporary.glob("__autograph_generated_file*"))
     publish = subprocess.run(
         [sys.executable, "-X", "importtime", os.path.join(REPO, "glue.py"), "--task_name=none",
          f"--submission_directory={tmp_path}", f"--compare_with={tmp_path}"],
