@@ -579,8 +579,7 @@ def tokenize_task_data(data, task, preprocess_fn):
 
 def bucket_widths(split):
     """The widths batches are padded to: multiples of 8, up to the padded length."""
-    return [width for width in BUCKET_WIDTHS if width < split.padded_length] + \
-        [split.padded_length]
+    return [width for width in BUCKET_WIDTHS if width < split.padded_length] + [split.padded_length]
 
 
 def batch_by_length(split, order, batch_size):
@@ -1615,8 +1614,7 @@ class SlurmJobs:
             for job in self.submitted:
                 job.job, job.returncode = None, "not submitted"
                 shutil.rmtree(os.path.dirname(job.log_path), ignore_errors=True)
-            raise GlueError(f"Slurm refused {self.task_name}'s jobs: {first_line(error)}") \
-                from None
+            raise GlueError(f"Slurm refused {self.task_name}'s jobs: {first_line(error)}") from None
         for job in self.submitted:  # for a command that takes the job over if this one dies
             write_json(os.path.join(os.path.dirname(job.log_path), SLURM_JOB),
                        {**job.run, "job_id": job.job.job_id})
@@ -1802,8 +1800,7 @@ def check_options(options, task_names):
                         "folder: give its --submission_directory")
     if (options.make_submission_zip or options.fill_missing_from) and \
             not options.submission_directory:
-        raise GlueError("--make_submission_zip and --fill_missing_from need "
-                        "--submission_directory")
+        raise GlueError("--make_submission_zip and --fill_missing_from need --submission_directory")
     if options.fill_missing_from and not os.path.exists(options.fill_missing_from):
         raise GlueError(f"--fill_missing_from={options.fill_missing_from}: no such file or folder")
     check_output_paths(options)
@@ -2261,6 +2258,10 @@ def task_options(options, values):
 # reused, resumed and summarized only under the same one.
 
 
+# Which installed distribution gives each importable name: 0.1 s to find, once for a command.
+installed_packages = functools.cache(importlib.metadata.packages_distributions)
+
+
 def fingerprint(task, options, devices):
     """What a task's runs depend on, besides their learning rate and seed: every flag its runs
     get (a researcher's own flags too), except the uncounted ones (see `define`); the contents of
@@ -2273,7 +2274,7 @@ def fingerprint(task, options, devices):
         options.data_dir, dataset, split)) if options.data_dir else "tensorflow-datasets"
         for dataset, split in task_splits(task, not options.finetuning_model_load_path)}
     settings["code"] = code_ids()
-    packages = importlib.metadata.packages_distributions()  # read, not imported: keras-hub's
+    packages = installed_packages()  # versions read, not imported: keras-hub takes seconds
     settings["versions"] = {"python": ".".join(platform.python_version_tuple()[:2]), **{
         name: importlib.metadata.version(packages[name][0])
         for name in ("tensorflow", "keras", "keras_hub", "tensorflow_datasets")}}
@@ -3065,8 +3066,7 @@ def rows_of(split, indices):
         widths = bucket_widths(split)
         width = widths[np.searchsorted(widths, lengths.max())]
         real = np.arange(width) < lengths[:, None]
-        where = split.offsets[indices][:, None] + np.minimum(np.arange(width),
-                                                             lengths[:, None] - 1)
+        where = split.offsets[indices][:, None] + np.minimum(np.arange(width), lengths[:, None] - 1)
         for name, values in split.tokens.items():
             inputs[name] = np.where(real, values[where], split.pad_values[name]).astype(
                 split.dtypes[name])
