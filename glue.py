@@ -2258,10 +2258,6 @@ def task_options(options, values):
 # reused, resumed and summarized only under the same one.
 
 
-# Which installed distribution gives each importable name: 0.1 s to find, once for a command.
-installed_packages = functools.cache(importlib.metadata.packages_distributions)
-
-
 def fingerprint(task, options, devices):
     """What a task's runs depend on, besides their learning rate and seed: every flag its runs
     get (a researcher's own flags too), except the uncounted ones (see `define`); the contents of
@@ -2280,6 +2276,10 @@ def fingerprint(task, options, devices):
         for name in ("tensorflow", "keras", "keras_hub", "tensorflow_datasets")}}
     settings["strategy"], settings["replicas"] = devices
     return settings
+
+
+# Which installed distribution gives each importable name: 0.1 s to find, once for a command.
+installed_packages = functools.cache(importlib.metadata.packages_distributions)
 
 
 def file_id(path):
